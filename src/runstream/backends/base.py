@@ -1,0 +1,318 @@
+"""The EventLog contract every backend implements, and the follow loop they share.
+
+A backend stores streams (append-only logs of :class:`Event`) and wakes local
+followers when something changes. It implements a handful of primitives; the
+gap-free ``follow`` is written once here on top of them:
+
+1. register interest in the stream (:meth:`Notifier.watch`) *before* reading;
+2. read everything after the current position by offset (never "latest");
+3. if nothing new, wait for the registered wake-up (or a safety timeout).
+
+Because the position only ever advances from ids actually received and the
+wake-up is armed before the read, an event appended at any moment, including
+exactly during the hand-over from history to live, is read by the next
+iteration. There is no "``$``" to re-resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+
+from runstream.core.model import (
+    END_TYPE,
+    AppendResult,
+    Event,
+    NewEvent,
+    Page,
+    Producer,
+    Reset,
+    StreamInfo,
+    validate_stream_name,
+)
+from runstream.errors import HistoryLost, StreamDeleted, StreamNotFound, ValidationError
+from runstream.protocol.cursor import NOW, Position, check_position
+
+DEFAULT_PAGE_LIMIT = 1000
+MAX_PAGE_LIMIT = 10_000
+FOLLOW_BATCH = 1000
+SAFETY_POLL_SECONDS = 1.0
+"""Followers re-read state at least this often even without a wake-up, so a
+close or delete that no notification reported (another process, a restored
+snapshot, a failover) is still noticed."""
+
+
+class Notifier:
+    """In-process wake-ups for followers, keyed by stream.
+
+    A follower calls :meth:`watch` *before* it reads, then awaits the returned
+    future if the read found nothing. :meth:`notify` must be called on the
+    event loop's thread (use ``loop.call_soon_threadsafe`` from elsewhere).
+    """
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[asyncio.Future[None]]] = {}
+
+    def watch(self, stream: str) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._watchers.setdefault(stream, set()).add(fut)
+        return fut
+
+    def unwatch(self, stream: str, fut: asyncio.Future[None]) -> None:
+        watchers = self._watchers.get(stream)
+        if watchers is not None:
+            watchers.discard(fut)
+            if not watchers:
+                del self._watchers[stream]
+        if not fut.done():
+            fut.cancel()
+
+    def notify(self, stream: str) -> None:
+        for fut in self._watchers.pop(stream, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    def notify_all(self) -> None:
+        for stream in list(self._watchers):
+            self.notify(stream)
+
+    def watched(self) -> list[str]:
+        return list(self._watchers)
+
+
+class EventLog(ABC):
+    """An async, durable, append-only log of events per stream.
+
+    Use as ``async with backend:`` or call :meth:`aclose` when done. All
+    methods raise :class:`~runstream.errors.RunstreamError` subclasses only.
+    """
+
+    #: URL scheme(s) this backend serves, for messages.
+    scheme: str = ""
+
+    def __init__(self) -> None:
+        self.notifier = Notifier()
+        self.safety_poll = SAFETY_POLL_SECONDS
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open connections / threads. Idempotent. Called by ``async with``."""
+
+    async def aclose(self) -> None:
+        """Release every resource. Idempotent; followers end with an error."""
+
+    async def ping(self) -> None:
+        """Raise :class:`~runstream.errors.BackendError` if the backend is unreachable."""
+
+    async def __aenter__(self) -> EventLog:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- primitives backends implement ---------------------------------------
+
+    @abstractmethod
+    async def _append(
+        self, stream: str, events: Sequence[NewEvent], producer: Producer | None
+    ) -> AppendResult:
+        """Store ``events`` atomically (all or none), creating the stream if absent.
+
+        Must raise :class:`StreamClosed` if closed; implement the producer rule:
+        ``seq == last accepted`` → return the original ids with
+        ``duplicate=True``; ``seq < last`` → :class:`StaleProducerSeq`. Must
+        wake local followers (``self.notifier.notify``) after the data is durable.
+        """
+
+    @abstractmethod
+    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+        """Return the stream's state and up to ``limit`` events with ``id > after``.
+
+        The state and the events must be one consistent snapshot. Raise
+        :class:`StreamNotFound` if the stream does not exist.
+        """
+
+    @abstractmethod
+    async def info(self, stream: str) -> StreamInfo:
+        """State of ``stream``; :class:`StreamNotFound` if it does not exist."""
+
+    @abstractmethod
+    async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
+        """Append the end entry and mark the stream closed; no-op if already closed.
+
+        Creates the stream (closed, with only the end entry) if it does not exist.
+        """
+
+    @abstractmethod
+    async def delete(self, stream: str) -> None:
+        """Delete the stream and its history. :class:`StreamNotFound` if absent.
+
+        Followers end with :class:`StreamDeleted`; a stream re-created later
+        under the same name gets a new epoch.
+        """
+
+    @abstractmethod
+    async def list_streams(
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+    ) -> list[StreamInfo]:
+        """Streams ordered by name, names > ``start_after`` starting with ``prefix``."""
+
+    @abstractmethod
+    async def trim(
+        self, stream: str, *, max_len: int | None = None, max_age: float | None = None
+    ) -> int:
+        """Drop the oldest events beyond ``max_len`` or older than ``max_age`` seconds.
+
+        Returns how many were removed. Ids never change; ``first_id`` advances.
+        The end entry of a closed stream is never removed.
+        """
+
+    # -- public API built on the primitives ----------------------------------
+
+    async def append(
+        self,
+        stream: str,
+        events: NewEvent | Sequence[NewEvent],
+        *,
+        producer: Producer | None = None,
+    ) -> AppendResult:
+        """Append one event or a batch atomically; returns the ids it got.
+
+        Raises :class:`StreamClosed` (409), :class:`StaleProducerSeq` (409),
+        :class:`ValidationError` (400) or :class:`BackendError`.
+        """
+        validate_stream_name(stream)
+        batch = [events] if isinstance(events, NewEvent) else list(events)
+        if not batch:
+            raise ValidationError("an append needs at least one event", field="events")
+        for item in batch:
+            if not isinstance(item, NewEvent):
+                raise ValidationError("events must be NewEvent instances", field="events")
+        return await self._append(stream, batch, producer)
+
+    async def close(
+        self, stream: str, status: str | None = None, reason: str | None = None
+    ) -> StreamInfo:
+        """Close ``stream`` durably: an end entry carrying ``status``/``reason`` is appended.
+
+        Closing an already closed stream changes nothing and returns its state.
+        """
+        validate_stream_name(stream)
+        for label, value in (("status", status), ("reason", reason)):
+            if value is not None and (not isinstance(value, str) or len(value) > 1000):
+                raise ValidationError(f"close {label} must be a string up to 1000 chars")
+        return await self._close(stream, status, reason)
+
+    async def read(
+        self,
+        stream: str,
+        after: int = 0,
+        limit: int = DEFAULT_PAGE_LIMIT,
+        *,
+        epoch: str | None = None,
+    ) -> Page:
+        """Read up to ``limit`` events after position ``after``.
+
+        Raises :class:`HistoryLost` (410) if ``epoch`` is given and differs, or
+        ``after`` is older than the retained history or beyond its end; the
+        caller must restart from the exception's ``first_id - 1``.
+        """
+        validate_stream_name(stream)
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise ValidationError(f"limit must be 1-{MAX_PAGE_LIMIT}", field="limit")
+        if after < 0:
+            raise ValidationError("after must be >= 0", field="after")
+        info, events = await self._read(stream, after, limit)
+        pos, reset = check_position(info, after, epoch)
+        if reset is not None:
+            raise HistoryLost(stream, epoch=info.epoch, first_id=info.first_id, reason=reset.reason)
+        if pos != after:
+            info, events = await self._read(stream, pos, limit)
+        next_after = events[-1].id if events else pos
+        closed = info.closed and next_after >= info.last_id
+        return Page(stream, info.epoch, tuple(events), next_after, closed)
+
+    def follow(
+        self,
+        stream: str,
+        after: int | str | Position = 0,
+        *,
+        epoch: str | None = None,
+    ) -> AsyncIterator[Event | Reset]:
+        """Yield every event after ``after``, history first, then live, until the stream closes.
+
+        ``after`` is an offset, ``"now"`` (only events appended after this call;
+        the tail is fixed once, on entry) or a :class:`Position`. The last item
+        of a closed stream is its end :class:`Event` (``is_end``), after which
+        the iterator stops. A :class:`Reset` is yielded, never skipped, when the
+        position cannot be served (see :func:`check_position`); following then
+        continues from the reported ``after``.
+
+        Raises :class:`StreamNotFound` if the stream does not exist on entry and
+        :class:`StreamDeleted` if it is deleted while followed.
+        """
+        validate_stream_name(stream)
+        if isinstance(after, Position):
+            position = after
+        elif after == NOW:
+            position = Position(now=True)
+        elif isinstance(after, int) and not isinstance(after, bool) and after >= 0:
+            position = Position(after)
+        else:
+            raise ValidationError(f"invalid follow position {after!r}", field="after")
+        if epoch is not None:
+            position = Position(position.offset, epoch, position.now)
+        return self._follow(stream, position)
+
+    async def _follow(self, stream: str, position: Position) -> AsyncIterator[Event | Reset]:
+        info = await self.info(stream)
+        if position.now:
+            # The tail is fixed here, once. A closed stream still yields its end entry.
+            pos = info.last_id - 1 if info.closed else info.last_id
+            cur_epoch = info.epoch
+        else:
+            pos, reset = check_position(info, position.offset, position.epoch)
+            cur_epoch = info.epoch
+            if reset is not None:
+                yield reset
+        while True:
+            fut = self.notifier.watch(stream)
+            try:
+                try:
+                    info, events = await self._read(stream, pos, FOLLOW_BATCH)
+                except StreamNotFound:
+                    raise StreamDeleted(stream) from None
+                if info.epoch != cur_epoch:
+                    cur_epoch = info.epoch
+                    reset = Reset(info.epoch, info.first_id - 1, "epoch_changed", pos)
+                    pos = info.first_id - 1
+                    yield reset
+                    continue
+                if events and events[0].id != pos + 1:
+                    # The events we needed were trimmed between two reads.
+                    yield Reset(info.epoch, events[0].id - 1, "trimmed", pos)
+                elif not events and pos < info.first_id - 1:
+                    yield Reset(info.epoch, info.first_id - 1, "trimmed", pos)
+                    pos = info.first_id - 1
+                for event in events:
+                    pos = event.id
+                    yield event
+                    if event.type == END_TYPE:
+                        return
+                if events:
+                    continue
+                if info.closed and pos >= info.last_id:
+                    # The end entry is gone (trimmed) or was passed: nothing more can come.
+                    return
+                await asyncio.wait((fut,), timeout=self.safety_poll)
+            finally:
+                self.notifier.unwatch(stream, fut)

@@ -1,0 +1,21 @@
+"""Entry point of the ``runstream`` console script; each command lives in its own module."""
+
+from __future__ import annotations
+
+import click
+
+from runstream._version import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="runstream")
+def cli() -> None:
+    """Run long tasks and stream every event they produce, exactly once, to any client."""
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,1 @@
+"""Domain records and validation, free of I/O."""

@@ -1,0 +1,247 @@
+"""Immutable records shared by every layer: events, stream state, pages, resets.
+
+A stream is an append-only log. Event ids are 1-based offsets, strictly
+increasing by one within a stream and epoch. Closing a stream appends one last
+entry of type :data:`END_TYPE` whose data is ``{"status": ..., "reason": ...}``;
+that entry has an id like any other, so a reader that missed the moment of the
+close still finds it in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+from runstream.errors import ValidationError
+
+JSON: TypeAlias = Any
+"""Any value that :func:`json.dumps` accepts (checked at append time)."""
+
+END_TYPE = "end"
+"""Type of the entry that closes a stream. Users cannot append it directly."""
+
+RESET_TYPE = "reset"
+"""Type of the control message that reports lost history. Never stored."""
+
+RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE})
+
+STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+MAX_TYPE_LENGTH = 100
+
+StreamStatus: TypeAlias = Literal["open", "closed"]
+ResetReason: TypeAlias = Literal["epoch_changed", "trimmed", "ahead"]
+
+
+def validate_stream_name(name: str) -> str:
+    """Return ``name`` if it is a valid stream name, else raise :class:`ValidationError`."""
+    if not isinstance(name, str) or not STREAM_NAME_RE.fullmatch(name):
+        raise ValidationError(
+            f"invalid stream name {name!r}: use 1-200 characters from A-Z a-z 0-9 . _ : - "
+            "starting with a letter or digit",
+            field="stream",
+        )
+    return name
+
+
+def validate_event_type(type_: str, *, allow_reserved: bool = False) -> str:
+    if not isinstance(type_, str) or not 1 <= len(type_) <= MAX_TYPE_LENGTH:
+        raise ValidationError(
+            f"event type must be a string of 1-{MAX_TYPE_LENGTH} characters", field="type"
+        )
+    if "\n" in type_ or "\r" in type_ or "\0" in type_:
+        raise ValidationError("event type must not contain line breaks or NUL", field="type")
+    if not allow_reserved and type_ in RESERVED_TYPES:
+        raise ValidationError(
+            f"event type {type_!r} is reserved; close the stream to end it", field="type"
+        )
+    return type_
+
+
+def encode_data(data: JSON) -> str:
+    """Serialise event data to compact JSON, raising :class:`ValidationError` if impossible."""
+    try:
+        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(f"event data is not JSON-serialisable: {exc}", field="data") from exc
+
+
+def new_epoch() -> str:
+    """A fresh opaque epoch: 12 lowercase hex characters (never contains ``:``)."""
+    return secrets.token_hex(6)
+
+
+def now() -> float:
+    """Server time as UNIX seconds."""
+    return datetime.now(UTC).timestamp()
+
+
+def rfc3339(ts: float) -> str:
+    """Format UNIX seconds as RFC 3339 UTC with millisecond precision."""
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class NewEvent:
+    """An event to append. Validated on construction; ``data_json`` is the encoded data."""
+
+    type: str
+    data: JSON = None
+    data_json: str = field(default="", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        validate_event_type(self.type)
+        if not self.data_json:
+            object.__setattr__(self, "data_json", encode_data(self.data))
+
+    @classmethod
+    def from_json(cls, obj: object) -> NewEvent:
+        """Build from a decoded ``{"type": ..., "data": ...}`` body item."""
+        if not isinstance(obj, Mapping):
+            raise ValidationError('each event must be an object {"type": ..., "data": ...}')
+        unknown = set(obj) - {"type", "data"}
+        if unknown:
+            raise ValidationError(f"unknown event fields: {sorted(unknown)}", field="event")
+        if "type" not in obj:
+            raise ValidationError("event is missing 'type'", field="type")
+        return cls(type=obj["type"], data=obj.get("data"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One stored entry of a stream."""
+
+    id: int
+    type: str
+    data: JSON
+    time: float
+
+    @property
+    def is_end(self) -> bool:
+        """True for the entry that closed the stream (``data`` holds status and reason)."""
+        return self.type == END_TYPE
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"id": self.id, "type": self.type, "data": self.data, "time": rfc3339(self.time)}
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    """History was lost for a follower: it continues after ``after`` in ``epoch``.
+
+    ``reason`` is ``"epoch_changed"`` (stream re-created or backend lost data),
+    ``"trimmed"`` (the position is older than the retained history) or
+    ``"ahead"`` (the position is beyond the end of the log, so it came from a
+    history this backend no longer has).
+    """
+
+    epoch: str
+    after: int
+    reason: ResetReason
+    requested: int
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "epoch": self.epoch,
+            "after": self.after,
+            "reason": self.reason,
+            "requested": self.requested,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """State of one stream. ``first_id`` > ``last_id`` means no event is retained."""
+
+    name: str
+    epoch: str
+    status: StreamStatus
+    first_id: int
+    last_id: int
+    created_at: float
+    closed_at: float | None = None
+    close_status: str | None = None
+    close_reason: str | None = None
+
+    @property
+    def closed(self) -> bool:
+        return self.status == "closed"
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "stream": self.name,
+            "epoch": self.epoch,
+            "status": self.status,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "created_at": rfc3339(self.created_at),
+            "closed_at": rfc3339(self.closed_at) if self.closed_at is not None else None,
+            "close_status": self.close_status,
+            "close_reason": self.close_reason,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What an append stored: ids ``first_id..last_id`` in ``epoch``.
+
+    ``duplicate`` is true when a producer retried its last seq and nothing new
+    was stored; the ids are those of the original append.
+    """
+
+    stream: str
+    epoch: str
+    first_id: int
+    last_id: int
+    duplicate: bool = False
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "stream": self.stream,
+            "epoch": self.epoch,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "duplicate": self.duplicate,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """A page read from a stream: ``events`` after the requested position, in order.
+
+    ``next_after`` is the position to pass to the next read. ``closed`` is true
+    once the page includes (or the caller is already past) the end entry.
+    """
+
+    stream: str
+    epoch: str
+    events: tuple[Event, ...]
+    next_after: int
+    closed: bool
+
+    def to_json(self) -> dict[str, JSON]:
+        return {
+            "stream": self.stream,
+            "epoch": self.epoch,
+            "events": [e.to_json() for e in self.events],
+            "next_after": self.next_after,
+            "closed": self.closed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Producer:
+    """Identity of an idempotent producer: retries with the same ``seq`` store nothing new."""
+
+    id: str
+    seq: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, str) or not 1 <= len(self.id) <= 200:
+            raise ValidationError("producer id must be 1-200 characters", field="Producer-Id")
+        if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
+            raise ValidationError("producer seq must be a non-negative integer", field="Producer-Seq")

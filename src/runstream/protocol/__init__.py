@@ -1,0 +1,1 @@
+"""Wire protocols without I/O: the SSE codec and resume positions."""
