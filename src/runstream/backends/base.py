@@ -100,12 +100,15 @@ class EventLog(ABC):
 
     async def start(self) -> None:
         """Open connections / threads. Idempotent. Called by ``async with``."""
+        return None
 
     async def aclose(self) -> None:
         """Release every resource. Idempotent; followers end with an error."""
+        return None
 
     async def ping(self) -> None:
         """Raise :class:`~runstream.errors.BackendError` if the backend is unreachable."""
+        return None
 
     async def __aenter__(self) -> EventLog:
         await self.start()

@@ -63,9 +63,7 @@ class MemoryEventLog(EventLog):
         st = self._create(stream)
         t = now()
         first_id = st.info.last_id + 1
-        st.events.extend(
-            Event(first_id + i, e.type, e.data, t) for i, e in enumerate(events)
-        )
+        st.events.extend(Event(first_id + i, e.type, e.data, t) for i, e in enumerate(events))
         last_id = first_id + len(events) - 1
         st.info = replace(st.info, last_id=last_id)
         if producer is not None:

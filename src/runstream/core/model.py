@@ -244,4 +244,6 @@ class Producer:
         if not isinstance(self.id, str) or not 1 <= len(self.id) <= 200:
             raise ValidationError("producer id must be 1-200 characters", field="Producer-Id")
         if isinstance(self.seq, bool) or not isinstance(self.seq, int) or self.seq < 0:
-            raise ValidationError("producer seq must be a non-negative integer", field="Producer-Seq")
+            raise ValidationError(
+                "producer seq must be a non-negative integer", field="Producer-Seq"
+            )

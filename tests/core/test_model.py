@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from runstream.core.model import (
+    END_TYPE,
+    Event,
+    NewEvent,
+    Producer,
+    StreamInfo,
+    new_epoch,
+    rfc3339,
+    validate_stream_name,
+)
+from runstream.errors import ValidationError
+
+NAME = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:-]{0,199}\Z")
+
+
+@given(NAME)
+def test_names_matching_the_spec_pattern_are_valid(name: str) -> None:
+    assert validate_stream_name(name) == name
+
+
+@given(st.text(min_size=1, max_size=3).filter(lambda s: not s[0].isascii() or not s[0].isalnum()))
+def test_names_not_starting_with_ascii_alnum_are_invalid(name: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        validate_stream_name(name)
+    assert exc.value.field == "stream"
+
+
+def test_records_are_frozen() -> None:
+    event = Event(1, "t", {"a": 1}, 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.id = 2  # type: ignore[misc]
+
+
+def test_new_event_encodes_data_once_compactly() -> None:
+    assert NewEvent("t", {"a": [1, "é"]}).data_json == '{"a":[1,"é"]}'
+
+
+@pytest.mark.parametrize("data", [math.nan, math.inf, {1: object()}, {"s": {1, 2}}])
+def test_non_json_data_is_rejected(data: object) -> None:
+    with pytest.raises(ValidationError):
+        NewEvent("t", data)
+
+
+def test_from_json_rejects_unknown_fields_and_missing_type() -> None:
+    assert NewEvent.from_json({"type": "a", "data": 1}) == NewEvent("a", 1)
+    for bad in ({"data": 1}, {"type": "a", "extra": 1}, [], "x"):
+        with pytest.raises(ValidationError):
+            NewEvent.from_json(bad)
+
+
+def test_end_type_is_reserved() -> None:
+    with pytest.raises(ValidationError):
+        NewEvent(END_TYPE, None)
+    assert Event(3, END_TYPE, {"status": "ok"}, 0.0).is_end
+
+
+def test_producer_validates_id_and_seq() -> None:
+    for pid, seq in (("", 1), ("p", -1), ("p", True), ("x" * 201, 1)):
+        with pytest.raises(ValidationError):
+            Producer(pid, seq)  # type: ignore[arg-type]
+
+
+def test_epochs_are_distinct_and_colon_free() -> None:
+    epochs = {new_epoch() for _ in range(1000)}
+    assert len(epochs) == 1000
+    assert not any(":" in e for e in epochs)
+
+
+def test_times_are_rfc3339_utc() -> None:
+    assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
+    assert rfc3339(1700000000.1234) == "2023-11-14T22:13:20.123Z"
+
+
+def test_stream_info_json_uses_wire_names() -> None:
+    info = StreamInfo("s", "e", "open", 1, 0, 0.0)
+    assert info.to_json()["stream"] == "s"
+    assert info.to_json()["closed_at"] is None
