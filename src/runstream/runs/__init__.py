@@ -1,1 +1,1 @@
-
+"""Runs: declared tasks, the run lifecycle, run records and their execution."""
