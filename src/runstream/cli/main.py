@@ -13,6 +13,16 @@ def cli() -> None:
     """Run long tasks and stream every event they produce, exactly once, to any client."""
 
 
+def _register() -> None:
+    # Commands import their dependencies lazily so `runstream --help` stays fast.
+    from runstream.cli.demo import demo
+
+    cli.add_command(demo)
+
+
+_register()
+
+
 def main() -> None:
     cli()
 
