@@ -21,7 +21,8 @@ misbehaved", so callers can decide what is worth retrying::
         ├── ProtocolError           a peer sent something we cannot accept
         ├── HTTPStatusError         the server answered with an error status
         ├── StreamTimeout           a watchdog timer fired (first event, idle, stale)
-        └── RetriesExhausted        reconnect budget used up for one outage
+        ├── RetriesExhausted        reconnect budget used up for one outage
+        └── TooManySubscribers      a server's subscriber limit is reached (HTTP 429)
 
 Backend libraries' exceptions (``sqlite3``, ``redis``) never escape: backends
 translate them into :class:`BackendError` and keep the original as
@@ -49,6 +50,7 @@ __all__ = [
     "StreamNotFound",
     "StreamTimeout",
     "TaskNotFound",
+    "TooManySubscribers",
     "UsageError",
     "ValidationError",
 ]
@@ -231,3 +233,10 @@ class StreamTimeout(RemoteError):
 
 class RetriesExhausted(RemoteError):
     code = "retries_exhausted"
+
+
+class TooManySubscribers(RemoteError):
+    """The server is at its subscriber limit (per stream or overall); retry later."""
+
+    code = "too_many_subscribers"
+    http_status = 429
