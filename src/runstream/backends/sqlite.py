@@ -1,0 +1,859 @@
+"""``sqlite:///path/to/file.db`` — the embedded, durable default backend.
+
+Layout of the work:
+
+* **One writer thread** owns the only write connection. Every append, close,
+  delete and trim is a request on its queue. The thread takes *all* pending
+  requests, runs them in one ``BEGIN IMMEDIATE`` transaction (a savepoint per
+  request, so one failing request does not undo the others), commits once and
+  only then resolves the callers' futures and wakes local followers. A burst of
+  concurrent appends therefore costs one fsync, not one each (group commit).
+  An append is acknowledged only after its commit returned, so it survives a
+  ``kill -9`` of the process (the WAL is in the OS page cache; with the default
+  ``synchronous=full`` it is also on disk).
+* **Readers** use their own connections from a small thread pool. The file is in
+  WAL mode, so readers never block the writer and each read is one snapshot.
+* **Other processes** may share the file (a CLI run next to a server). Their
+  commits do not go through our writer, so a poller checks ``PRAGMA
+  data_version`` every :data:`POLL_INTERVAL` seconds while something is being
+  followed and wakes the followers of streams whose state changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar, cast
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from runstream.backends.base import EventLog
+from runstream.core.model import (
+    END_TYPE,
+    AppendResult,
+    Event,
+    NewEvent,
+    Producer,
+    StreamInfo,
+    encode_data,
+    new_epoch,
+    now,
+)
+from runstream.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    RunstreamError,
+    StaleProducerSeq,
+    StreamClosed,
+    StreamNotFound,
+    ValidationError,
+)
+
+__all__ = ["SQLiteEventLog"]
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+"""Stored in ``PRAGMA user_version``; bump it and add a migration when the schema changes."""
+
+DEFAULT_BUSY_TIMEOUT = 5.0
+"""Seconds a connection waits for another process's lock before giving up."""
+
+POLL_INTERVAL = 0.025
+"""Seconds between checks for commits made by other processes (while followers wait)."""
+
+READER_THREADS = 4
+MAX_GROUP_REQUESTS = 1000
+"""Upper bound of requests folded into one transaction, to bound commit latency."""
+
+POLL_CHUNK = 500
+"""Stream names per query when the poller compares watched streams' state."""
+
+Synchronous = Literal["off", "normal", "full", "extra"]
+_SYNCHRONOUS_VALUES: tuple[Synchronous, ...] = ("off", "normal", "full", "extra")
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS streams (
+        sid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        epoch TEXT NOT NULL,
+        status TEXT NOT NULL,
+        first_id INTEGER NOT NULL,
+        last_id INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        closed_at REAL,
+        close_status TEXT,
+        close_reason TEXT
+    )
+    """,
+    # Clustered on (sid, id): a read is one range scan and ids are the key.
+    """
+    CREATE TABLE IF NOT EXISTS events (
+        sid INTEGER NOT NULL,
+        id INTEGER NOT NULL,
+        type TEXT NOT NULL,
+        data TEXT NOT NULL,
+        time REAL NOT NULL,
+        PRIMARY KEY (sid, id)
+    ) WITHOUT ROWID
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS producers (
+        sid INTEGER NOT NULL,
+        producer TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        first_id INTEGER NOT NULL,
+        last_id INTEGER NOT NULL,
+        PRIMARY KEY (sid, producer)
+    ) WITHOUT ROWID
+    """,
+)
+
+_INFO_COLUMNS = (
+    "name, epoch, status, first_id, last_id, created_at, closed_at, close_status, close_reason"
+)
+_SELECT_STREAM = f"SELECT sid, {_INFO_COLUMNS} FROM streams WHERE name = ?"
+_INSERT_EVENT = "INSERT INTO events (sid, id, type, data, time) VALUES (?, ?, ?, ?, ?)"
+
+
+def _info(row: Sequence[Any]) -> StreamInfo:
+    """Build a :class:`StreamInfo` from the columns of :data:`_INFO_COLUMNS`."""
+    return StreamInfo(
+        name=row[0],
+        epoch=row[1],
+        status=cast(Literal["open", "closed"], row[2]),
+        first_id=row[3],
+        last_id=row[4],
+        created_at=row[5],
+        closed_at=row[6],
+        close_status=row[7],
+        close_reason=row[8],
+    )
+
+
+@dataclass(slots=True)
+class _Request(Generic[T]):
+    """One write for the writer thread: ``op`` runs inside the group transaction."""
+
+    op: Callable[[sqlite3.Connection], T]
+    stream: str
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[T]
+
+
+@dataclass(slots=True)
+class _Outcome:
+    request: _Request[Any]
+    value: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class _ReaderPool:
+    """Read connections handed to pool threads one at a time."""
+
+    open_conn: Callable[[], sqlite3.Connection]
+    free: queue.SimpleQueue[sqlite3.Connection] = field(default_factory=queue.SimpleQueue)
+    all: list[sqlite3.Connection] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        try:
+            conn = self.free.get_nowait()
+        except queue.Empty:
+            conn = self.open_conn()
+            with self.lock:
+                self.all.append(conn)
+        try:
+            return fn(conn)
+        finally:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            self.free.put(conn)
+
+    def close(self) -> None:
+        with self.lock:
+            conns, self.all = self.all, []
+        for conn in conns:
+            conn.close()
+
+
+def _translate(exc: sqlite3.Error, path: str, busy_timeout: float) -> BackendError:
+    """Map a :mod:`sqlite3` error to a runstream error (the caller raises it ``from exc``)."""
+    message = str(exc)
+    if "locked" in message or "busy" in message:
+        return BackendError(
+            f"sqlite database {path!r} stayed locked by another connection for more than "
+            f"busy_timeout={busy_timeout:g}s ({message}); another process holds a long write "
+            "transaction, or raise ?busy_timeout= in the backend URL"
+        )
+    if "not a database" in message or "malformed" in message:
+        return BackendError(f"sqlite file {path!r} is not a usable runstream database: {message}")
+    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in message:
+        return BackendUnavailable(f"cannot open sqlite database {path!r}: {message}")
+    return BackendError(f"sqlite error on {path!r}: {message}")
+
+
+class SQLiteEventLog(EventLog):
+    """Streams stored in one SQLite file (WAL mode), shareable by processes on one machine.
+
+    Create it with :meth:`from_url` or directly, then ``async with`` it (or
+    call :meth:`start` / :meth:`aclose`). Methods called before :meth:`start`
+    start it on first use; after :meth:`aclose` they raise
+    :class:`~runstream.errors.BackendError` until :meth:`start` is called again.
+
+    ``commits`` counts write transactions this instance committed; a burst of
+    ``n`` concurrent appends typically needs far fewer than ``n``.
+    """
+
+    scheme = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: Synchronous = "full",
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        poll_interval: float = POLL_INTERVAL,
+        readers: int = READER_THREADS,
+    ) -> None:
+        super().__init__()
+        if synchronous not in _SYNCHRONOUS_VALUES:
+            raise ConfigError(f"sqlite synchronous must be one of {', '.join(_SYNCHRONOUS_VALUES)}")
+        if busy_timeout < 0 or poll_interval <= 0 or readers < 1:
+            raise ConfigError("sqlite busy_timeout >= 0, poll_interval > 0 and readers >= 1")
+        self.path = os.fspath(path)
+        self.synchronous: Synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self.poll_interval = poll_interval
+        self.readers = readers
+        self.commits = 0
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._start_lock = asyncio.Lock()
+        self._queue: queue.SimpleQueue[_Request[Any] | None] = queue.SimpleQueue()
+        self._queue_lock = threading.Lock()
+        self._writer: threading.Thread | None = None
+        self._writer_conn: sqlite3.Connection | None = None
+        self._pool: _ReaderPool | None = None
+        self._read_executor: ThreadPoolExecutor | None = None
+        self._poll_executor: ThreadPoolExecutor | None = None
+        self._poll_conn: sqlite3.Connection | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._data_version: int | None = None
+        # stream -> (epoch, status, first_id, last_id) last seen by the poller; None = absent.
+        self._seen: dict[str, tuple[str, str, int, int] | None] = {}
+
+    # -- construction --------------------------------------------------------
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteEventLog:
+        """Parse ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``.
+
+        Query parameters: ``synchronous`` (``off|normal|full|extra``, default
+        ``full``), ``busy_timeout`` (seconds, default 5). Raises
+        :class:`ConfigError` for anything else. Parent directories are created
+        by :meth:`start`, not here.
+        """
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "sqlite":
+            raise ConfigError(f"not a sqlite URL: {url!r}")
+        if parts.netloc:
+            raise ConfigError(
+                f"invalid sqlite URL {url!r}: use sqlite:///relative/path.db "
+                "or sqlite:////absolute/path.db (three slashes before a relative path)"
+            )
+        # The first "/" separates the empty authority from the path.
+        path = unquote(parts.path[1:])
+        if not path or path.endswith("/") or path == ":memory:":
+            raise ConfigError(
+                f"invalid sqlite URL {url!r}: name a database file, e.g. "
+                "sqlite:///./.runstream/runstream.db (in-memory databases are not supported; "
+                "use memory://)"
+            )
+        kwargs: dict[str, Any] = {}
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            if key == "synchronous":
+                if value.lower() not in _SYNCHRONOUS_VALUES:
+                    raise ConfigError(
+                        f"sqlite synchronous={value!r}: use one of {', '.join(_SYNCHRONOUS_VALUES)}"
+                    )
+                kwargs["synchronous"] = value.lower()
+            elif key == "busy_timeout":
+                try:
+                    kwargs["busy_timeout"] = float(value)
+                except ValueError:
+                    raise ConfigError(f"sqlite busy_timeout={value!r} is not a number") from None
+            else:
+                raise ConfigError(
+                    f"unknown sqlite URL parameter {key!r}: known are synchronous, busy_timeout"
+                )
+        return cls(path, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"SQLiteEventLog({self.path!r}, synchronous={self.synchronous!r})"
+
+    # -- connections ---------------------------------------------------------
+
+    def _error(self, exc: sqlite3.Error) -> BackendError:
+        return _translate(exc, self.path, self.busy_timeout)
+
+    def _connect(self, *, writer: bool = False) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves. Connections move
+        # between pool threads but are never used by two threads at once.
+        conn = sqlite3.connect(
+            self.path,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+        )
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            if writer:
+                conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_and_migrate(self) -> sqlite3.Connection:
+        """Create the file, switch it to WAL and create/check the schema (blocking)."""
+        parent = Path(self.path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(
+                f"cannot create directory {str(parent)!r} for sqlite database: {exc}"
+            ) from exc
+        try:
+            conn = self._connect(writer=True)
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise BackendError(
+                    f"sqlite database {self.path!r} could not switch to WAL mode (got {mode!r})"
+                )
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise BackendError(
+                        f"sqlite database {self.path!r} has schema version {version}, newer than "
+                        f"this runstream understands ({SCHEMA_VERSION}); upgrade runstream"
+                    )
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the file (creating it and its directory), start the writer and poller.
+
+        Idempotent. Raises :class:`BackendError` if the file is not a usable
+        database or cannot be created.
+        """
+        async with self._start_lock:
+            if self._state == "running":
+                return
+            conn = await asyncio.to_thread(self._open_and_migrate)
+            self._writer_conn = conn
+            self._queue = queue.SimpleQueue()
+            self._writer = threading.Thread(
+                target=self._writer_main,
+                args=(conn, self._queue),
+                name=f"runstream-sqlite-writer:{self.path}",
+                daemon=True,
+            )
+            self._writer.start()
+            self._pool = _ReaderPool(self._connect)
+            self._read_executor = ThreadPoolExecutor(
+                self.readers, thread_name_prefix="runstream-sqlite-read"
+            )
+            self._poll_executor = ThreadPoolExecutor(1, thread_name_prefix="runstream-sqlite-poll")
+            self._data_version = None
+            self._seen.clear()
+            self._state = "running"
+            self._poll_task = asyncio.get_running_loop().create_task(
+                self._poll_loop(), name="runstream-sqlite-poller"
+            )
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the threads and close every connection. Idempotent.
+
+        Followers waiting on this backend wake up and end with :class:`BackendError`.
+        """
+        async with self._start_lock:
+            if self._state != "running":
+                self._state = "closed"
+                return
+            with self._queue_lock:
+                self._state = "closed"
+                self._queue.put(None)
+            if self._poll_task is not None:
+                self._poll_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._poll_task
+                self._poll_task = None
+            writer, pool = self._writer, self._pool
+            read_executor, poll_executor = self._read_executor, self._poll_executor
+            poll_conn = self._poll_conn
+            self._writer = self._pool = self._writer_conn = self._poll_conn = None
+            self._read_executor = self._poll_executor = None
+
+            def shutdown() -> None:
+                if writer is not None:
+                    writer.join()
+                for executor in (read_executor, poll_executor):
+                    if executor is not None:
+                        executor.shutdown(wait=True)
+                if pool is not None:
+                    pool.close()
+                if poll_conn is not None:
+                    poll_conn.close()
+
+            await asyncio.to_thread(shutdown)
+        self.notifier.notify_all()
+
+    async def _ensure_running(self) -> None:
+        if self._state == "running":
+            return
+        if self._state == "closed":
+            raise BackendError(f"sqlite backend {self.path!r} is closed")
+        await self.start()
+
+    async def ping(self) -> None:
+        """Raise :class:`BackendError` if the database file cannot be read."""
+        await self._reader(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # -- writer thread -------------------------------------------------------
+
+    async def _write(self, stream: str, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue ``op`` for the writer; return its result once its transaction committed.
+
+        If the caller is cancelled while waiting, the write may still be committed.
+        """
+        await self._ensure_running()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._queue_lock:
+            if self._state != "running":
+                raise BackendError(f"sqlite backend {self.path!r} is closed")
+            self._queue.put(_Request(op, stream, loop, fut))
+        return await fut
+
+    def _writer_main(
+        self, conn: sqlite3.Connection, requests: queue.SimpleQueue[_Request[Any] | None]
+    ) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                first = requests.get()
+                if first is None:
+                    break
+                batch = [first]
+                # Everything that queued up while the previous commit was syncing
+                # goes into this transaction: that is the group commit.
+                while len(batch) < MAX_GROUP_REQUESTS:
+                    try:
+                        item = requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+                self._run_group(conn, batch)
+        finally:
+            leftovers: list[_Outcome] = []
+            while True:
+                try:
+                    item = requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    error = BackendError(f"sqlite backend {self.path!r} is closed")
+                    leftovers.append(_Outcome(item, error=error))
+            self._deliver_outcomes(leftovers)
+            conn.close()
+
+    def _run_group(self, conn: sqlite3.Connection, batch: list[_Request[Any]]) -> None:
+        outcomes: list[_Outcome] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = self._error(exc)
+            error.__cause__ = exc
+            self._deliver_outcomes([_Outcome(r, error=error) for r in batch])
+            return
+        failed: BaseException | None = None
+        for request in batch:
+            if failed is not None:
+                outcomes.append(_Outcome(request, error=failed))
+                continue
+            conn.execute("SAVEPOINT request")
+            try:
+                value = request.op(conn)
+            except Exception as exc:
+                op_error: Exception = exc
+                if isinstance(exc, sqlite3.Error):
+                    op_error = self._error(exc)
+                    op_error.__cause__ = exc
+                elif not isinstance(exc, RunstreamError):
+                    op_error = BackendError(f"sqlite backend failed: {exc!r}")
+                    op_error.__cause__ = exc
+                outcomes.append(_Outcome(request, error=op_error))
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (I/O error, disk full):
+                    # nothing of this group is stored.
+                    failed = op_error
+                    continue
+                try:
+                    conn.execute("ROLLBACK TO request")
+                    conn.execute("RELEASE request")
+                except sqlite3.Error as exc2:
+                    failed = self._error(exc2)
+                    failed.__cause__ = exc2
+            else:
+                conn.execute("RELEASE request")
+                outcomes.append(_Outcome(request, value=value))
+        if failed is None:
+            try:
+                conn.execute("COMMIT")
+                self.commits += 1
+            except sqlite3.Error as exc:
+                failed = self._error(exc)
+                failed.__cause__ = exc
+        if failed is not None:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            for outcome in outcomes:
+                if outcome.error is None:
+                    outcome.error = failed
+        self._deliver_outcomes(outcomes)
+
+    def _deliver_outcomes(self, outcomes: list[_Outcome]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome.request.loop, []).append(outcome)
+        for loop, items in by_loop.items():
+            # The loop may be gone if its owner gave up waiting.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._resolve, items)
+
+    def _resolve(self, outcomes: list[_Outcome]) -> None:
+        touched: set[str] = set()
+        for outcome in outcomes:
+            fut = outcome.request.future
+            if outcome.error is None:
+                touched.add(outcome.request.stream)
+            if fut.done():
+                continue
+            if outcome.error is not None:
+                fut.set_exception(outcome.error)
+            else:
+                fut.set_result(outcome.value)
+        for stream in touched:
+            self.notifier.notify(stream)
+
+    # -- write operations (run on the writer thread, inside a savepoint) -----
+
+    @staticmethod
+    def _row(conn: sqlite3.Connection, stream: str) -> tuple[int, StreamInfo] | None:
+        row = conn.execute(_SELECT_STREAM, (stream,)).fetchone()
+        return None if row is None else (row[0], _info(row[1:]))
+
+    @staticmethod
+    def _create(conn: sqlite3.Connection, stream: str) -> tuple[int, StreamInfo]:
+        info = StreamInfo(stream, new_epoch(), "open", 1, 0, now())
+        cur = conn.execute(
+            "INSERT INTO streams (name, epoch, status, first_id, last_id, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (info.name, info.epoch, info.status, info.first_id, info.last_id, info.created_at),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid, info
+
+    def _op_append(
+        self,
+        conn: sqlite3.Connection,
+        stream: str,
+        events: Sequence[NewEvent],
+        producer: Producer | None,
+    ) -> AppendResult:
+        found = self._row(conn, stream)
+        if found is not None:
+            sid, info = found
+            if info.closed:
+                raise StreamClosed(stream)
+            if producer is not None:
+                prev = conn.execute(
+                    "SELECT seq, first_id, last_id FROM producers WHERE sid = ? AND producer = ?",
+                    (sid, producer.id),
+                ).fetchone()
+                if prev is not None:
+                    last_seq, first, last = prev
+                    if producer.seq == last_seq:
+                        return AppendResult(stream, info.epoch, first, last, duplicate=True)
+                    if producer.seq < last_seq:
+                        raise StaleProducerSeq(stream, producer.id, producer.seq, last_seq)
+        else:
+            sid, info = self._create(conn, stream)
+        t = now()
+        first_id = info.last_id + 1
+        last_id = first_id + len(events) - 1
+        conn.executemany(
+            _INSERT_EVENT,
+            [(sid, first_id + i, e.type, e.data_json, t) for i, e in enumerate(events)],
+        )
+        conn.execute("UPDATE streams SET last_id = ? WHERE sid = ?", (last_id, sid))
+        if producer is not None:
+            conn.execute(
+                "INSERT OR REPLACE INTO producers (sid, producer, seq, first_id, last_id) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (sid, producer.id, producer.seq, first_id, last_id),
+            )
+        return AppendResult(stream, info.epoch, first_id, last_id)
+
+    def _op_close(
+        self, conn: sqlite3.Connection, stream: str, status: str | None, reason: str | None
+    ) -> StreamInfo:
+        found = self._row(conn, stream) or self._create(conn, stream)
+        sid, info = found
+        if info.closed:
+            return info
+        t = now()
+        end_id = info.last_id + 1
+        data = encode_data({"status": status, "reason": reason})
+        conn.execute(_INSERT_EVENT, (sid, end_id, END_TYPE, data, t))
+        conn.execute(
+            "UPDATE streams SET status = 'closed', last_id = ?, closed_at = ?, "
+            "close_status = ?, close_reason = ? WHERE sid = ?",
+            (end_id, t, status, reason, sid),
+        )
+        return StreamInfo(
+            info.name,
+            info.epoch,
+            "closed",
+            info.first_id,
+            end_id,
+            info.created_at,
+            t,
+            status,
+            reason,
+        )
+
+    def _op_delete(self, conn: sqlite3.Connection, stream: str) -> None:
+        found = self._row(conn, stream)
+        if found is None:
+            raise StreamNotFound(stream)
+        sid = found[0]
+        conn.execute("DELETE FROM events WHERE sid = ?", (sid,))
+        conn.execute("DELETE FROM producers WHERE sid = ?", (sid,))
+        conn.execute("DELETE FROM streams WHERE sid = ?", (sid,))
+
+    def _op_trim(
+        self, conn: sqlite3.Connection, stream: str, max_len: int | None, max_age: float | None
+    ) -> int:
+        found = self._row(conn, stream)
+        if found is None:
+            raise StreamNotFound(stream)
+        sid, info = found
+        # Retained ids are contiguous first_id..last_id, so positions are arithmetic.
+        new_first = info.first_id
+        if max_len is not None:
+            new_first = max(new_first, info.last_id - max_len + 1)
+        if max_age is not None:
+            # The first retained event that is young enough (times follow ids).
+            row = conn.execute(
+                "SELECT min(id) FROM events WHERE sid = ? AND time >= ?", (sid, now() - max_age)
+            ).fetchone()
+            new_first = max(new_first, info.last_id + 1 if row[0] is None else row[0])
+        if info.closed:
+            new_first = min(new_first, info.last_id)  # the end entry stays
+        removed = new_first - info.first_id
+        if removed <= 0:
+            return 0
+        conn.execute("DELETE FROM events WHERE sid = ? AND id < ?", (sid, new_first))
+        conn.execute("UPDATE streams SET first_id = ? WHERE sid = ?", (new_first, sid))
+        return removed
+
+    # -- primitives ----------------------------------------------------------
+
+    async def _append(
+        self, stream: str, events: Sequence[NewEvent], producer: Producer | None
+    ) -> AppendResult:
+        batch = list(events)
+        return await self._write(
+            stream, lambda conn: self._op_append(conn, stream, batch, producer)
+        )
+
+    async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
+        return await self._write(stream, lambda conn: self._op_close(conn, stream, status, reason))
+
+    async def delete(self, stream: str) -> None:
+        await self._write(stream, lambda conn: self._op_delete(conn, stream))
+
+    async def trim(
+        self, stream: str, *, max_len: int | None = None, max_age: float | None = None
+    ) -> int:
+        if max_len is not None and (isinstance(max_len, bool) or max_len < 0):
+            raise ValidationError("max_len must be a non-negative integer", field="max_len")
+        if max_age is not None and max_age < 0:
+            raise ValidationError("max_age must be >= 0 seconds", field="max_age")
+        return await self._write(stream, lambda conn: self._op_trim(conn, stream, max_len, max_age))
+
+    # -- reads ---------------------------------------------------------------
+
+    async def _reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        await self._ensure_running()
+        pool, executor = self._pool, self._read_executor
+        assert pool is not None and executor is not None
+
+        def run() -> T:
+            try:
+                return pool.run(fn)
+            except sqlite3.Error as exc:
+                raise self._error(exc) from exc
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, run)
+        except RuntimeError as exc:  # the executor was shut down under us
+            if self._state != "running":
+                raise BackendError(f"sqlite backend {self.path!r} is closed") from exc
+            raise
+
+    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+        def read(conn: sqlite3.Connection) -> tuple[StreamInfo, list[Any]]:
+            # One read transaction: the state and the events are the same snapshot.
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(_SELECT_STREAM, (stream,)).fetchone()
+                if row is None:
+                    raise StreamNotFound(stream)
+                rows = conn.execute(
+                    "SELECT id, type, data, time FROM events WHERE sid = ? AND id > ? "
+                    "ORDER BY id LIMIT ?",
+                    (row[0], after, limit),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+            return _info(row[1:]), rows
+
+        info, rows = await self._reader(read)
+        loads = json.loads
+        return info, [Event(i, t, loads(d), tm) for i, t, d, tm in rows]
+
+    async def info(self, stream: str) -> StreamInfo:
+        def read(conn: sqlite3.Connection) -> StreamInfo:
+            row = conn.execute(_SELECT_STREAM, (stream,)).fetchone()
+            if row is None:
+                raise StreamNotFound(stream)
+            return _info(row[1:])
+
+        return await self._reader(read)
+
+    async def list_streams(
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+    ) -> list[StreamInfo]:
+        if limit <= 0:
+            return []
+        # Names compare as UTF-8 bytes in SQLite, which is code point order, like Python.
+        sql = f"SELECT {_INFO_COLUMNS} FROM streams WHERE name > ? AND name >= ?"
+        params: list[Any] = [start_after, prefix]
+        if prefix:
+            sql += " AND substr(name, 1, ?) = ?"
+            params += [len(prefix), prefix]
+            if ord(prefix[-1]) < 0x10FFFF:
+                # Lets the index scan stop right after the last match.
+                sql += " AND name < ?"
+                params.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        sql += " ORDER BY name LIMIT ?"
+        params.append(limit)
+
+        def read(conn: sqlite3.Connection) -> list[StreamInfo]:
+            return [_info(r) for r in conn.execute(sql, params)]
+
+        return await self._reader(read)
+
+    # -- cross-process wake-ups ----------------------------------------------
+
+    async def _poll_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            watched = self.notifier.watched()
+            executor = self._poll_executor
+            if not watched or executor is None:
+                continue
+            try:
+                changed = await loop.run_in_executor(executor, self._poll_once, watched)
+            except (sqlite3.Error, RunstreamError):
+                # Transient (e.g. a lock during a checkpoint); followers' safety poll
+                # and the next tick cover it.
+                continue
+            for stream in changed:
+                self.notifier.notify(stream)
+
+    def _poll_once(self, watched: list[str]) -> list[str]:
+        """Streams among ``watched`` whose state changed since last seen (blocking)."""
+        if self._poll_conn is None:
+            self._poll_conn = self._connect()
+        conn = self._poll_conn
+        version = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self._data_version:
+            return []
+        self._data_version = version
+        current: dict[str, tuple[str, str, int, int] | None] = dict.fromkeys(watched)
+        conn.execute("BEGIN")
+        try:
+            for chunk in _chunks(watched, POLL_CHUNK):
+                marks = ",".join("?" * len(chunk))
+                for name, epoch, status, first_id, last_id in conn.execute(
+                    "SELECT name, epoch, status, first_id, last_id FROM streams "
+                    f"WHERE name IN ({marks})",
+                    chunk,
+                ):
+                    current[name] = (epoch, status, first_id, last_id)
+        finally:
+            conn.execute("COMMIT")
+        # A stream seen for the first time is reported too: its follower may have
+        # read an older state than the one recorded now.
+        changed = [
+            s for s, state in current.items() if s not in self._seen or self._seen[s] != state
+        ]
+        self._seen.update(current)
+        if len(self._seen) > 4 * max(len(watched), 1000):
+            self._seen = {s: self._seen[s] for s in watched}
+        return changed
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
