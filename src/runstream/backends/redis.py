@@ -1,0 +1,554 @@
+"""``redis://`` / ``rediss://`` — Redis Streams, for many servers and workers on many hosts.
+
+Layout (``P`` = key prefix, default ``rs``; ``{name}`` is the hash tag, so the
+keys of one stream live in one Cluster slot)::
+
+    P:{name}:log    stream; entry id "<offset>-0", fields t=type d=data JSON ts=time
+    P:{name}:meta   hash: epoch status first_id last_id created_at closed_at
+                    close_status close_reason
+    P:{name}:prod   hash: producer id -> "seq:first_id:last_id"
+    P:streams       sorted set of names, for list_streams (the one cross-slot key)
+    P:wake          pub/sub channel; message = stream name (a wake-up only)
+
+Every write is one Lua script (see :mod:`._redis_lua`): appending, closing,
+trimming and deleting are atomic and a batch is one round trip.
+
+Followers: each process holds ONE pub/sub connection (subscribed once, to
+``P:wake``) and a small bounded pool for commands. Wake-ups fan out in memory
+through :attr:`notifier`; concurrent identical reads of a stream are merged
+into one request, so a thousand local followers of one stream cost one read
+per wake-up, not a thousand, and never more connections than the pool holds.
+If Redis is unreachable, commands fail fast with
+:class:`~runstream.errors.BackendUnavailable` while followers back off and
+resume from the last id they delivered once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.client import PubSub
+
+from runstream.backends import _redis_lua as lua
+from runstream.backends.base import EventLog
+from runstream.core.model import (
+    AppendResult,
+    Event,
+    NewEvent,
+    Producer,
+    Reset,
+    StreamInfo,
+    encode_data,
+    new_epoch,
+)
+from runstream.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    StaleProducerSeq,
+    StreamClosed,
+    StreamDeleted,
+    StreamNotFound,
+    ValidationError,
+)
+from runstream.protocol.cursor import Position
+
+__all__ = ["RedisEventLog", "RedisOptions"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "rs"
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_POOL_TIMEOUT = 10.0
+DEFAULT_SOCKET_TIMEOUT = 5.0
+DEFAULT_CONNECT_TIMEOUT = 2.0
+RETRY_MIN_SECONDS = 0.05
+RETRY_MAX_SECONDS = 2.0
+LISTEN_POLL_SECONDS = 5.0
+"""How long the pub/sub reader waits for a message before checking the link with a PING."""
+
+_ReadResult = tuple[StreamInfo, tuple[Event, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """Backend options, all settable in the URL query string.
+
+    ``prefix`` namespaces every key (tenants or test runs can share a server).
+    ``closed_ttl`` (seconds, 0 = keep) expires a closed stream with its metadata.
+    ``max_len`` (0 = unbounded) trims each stream to its newest ``max_len``
+    entries on append. ``max_connections`` bounds the command pool per process
+    (the pub/sub connection is one more); callers wait up to ``pool_timeout``
+    seconds for a free connection. ``socket_timeout``/``socket_connect_timeout``
+    bound how long a command can hang on an unreachable server.
+    """
+
+    prefix: str = DEFAULT_PREFIX
+    closed_ttl: float = 0.0
+    max_len: int = 0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
+    socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c in self.prefix for c in "{} \r\n"):
+            raise ConfigError(f"redis key prefix {self.prefix!r} must be non-empty, without braces")
+        for name in ("closed_ttl", "pool_timeout", "socket_timeout", "socket_connect_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"redis option {name} must be >= 0")
+        if self.max_len < 0 or self.max_connections < 1:
+            raise ConfigError("redis options need max_len >= 0 and max_connections >= 1")
+
+
+_OPTION_PARSERS: dict[str, type] = {
+    "prefix": str,
+    "closed_ttl": float,
+    "max_len": int,
+    "max_connections": int,
+    "pool_timeout": float,
+    "socket_timeout": float,
+    "socket_connect_timeout": float,
+}
+
+
+def parse_url(url: str) -> tuple[str, RedisOptions]:
+    """Split ``url`` into the URL redis-py connects to and runstream's options.
+
+    Raises :class:`ConfigError` for a bad scheme or option value. Query
+    parameters runstream does not know are left for redis-py.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(f"not a redis URL: {url!r}")
+    values: dict[str, Any] = {}
+    rest: list[tuple[str, str]] = []
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        parser = _OPTION_PARSERS.get(key)
+        if parser is None:
+            rest.append((key, value))
+            continue
+        try:
+            values[key] = parser(value)
+        except ValueError as exc:
+            raise ConfigError(f"invalid redis URL option {key}={value!r}") from exc
+    return urlunsplit(parts._replace(query=urlencode(rest))), RedisOptions(**values)
+
+
+@contextlib.contextmanager
+def _translated(what: str) -> Iterator[None]:
+    """Turn redis-py (and socket) failures into runstream errors, keeping the cause."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise BackendUnavailable(f"redis unreachable during {what}: {exc}") from exc
+    except redis_errors.RedisError as exc:
+        raise BackendError(f"redis failed during {what}: {exc}") from exc
+
+
+def _as_info(name: str, meta: dict[str, str]) -> StreamInfo:
+    def opt_float(key: str) -> float | None:
+        value = meta.get(key)
+        return float(value) if value else None
+
+    status = meta["status"]
+    return StreamInfo(
+        name=name,
+        epoch=meta["epoch"],
+        status="closed" if status == "closed" else "open",
+        first_id=int(meta["first_id"]),
+        last_id=int(meta["last_id"]),
+        created_at=float(meta["created_at"]),
+        closed_at=opt_float("closed_at"),
+        close_status=meta.get("close_status"),
+        close_reason=meta.get("close_reason"),
+    )
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _as_event(entry_id: str, fields: dict[str, str]) -> Event:
+    offset, _, _ = entry_id.partition("-")
+    return Event(int(offset), fields["t"], json.loads(fields["d"]), float(fields["ts"]))
+
+
+class RedisEventLog(EventLog):
+    """Event log on Redis Streams. Create with :meth:`from_url`, use with ``async with``."""
+
+    scheme = "redis"
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", options: RedisOptions | None = None):
+        super().__init__()
+        self.options = options or RedisOptions()
+        opts = self.options
+        prefix = opts.prefix
+        self._index_key = f"{prefix}:streams"
+        self._channel = f"{prefix}:wake"
+        common: dict[str, Any] = {
+            "socket_timeout": opts.socket_timeout or None,
+            "socket_connect_timeout": opts.socket_connect_timeout or None,
+            "decode_responses": True,
+            # Event types and data may hold lone surrogates (valid in Python str and JSON
+            # strings); they round-trip instead of failing the append.
+            "encoding_errors": "surrogatepass",
+            # No silent retries: a timed-out script may have run, and re-running an append
+            # would store it twice. Callers see BackendUnavailable and decide.
+            "retry": None,
+        }
+        try:
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=opts.max_connections, timeout=opts.pool_timeout, **common
+            )
+            self._listen_pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=1, timeout=opts.pool_timeout, **common
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid redis URL: {exc}") from exc
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._append_script = self._redis.register_script(lua.APPEND)
+        self._close_script = self._redis.register_script(lua.CLOSE)
+        self._delete_script = self._redis.register_script(lua.DELETE)
+        self._trim_script = self._redis.register_script(lua.TRIM)
+        self._listener: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+        self._closed = False
+        # Reads in flight that a new caller may join: stream -> (after, limit) -> task.
+        self._shared: dict[str, dict[tuple[int, int], asyncio.Task[_ReadResult]]] = {}
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisEventLog:
+        """``redis://[user:pass@]host:port/db?prefix=rs&closed_ttl=86400&max_len=0&...``.
+
+        See :class:`RedisOptions` for the runstream options; other query
+        parameters go to redis-py. Raises :class:`ConfigError` if invalid.
+        """
+        connect_url, options = parse_url(url)
+        return cls(connect_url, options)
+
+    def keys(self, stream: str) -> tuple[str, str, str]:
+        """The (log, meta, producers) keys of ``stream``; they share the hash tag ``{stream}``."""
+        base = f"{self.options.prefix}:{{{stream}}}"
+        return f"{base}:log", f"{base}:meta", f"{base}:prod"
+
+    @property
+    def connection_pool(self) -> aioredis.BlockingConnectionPool:
+        """The bounded command pool (for monitoring; do not issue commands on it)."""
+        return self._pool
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the pub/sub reader and wait (up to the connect timeout) until it listens.
+
+        Does not fail if Redis is down: commands raise until it is reachable
+        and the reader keeps retrying in the background.
+        """
+        if self._closed:
+            raise BackendError("this redis backend was closed; create a new one")
+        self._ensure_listener()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(
+                self._listening.wait(), self.options.socket_connect_timeout or None
+            )
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        # Followers blocked on a wake-up read again, find the backend closed and end.
+        self.notifier.notify_all()
+        await self._redis.aclose()
+        await self._pool.aclose()
+        await self._listen_pool.aclose()
+
+    async def ping(self) -> None:
+        self._check_open()
+        with _translated("PING"):
+            await self._redis.ping()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BackendError("this redis backend is closed")
+
+    # -- wake-ups ------------------------------------------------------------
+
+    def _ensure_listener(self) -> None:
+        if self._listener is None and not self._closed:
+            self._listener = asyncio.get_running_loop().create_task(
+                self._listen(), name="runstream-redis-wakeups"
+            )
+
+    def _wake(self, stream: str) -> None:
+        # Something changed: reads already in flight may predate it, so later callers
+        # must not join them.
+        self._shared.pop(stream, None)
+        self.notifier.notify(stream)
+
+    def _wake_all(self) -> None:
+        self._shared.clear()
+        self.notifier.notify_all()
+
+    async def _listen(self) -> None:
+        """Keep one pub/sub subscription alive and turn its messages into local wake-ups."""
+        delay = RETRY_MIN_SECONDS
+        client = aioredis.Redis(connection_pool=self._listen_pool)
+        while True:
+            pubsub: PubSub = client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(self._channel)
+                # Anything appended while we were not subscribed was not announced:
+                # have every follower look again.
+                self._listening.set()
+                self._wake_all()
+                delay = RETRY_MIN_SECONDS
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS
+                    )
+                    if message is None:
+                        # Quiet link: make sure it is still alive (a dead peer raises).
+                        await asyncio.wait_for(client.ping(), self.options.socket_timeout or None)
+                    elif message.get("type") == "message":
+                        self._wake(str(message["data"]))
+            except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+                if self._listening.is_set():
+                    log.warning("redis wake-up subscription lost (%s); retrying", exc)
+                self._listening.clear()
+                # Followers find out about the outage on their next read and back off.
+                self._wake_all()
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(delay)  # backoff between reconnect attempts
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    # -- primitives ----------------------------------------------------------
+
+    async def _append(
+        self, stream: str, events: Sequence[NewEvent], producer: Producer | None
+    ) -> AppendResult:
+        self._check_open()
+        args: list[str | int] = [
+            new_epoch(),
+            self._channel,
+            stream,
+            producer.id if producer is not None else "",
+            str(producer.seq) if producer is not None else "0",
+            self.options.max_len,
+        ]
+        for event in events:
+            args.append(event.type)
+            args.append(event.data_json)
+        with _translated("append"):
+            reply = await self._append_script(keys=self.keys(stream), args=args)
+        kind = reply[0]
+        if kind == "closed":
+            raise StreamClosed(stream)
+        if kind == "stale":
+            assert producer is not None
+            raise StaleProducerSeq(stream, producer.id, producer.seq, int(reply[1]))
+        epoch, first_id, last_id = str(reply[1]), int(reply[2]), int(reply[3])
+        if kind == "dup":
+            return AppendResult(stream, epoch, first_id, last_id, duplicate=True)
+        if reply[4]:
+            await self._index(stream)
+        self._wake(stream)
+        return AppendResult(stream, epoch, first_id, last_id)
+
+    async def _index(self, stream: str) -> None:
+        # The index lives outside the stream's slot, so it cannot be in the script. The
+        # append already succeeded: failing it now would invite a duplicate retry.
+        try:
+            await self._redis.zadd(self._index_key, {stream: 0})
+        except redis_errors.RedisError as exc:
+            log.warning("stream %r stored but not indexed for listing: %s", stream, exc)
+
+    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+        self._check_open()
+        joinable = self._shared.setdefault(stream, {})
+        task = joinable.get((after, limit))
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._read_once(stream, after, limit))
+            joinable[(after, limit)] = task
+            task.add_done_callback(lambda t: self._read_done(stream, (after, limit), t))
+        # Shielded: one caller giving up must not cancel the read for the others.
+        info, events = await asyncio.shield(task)
+        return info, list(events)
+
+    def _read_done(
+        self, stream: str, key: tuple[int, int], task: asyncio.Task[_ReadResult]
+    ) -> None:
+        joinable = self._shared.get(stream)
+        if joinable is not None and joinable.get(key) is task:
+            del joinable[key]
+            if not joinable:
+                del self._shared[stream]
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unawaited failure is not reported as lost
+
+    async def _read_once(self, stream: str, after: int, limit: int) -> _ReadResult:
+        log_key, meta_key, _ = self.keys(stream)
+        with _translated("read"):
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(meta_key)
+                pipe.xrange(log_key, min=f"{after + 1}-0", max="+", count=limit)
+                meta, entries = await pipe.execute()
+        if not meta:
+            raise StreamNotFound(stream)
+        return _as_info(stream, meta), tuple(_as_event(i, f) for i, f in entries)
+
+    async def info(self, stream: str) -> StreamInfo:
+        self._check_open()
+        with _translated("info"):
+            meta: dict[str, str] = await self._redis.hgetall(self.keys(stream)[1])  # type: ignore[assignment]
+        if not meta:
+            raise StreamNotFound(stream)
+        return _as_info(stream, meta)
+
+    async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
+        self._check_open()
+        args: list[str | int] = [
+            new_epoch(),
+            self._channel,
+            stream,
+            encode_data({"status": status, "reason": reason}),
+            int(status is not None),
+            status or "",
+            int(reason is not None),
+            reason or "",
+            round(self.options.closed_ttl * 1000),
+        ]
+        with _translated("close"):
+            created, meta = await self._close_script(keys=self.keys(stream), args=args)
+        if created:
+            await self._index(stream)
+        self._wake(stream)
+        return _as_info(stream, _pairs(meta))
+
+    async def delete(self, stream: str) -> None:
+        self._check_open()
+        with _translated("delete"):
+            # Unlist first: a re-creation can only happen after the keys are gone, so its
+            # own ZADD comes after this ZREM and is never undone by it.
+            await self._redis.zrem(self._index_key, stream)
+            found = await self._delete_script(keys=self.keys(stream), args=[self._channel, stream])
+        self._wake(stream)
+        if not found:
+            raise StreamNotFound(stream)
+
+    async def list_streams(
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+    ) -> list[StreamInfo]:
+        self._check_open()
+        if limit < 1:
+            return []
+        low = f"({start_after}" if start_after >= prefix and start_after else f"[{prefix}"
+        if low == "[":
+            low = "-"
+        # Names are ASCII, so U+00FF (two bytes, both > 0x7F) sorts after any name with the prefix.
+        high = f"[{prefix}\u00ff" if prefix else "+"
+        found: list[StreamInfo] = []
+        while len(found) < limit:
+            with _translated("list"):
+                names: list[str] = await self._redis.zrangebylex(  # type: ignore[assignment]
+                    self._index_key, low, high, start=0, num=limit - len(found)
+                )
+                if not names:
+                    break
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name in names:
+                        pipe.hgetall(self.keys(name)[1])
+                    metas: list[dict[str, str]] = await pipe.execute()
+            for name, meta in zip(names, metas, strict=True):
+                if meta:
+                    found.append(_as_info(name, meta))
+                else:
+                    await self._unlist(name)
+            low = f"({names[-1]}"
+        return found
+
+    async def _unlist(self, name: str) -> None:
+        # The stream expired or was deleted. Re-check after removing: a re-creation that
+        # raced with us has already run its ZADD, which our ZREM would otherwise undo.
+        with _translated("list"):
+            await self._redis.zrem(self._index_key, name)
+            if await self._redis.exists(self.keys(name)[1]):
+                await self._redis.zadd(self._index_key, {name: 0})
+
+    async def trim(
+        self, stream: str, *, max_len: int | None = None, max_age: float | None = None
+    ) -> int:
+        self._check_open()
+        if (max_len is not None and max_len < 0) or (max_age is not None and max_age < 0):
+            raise ValidationError("trim limits must be >= 0")
+        args = [
+            self._channel,
+            stream,
+            "" if max_len is None else str(max_len),
+            "" if max_age is None else repr(float(max_age)),
+        ]
+        with _translated("trim"):
+            removed = int(await self._trim_script(keys=self.keys(stream)[:2], args=args))
+        if removed < 0:
+            raise StreamNotFound(stream)
+        if removed:
+            self._wake(stream)
+        return removed
+
+    # -- following -----------------------------------------------------------
+
+    async def _follow(self, stream: str, position: Position) -> AsyncIterator[Event | Reset]:
+        """The shared gap-free follow, made to survive Redis outages.
+
+        When Redis is unreachable the follower backs off and restarts the
+        shared loop from the last id it delivered *and its epoch*, so nothing
+        is skipped or repeated, and a history lost meanwhile surfaces as a
+        :class:`Reset` (or :class:`StreamDeleted` if the stream is gone).
+        """
+        self._ensure_listener()
+        # Fix the start once: "now" is resolved here and the epoch is pinned, so a
+        # restart after an outage resumes exactly where this follower was.
+        info = await self.info(stream)
+        if position.now:
+            position = Position(info.last_id - 1 if info.closed else info.last_id, info.epoch)
+        elif position.epoch is None:
+            position = Position(position.offset, info.epoch)
+        offset, epoch = position.offset, position.epoch
+        resumed = False
+        delay = RETRY_MIN_SECONDS
+        while True:
+            try:
+                async for item in super()._follow(stream, Position(offset, epoch)):
+                    if isinstance(item, Reset):
+                        offset, epoch = item.after, item.epoch
+                    else:
+                        offset = item.id
+                    delay = RETRY_MIN_SECONDS
+                    yield item
+                return
+            except StreamNotFound as exc:
+                if resumed and not isinstance(exc, StreamDeleted):
+                    raise StreamDeleted(stream) from exc
+                raise
+            except BackendError:
+                if self._closed:
+                    raise
+                resumed = True
+            await asyncio.sleep(delay)  # backoff while Redis is unreachable
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
