@@ -750,7 +750,7 @@ class SQLiteEventLog(EventLog):
             raise
 
     async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
-        def read(conn: sqlite3.Connection) -> tuple[StreamInfo, list[Any]]:
+        def read(conn: sqlite3.Connection) -> tuple[StreamInfo, list[Event]]:
             # One read transaction: the state and the events are the same snapshot.
             conn.execute("BEGIN")
             try:
@@ -764,11 +764,12 @@ class SQLiteEventLog(EventLog):
                 ).fetchall()
             finally:
                 conn.execute("COMMIT")
-            return _info(row[1:]), rows
+            # Decoded here, off the event loop: a large page would stall every
+            # other task (and so every append's acknowledgement) for its duration.
+            loads = json.loads
+            return _info(row[1:]), [Event(i, t, loads(d), tm) for i, t, d, tm in rows]
 
-        info, rows = await self._reader(read)
-        loads = json.loads
-        return info, [Event(i, t, loads(d), tm) for i, t, d, tm in rows]
+        return await self._reader(read)
 
     async def info(self, stream: str) -> StreamInfo:
         def read(conn: sqlite3.Connection) -> StreamInfo:
