@@ -1,0 +1,393 @@
+"""Run records on Redis, shared by every API server and worker that uses one Redis.
+
+Layout (``P`` = the key prefix from the backend URL, default ``rs``; ``{id}``
+is the run id as hash tag, the same tag as the run's own stream, so a run's
+record, lease and event log live in one Redis Cluster slot)::
+
+    P:{id}:run     hash: the RunRecord; ``status`` as plain text, every other
+                   field JSON-encoded (``null`` for None)
+    P:{id}:lease   string: name of the worker running the run (see redis_dispatch)
+    P:runs         sorted set: run ids scored by created_at, for listing
+                   (the one cross-slot key; written after the record)
+    P:cancel       pub/sub channel: run id whose cancellation was requested
+
+Every status change is one Lua compare-and-set on the run hash. The statuses
+it may start from are computed from :data:`runstream.runs.lifecycle.TRANSITIONS`
+and passed to the script, so the table stays the only place that knows the
+lifecycle. Cancellation sets ``cancel_requested`` and publishes the run id in
+the same script: the flag is the truth, the message only a wake-up for the
+worker that runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+
+from runstream.backends.redis import RedisOptions, parse_url
+from runstream.errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    IllegalTransition,
+    RunNotFound,
+    ValidationError,
+)
+from runstream.runs.lifecycle import TRANSITIONS, RunStatus, check_transition, is_status
+from runstream.runs.model import RunRecord
+from runstream.runs.store import RunStore
+
+__all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
+
+RUN_STORE_MAX_CONNECTIONS = 8
+LIST_SCAN_BATCH = 200
+"""Index entries fetched per round trip while filling a filtered page."""
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
+_IMMUTABLE = frozenset({"id", "status"})
+"""Fields a transition may not set: the id never changes, the status only via ``new``."""
+
+_CREATE = """
+-- KEYS[1] run hash. ARGV: field, value pairs.
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+_TRANSITION = """
+-- KEYS[1] run hash. ARGV[1] new status, ARGV[2] n = number of statuses the move may
+-- start from, ARGV[3 .. 2+n] those statuses, ARGV[3+n] m = number of field guards,
+-- then m (field, JSON value) guards that must match, then (field, JSON value) pairs to set.
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing'} end
+local n = tonumber(ARGV[2])
+local allowed = false
+for i = 3, 2 + n do
+  if ARGV[i] == cur then allowed = true; break end
+end
+if not allowed then return {'refused', cur} end
+local m = tonumber(ARGV[3 + n])
+local i = 4 + n
+for _ = 1, m do
+  local have = redis.call('HGET', KEYS[1], ARGV[i])
+  if have ~= ARGV[i + 1] then return {'fenced', cur, ARGV[i], have or 'null'} end
+  i = i + 2
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+if i <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, i)) end
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+_REQUEST_CANCEL = """
+-- KEYS[1] run hash. ARGV[1] cancel channel, ARGV[2] run id.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
+redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+
+@contextlib.contextmanager
+def redis_errors_translated(what: str) -> Iterator[None]:
+    """Turn redis-py and socket failures into runstream errors, keeping the cause."""
+    try:
+        yield
+    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
+        raise BackendUnavailable(f"redis unreachable during {what}: {exc}") from exc
+    except redis_errors.RedisError as exc:
+        raise BackendError(f"redis failed during {what}: {exc}") from exc
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisRunKeys:
+    """Names of the run-related keys under one prefix (shared with the dispatcher)."""
+
+    prefix: str
+
+    def run(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:run"
+
+    def lease(self, run_id: str) -> str:
+        return f"{self.prefix}:{{{run_id}}}:lease"
+
+    @property
+    def index(self) -> str:
+        return f"{self.prefix}:runs"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:runq"
+
+
+def _encode(record: RunRecord) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name in _FIELDS:
+        value = getattr(record, name)
+        out[name] = value if name == "status" else _encode_value(name, value)
+    return out
+
+
+def _encode_value(name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            f"run field {name} is not JSON-serialisable: {exc}", field=name
+        ) from exc
+
+
+def _decode(run_id: str, flat: Mapping[str, str] | Sequence[str]) -> RunRecord:
+    fields = (
+        dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, Sequence) else dict(flat)
+    )
+    values: dict[str, Any] = {}
+    for name in _FIELDS:
+        raw = fields.get(name)
+        if raw is None:
+            continue
+        values[name] = raw if name == "status" else json.loads(raw)
+    status = values.get("status")
+    if not isinstance(status, str) or not is_status(status):
+        raise BackendError(f"run {run_id}: stored record has an invalid status {status!r}")
+    values["id"] = run_id
+    values.setdefault("params", {})
+    values.setdefault("extra", {})
+    try:
+        return RunRecord(**values)
+    except TypeError as exc:
+        raise BackendError(f"run {run_id}: stored record is incomplete: {exc}") from exc
+
+
+def _allowed_from(new: RunStatus, expect: Iterable[RunStatus] | None) -> list[RunStatus]:
+    sources = [s for s, targets in TRANSITIONS.items() if new in targets]
+    if expect is not None:
+        wanted = set(expect)
+        sources = [s for s in sources if s in wanted]
+    return sources
+
+
+def _parse_cursor(cursor: str) -> tuple[float, str]:
+    score, sep, run_id = cursor.partition("|")
+    try:
+        if not sep or not run_id:
+            raise ValueError(cursor)
+        return float(score), run_id
+    except ValueError:
+        raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
+
+
+class RedisRunStore(RunStore):
+    """:class:`RunStore` on Redis hashes; many processes may share it.
+
+    Create with :meth:`from_url` (the same URL as the Redis EventLog, including
+    ``?prefix=``), then ``await start()`` (optional: connecting is lazy) and
+    ``await aclose()`` when done. Every method raises runstream errors only:
+    :class:`RunNotFound`, :class:`IllegalTransition`, :class:`ValidationError`,
+    or :class:`BackendError` / :class:`BackendUnavailable` when Redis fails.
+    """
+
+    def __init__(self, url: str = "redis://127.0.0.1:6379/0", options: RedisOptions | None = None):
+        self.options = options or RedisOptions()
+        self.keys = RedisRunKeys(self.options.prefix)
+        try:
+            self._pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=min(self.options.max_connections, RUN_STORE_MAX_CONNECTIONS),
+                timeout=self.options.pool_timeout,
+                socket_timeout=self.options.socket_timeout or None,
+                socket_connect_timeout=self.options.socket_connect_timeout or None,
+                decode_responses=True,
+                # A timed-out script may have run: never resend a write behind the caller's back.
+                retry=None,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"invalid redis URL: {exc}") from exc
+        self.redis = aioredis.Redis(connection_pool=self._pool)
+        self._create = self.redis.register_script(_CREATE)
+        self._transition = self.redis.register_script(_TRANSITION)
+        self._cancel = self.redis.register_script(_REQUEST_CANCEL)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisRunStore:
+        """``redis://host:port/db?prefix=rs``; raises :class:`ConfigError` if invalid."""
+        connect_url, options = parse_url(url)
+        return cls(connect_url, options)
+
+    async def start(self) -> None:
+        with redis_errors_translated("PING"):
+            await self.redis.ping()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+        await self._pool.aclose()
+
+    async def create(self, record: RunRecord) -> RunRecord:
+        if record.status != "queued":
+            raise ValidationError(
+                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
+                field="status",
+            )
+        args = [item for pair in _encode(record).items() for item in pair]
+        with redis_errors_translated("create run"):
+            created = await self._create(keys=[self.keys.run(record.id)], args=args)
+            if not created:
+                raise ValidationError(f"run {record.id} already exists", field="id")
+            # Cross-slot, so not in the script: a crash here leaves a record that get()
+            # finds but list() does not, never the reverse.
+            await self.redis.zadd(self.keys.index, {record.id: record.created_at})
+        return record
+
+    async def get(self, run_id: str) -> RunRecord:
+        with redis_errors_translated("get run"):
+            flat = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
+        if not flat:
+            raise RunNotFound(f"run {run_id!r} does not exist")
+        return _decode(run_id, flat)
+
+    async def transition(
+        self,
+        run_id: str,
+        new: RunStatus,
+        *,
+        expect: Iterable[RunStatus] | None = None,
+        match: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> RunRecord:
+        """See :meth:`RunStore.transition`.
+
+        ``match`` (Redis extension) fences the move: each named field must
+        currently hold the given value (e.g. ``{"worker": me, "attempt": 2}``),
+        else :class:`IllegalTransition` is raised and nothing changes. Workers
+        use it so that a worker presumed dead cannot finish a run that was
+        meanwhile handed to another one.
+        """
+        if not is_status(new):
+            raise ValidationError(f"unknown run status {new!r}", field="status")
+        for name in (*fields, *(match or {})):
+            if name not in _FIELDS or name in _IMMUTABLE:
+                raise ValidationError(f"run field {name!r} cannot be set", field=name)
+        expected = None if expect is None else list(expect)
+        args: list[str | int] = [new]
+        sources = _allowed_from(new, expected)
+        args.append(len(sources))
+        args.extend(sources)
+        guards = dict(match or {})
+        args.append(len(guards))
+        for name, value in guards.items():
+            args.extend((name, _encode_value(name, value)))
+        for name, value in fields.items():
+            args.extend((name, _encode_value(name, value)))
+        with redis_errors_translated("transition run"):
+            reply = await self._transition(keys=[self.keys.run(run_id)], args=args)
+        kind = reply[0]
+        if kind == "missing":
+            raise RunNotFound(f"run {run_id!r} does not exist")
+        if kind == "refused":
+            current: RunStatus = reply[1]
+            check_transition(run_id, current, new)  # raises with the table's message
+            raise IllegalTransition(
+                f"run {run_id}: is {current!r}, expected one of {sorted(expected or ())} "
+                f"to move to {new!r}"
+            )
+        if kind == "fenced":
+            raise IllegalTransition(
+                f"run {run_id}: not moved to {new!r}; {reply[2]} is {reply[3]}, "
+                f"not {_encode_value(reply[2], guards[reply[2]])}"
+            )
+        return _decode(run_id, reply[1])
+
+    async def request_cancel(self, run_id: str) -> RunRecord:
+        with redis_errors_translated("request cancel"):
+            reply = await self._cancel(
+                keys=[self.keys.run(run_id)], args=[self.keys.cancel_channel, run_id]
+            )
+        if reply[0] == "missing":
+            raise RunNotFound(f"run {run_id!r} does not exist")
+        return _decode(run_id, reply[1])
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        """See :meth:`RunStore.list`.
+
+        The index is scanned newest first and filters are applied to the
+        records, so a rare status among many runs costs a longer scan; the
+        cursor is ``"<created_at>|<id>"`` of the last run returned.
+        """
+        if limit < 1:
+            return [], None
+        if status is not None and not is_status(status):
+            raise ValidationError(f"unknown run status {status!r}", field="status")
+        after = _parse_cursor(cursor) if cursor is not None else None
+        max_score: str = "+inf" if after is None else repr(after[0])
+        offset = 0
+        page: list[RunRecord] = []
+        batch = max(LIST_SCAN_BATCH, limit)
+        while True:
+            with redis_errors_translated("list runs"):
+                entries = cast(
+                    list[tuple[str, float]],
+                    await self.redis.zrevrangebyscore(
+                        self.keys.index, max_score, "-inf", start=offset, num=batch, withscores=True
+                    ),
+                )
+                if not entries:
+                    return page, None
+                offset += len(entries)
+                if after is not None:
+                    # Same score as the cursor: ZREVRANGE orders ties by id, descending.
+                    entries = [
+                        (rid, score) for rid, score in entries if score < after[0] or rid < after[1]
+                    ]
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for rid, _ in entries:
+                        pipe.hgetall(self.keys.run(rid))
+                    flats: list[dict[str, str]] = await pipe.execute()
+            for (rid, score), flat in zip(entries, flats, strict=True):
+                if not flat:
+                    continue  # the record expired or was removed; the index lags behind
+                record = _decode(rid, flat)
+                if status is not None and record.status != status:
+                    continue
+                if task is not None and record.task != task:
+                    continue
+                page.append(record)
+                if len(page) == limit:
+                    return page, f"{score!r}|{rid}"
+
+    async def fence_state(self, run_id: str) -> tuple[RunStatus | None, str | None, int, bool]:
+        """``(status, worker, attempt, cancel_requested)`` in one round trip.
+
+        ``status`` is None if the run does not exist.
+        """
+        with redis_errors_translated("read run state"):
+            values = cast(
+                list[str | None],
+                await self.redis.hmget(
+                    self.keys.run(run_id), ["status", "worker", "attempt", "cancel_requested"]
+                ),
+            )
+        status, worker, attempt, cancel = values
+        if status is None or not is_status(status):
+            return None, None, 0, False
+        return (
+            cast(RunStatus, status),
+            json.loads(worker) if worker else None,
+            int(json.loads(attempt)) if attempt else 1,
+            bool(json.loads(cancel)) if cancel else False,
+        )
