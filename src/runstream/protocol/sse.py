@@ -225,14 +225,15 @@ class SSEDecoder:
                     lines[0] = bytes(self._buf)
                     self._buf.clear()
             max_line = self.max_line
-            for i in range(start, len(lines)):
-                line = lines[i]
+            process = self._process
+            dispatch = self._dispatch
+            for line in lines[start:] if start else lines:
                 if not line:
-                    self._dispatch(out)
-                elif len(line) > max_line:
-                    self._overflow(line[:_FIELD_PREFIX])
+                    dispatch(out)
+                elif len(line) <= max_line:
+                    process(line)
                 else:
-                    self._process(line)
+                    self._overflow(line[:_FIELD_PREFIX])
         if tail and not self._discarding:
             if len(self._buf) + len(tail) > self.max_line:
                 prefix = bytes(self._buf[:_FIELD_PREFIX]) + tail[:_FIELD_PREFIX]
@@ -275,13 +276,16 @@ class SSEDecoder:
             del self._data[-1]  # the LF after the last data line
             out.append(
                 SSEMessage(
-                    event=self._event.decode("utf-8", "replace") if self._event else "message",
-                    data=self._data.decode("utf-8", "replace"),
-                    id=self._last_event_id,
-                    retry=self.retry,
+                    self._event.decode("utf-8", "replace") if self._event else "message",
+                    self._data.decode("utf-8", "replace"),
+                    self._last_event_id,
+                    self.retry,
                 )
             )
-        self._reset_event()
+            self._data.clear()
+            self._event = b""
+        elif self._data or self._event or self._dropped:
+            self._reset_event()
 
     def _overflow(self, prefix: bytes) -> None:
         self.overflows += 1
@@ -300,17 +304,18 @@ class SSEDecoder:
             self.comments += 1
             return
         name, _, value = line.partition(b":")
-        if value[:1] == b" ":
+        if value.startswith(b" "):
             value = value[1:]
         if name == b"data":
             if self._dropped:
                 return
-            if len(self._data) + len(value) + 1 + len(self._event) > self.max_event:
+            buf = self._data
+            if len(buf) + len(value) + len(self._event) < self.max_event:
+                buf += value
+                buf += b"\n"
+            else:
                 self.overflows += 1
                 self._drop_event()
-            else:
-                self._data += value
-                self._data += b"\n"
         elif name == b"event":
             if self._dropped:
                 return
