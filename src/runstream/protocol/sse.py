@@ -167,9 +167,10 @@ class SSEDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes and characters held for input not yet dispatched.
+        """Bytes held for input not yet dispatched (partial line, event being built).
 
-        At most ``max_line + max_event`` plus a few bytes, whatever was fed.
+        At most ``max_line + max_event + 2`` whatever was fed; the committed
+        and pending ids (each at most ``max_line``) come on top.
         """
         head = len(self._head) if self._head is not None else 0
         return head + len(self._buf) + len(self._data) + len(self._event)
