@@ -115,6 +115,14 @@ def test_multibyte_character_split_across_chunks_decodes(cut: int) -> None:
     assert messages == [msg("€😀")]
 
 
+def test_feed_accepts_any_bytes_like_chunk() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(bytearray(b"data: a")) == []
+    assert decoder.feed(memoryview(b"\n\n")) == [msg("a")]
+    assert decoder.feed(b"") == []
+    assert decoder.bytes_received == 9
+
+
 # -- A.3 line endings ---------------------------------------------------------
 
 
