@@ -62,3 +62,36 @@ class RunStore(ABC):
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
         """Runs newest first, filtered; returns the page and the cursor of the next page."""
+
+
+def open_run_store(url: str) -> RunStore:
+    """Create (not start) the RunStore for the backend URL ``url`` (the EventLog's URL).
+
+    ``memory://`` → an in-process store; ``sqlite:///path`` → the ``runs``
+    table of the same database file; ``redis://``/``rediss://`` → the Redis
+    store (needs the ``redis`` extra). Raises :class:`ConfigError` otherwise.
+    """
+    from urllib.parse import urlsplit
+
+    from runstream.errors import ConfigError
+
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        from runstream.runs.store_local import MemoryRunStore
+
+        return MemoryRunStore()
+    if scheme == "sqlite":
+        from runstream.runs.store_local import SQLiteRunStore
+
+        return SQLiteRunStore.from_url(url)
+    if scheme in ("redis", "rediss"):
+        try:
+            from runstream.runs.store_redis import RedisRunStore
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ConfigError(
+                "the redis backend needs the 'redis' extra: pip install 'runstream[redis]'"
+            ) from exc
+        return RedisRunStore.from_url(url)
+    raise ConfigError(
+        f"unknown backend URL {url!r}: use memory://, sqlite:///path/to/file.db or redis://host:port/db"
+    )

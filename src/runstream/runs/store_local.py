@@ -1,0 +1,456 @@
+"""Run stores for the single-machine backends: ``memory://`` and ``sqlite:///path``.
+
+:class:`SQLiteRunStore` keeps run records in a ``runs`` table of the *same*
+database file as the SQLite EventLog, through its own connection. Every status
+change is one ``BEGIN IMMEDIATE`` transaction that reads the current row,
+checks the move against the lifecycle table and writes it, so two processes
+sharing the file (a server and a CLI) can never both start, or both finish,
+one run. Blocking SQLite calls run on one private thread.
+
+Both stores accept, beyond :class:`~runstream.runs.store.RunStore`, a
+``match`` mapping on :meth:`transition` (as the Redis store does): each named
+field must hold the given value or the move is refused with
+:class:`IllegalTransition`. Executors fence their final transition with
+``match={"worker": me, "attempt": n}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from runstream.errors import (
+    BackendError,
+    BackendUnavailable,
+    IllegalTransition,
+    RunNotFound,
+    ValidationError,
+)
+from runstream.runs.lifecycle import RunStatus, check_transition, is_status
+from runstream.runs.model import RunRecord
+from runstream.runs.store import RunStore
+
+__all__ = ["MemoryRunStore", "SQLiteRunStore"]
+
+T = TypeVar("T")
+
+FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
+SETTABLE = frozenset(FIELDS) - {"id", "status", "task", "created_at"}
+"""Fields a transition may change; the status only through ``new``."""
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_BUSY_TIMEOUT = 5.0
+
+
+def _check_fields(fields: Mapping[str, Any], match: Mapping[str, Any] | None) -> None:
+    for name in (*fields, *(match or {})):
+        if name not in SETTABLE and name not in FIELDS:
+            raise ValidationError(f"run field {name!r} does not exist", field=name)
+    for name in fields:
+        if name not in SETTABLE:
+            raise ValidationError(f"run field {name!r} cannot be set", field=name)
+
+
+def _apply(
+    record: RunRecord,
+    new: RunStatus,
+    expect: list[RunStatus] | None,
+    match: Mapping[str, Any] | None,
+    fields: Mapping[str, Any],
+) -> RunRecord:
+    """The lifecycle-checked, fenced successor of ``record`` (pure)."""
+    check_transition(record.id, record.status, new)
+    if expect is not None and record.status not in expect:
+        raise IllegalTransition(
+            f"run {record.id}: is {record.status!r}, expected one of {sorted(expect)} "
+            f"to move to {new!r}"
+        )
+    for name, value in (match or {}).items():
+        if getattr(record, name) != value:
+            raise IllegalTransition(
+                f"run {record.id}: not moved to {new!r}; {name} is "
+                f"{getattr(record, name)!r}, not {value!r}"
+            )
+    return dataclasses.replace(record, status=new, **fields)
+
+
+def _check_list_args(status: str | None, limit: int) -> None:
+    if status is not None and not is_status(status):
+        raise ValidationError(f"unknown run status {status!r}", field="status")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ValidationError(f"limit must be 1-{MAX_LIST_LIMIT}", field="limit")
+
+
+def encode_cursor(record: RunRecord) -> str:
+    return f"{record.created_at!r}|{record.id}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Parse a cursor from :func:`encode_cursor`; :class:`ValidationError` if malformed."""
+    score, sep, run_id = cursor.partition("|")
+    try:
+        if not sep or not run_id:
+            raise ValueError(cursor)
+        return float(score), run_id
+    except ValueError:
+        raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
+
+
+class MemoryRunStore(RunStore):
+    """Run records in a dict; for ``memory://``, tests and embedding. Not shared across processes.
+
+    All methods run on the event loop without awaiting in between, so every
+    transition is atomic by construction.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunRecord] = {}
+
+    async def create(self, record: RunRecord) -> RunRecord:
+        if record.status != "queued":
+            raise ValidationError(
+                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
+                field="status",
+            )
+        if record.id in self._runs:
+            raise ValidationError(f"run {record.id} already exists", field="id")
+        self._runs[record.id] = record
+        return record
+
+    async def get(self, run_id: str) -> RunRecord:
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RunNotFound(f"run {run_id!r} does not exist") from None
+
+    async def transition(
+        self,
+        run_id: str,
+        new: RunStatus,
+        *,
+        expect: Iterable[RunStatus] | None = None,
+        match: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> RunRecord:
+        if not is_status(new):
+            raise ValidationError(f"unknown run status {new!r}", field="status")
+        _check_fields(fields, match)
+        record = await self.get(run_id)
+        updated = _apply(record, new, None if expect is None else list(expect), match, fields)
+        self._runs[run_id] = updated
+        return updated
+
+    async def request_cancel(self, run_id: str) -> RunRecord:
+        record = await self.get(run_id)
+        if not record.cancel_requested:
+            record = dataclasses.replace(record, cancel_requested=True)
+            self._runs[run_id] = record
+        return record
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        _check_list_args(status, limit)
+        after = decode_cursor(cursor) if cursor is not None else None
+        rows = sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+        page: list[RunRecord] = []
+        for record in rows:
+            if after is not None and (record.created_at, record.id) >= after:
+                continue
+            if status is not None and record.status != status:
+                continue
+            if task is not None and record.task != task:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(page[-1])
+            page.append(record)
+        return page, None
+
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        id TEXT PRIMARY KEY,
+        task TEXT NOT NULL,
+        params TEXT NOT NULL,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        timeout REAL,
+        exit_code INTEGER,
+        error TEXT,
+        started_at REAL,
+        finished_at REAL,
+        worker TEXT,
+        attempt INTEGER NOT NULL,
+        cancel_requested INTEGER NOT NULL,
+        extra TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS runs_newest ON runs (created_at DESC, id DESC)",
+    "CREATE INDEX IF NOT EXISTS runs_status ON runs (status, created_at DESC, id DESC)",
+    "CREATE INDEX IF NOT EXISTS runs_task ON runs (task, created_at DESC, id DESC)",
+)
+_COLUMNS = ", ".join(FIELDS)
+_JSON_FIELDS = frozenset({"params", "extra"})
+
+
+def _to_row(record: RunRecord) -> list[Any]:
+    row: list[Any] = []
+    for name in FIELDS:
+        value = getattr(record, name)
+        if name in _JSON_FIELDS:
+            try:
+                value = json.dumps(value, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise ValidationError(
+                    f"run field {name} is not JSON-serialisable: {exc}", field=name
+                ) from exc
+        elif name == "cancel_requested":
+            value = int(value)
+        row.append(value)
+    return row
+
+
+def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
+    values = dict(zip(FIELDS, row, strict=True))
+    for name in _JSON_FIELDS:
+        values[name] = json.loads(values[name])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    if not is_status(values["status"]):
+        raise BackendError(f"run {values['id']}: stored status {values['status']!r} is unknown")
+    return RunRecord(**values)
+
+
+class SQLiteRunStore(RunStore):
+    """Run records in the ``runs`` table of a SQLite file (WAL), shareable by local processes.
+
+    Build it with :meth:`from_url` (the EventLog's URL) or a path; call
+    :meth:`start` (creates the file and table) and :meth:`aclose`. Methods
+    raise runstream errors only; sqlite3 errors become :class:`BackendError`.
+    """
+
+    def __init__(self, path: str | Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
+        self.path = str(path)
+        self.busy_timeout = busy_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._start_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteRunStore:
+        """Parse the same ``sqlite:///path`` URL as the SQLite EventLog (raises ConfigError)."""
+        from runstream.backends.sqlite import SQLiteEventLog
+
+        parsed = SQLiteEventLog.from_url(url)
+        return cls(parsed.path, busy_timeout=parsed.busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SQLiteRunStore({self.path!r})"
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        parent = Path(self.path).parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendUnavailable(f"cannot create directory {str(parent)!r}: {exc}") from exc
+        try:
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except sqlite3.Error as exc:
+            raise BackendUnavailable(f"cannot open sqlite database {self.path!r}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise BackendError(f"sqlite database {self.path!r} could not switch to WAL mode")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            conn.close()
+            raise self._error(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _error(self, exc: sqlite3.Error) -> BackendError:
+        message = str(exc)
+        if "locked" in message or "busy" in message:
+            return BackendError(
+                f"sqlite database {self.path!r} stayed locked for more than "
+                f"{self.busy_timeout:g}s ({message})"
+            )
+        return BackendError(f"sqlite error on {self.path!r} (runs): {message}")
+
+    async def start(self) -> None:
+        """Open the file and create the ``runs`` table if needed. Idempotent."""
+        async with self._start_lock:
+            if self._conn is not None:
+                return
+            executor = ThreadPoolExecutor(1, thread_name_prefix="runstream-sqlite-runs")
+            try:
+                conn = await asyncio.get_running_loop().run_in_executor(executor, self._open)
+            except BaseException:
+                executor.shutdown(wait=False)
+                raise
+            self._conn, self._executor = conn, executor
+
+    async def aclose(self) -> None:
+        """Close the connection and the thread. Idempotent."""
+        async with self._start_lock:
+            conn, executor = self._conn, self._executor
+            self._conn = self._executor = None
+            if conn is None or executor is None:
+                return
+            await asyncio.get_running_loop().run_in_executor(executor, conn.close)
+            executor.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._conn is None:
+            await self.start()
+        conn, executor = self._conn, self._executor
+        if conn is None or executor is None:
+            raise BackendError(f"run store {self.path!r} is closed")
+
+        def call() -> T:
+            try:
+                return fn(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise self._error(exc) from exc
+            except BaseException:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                raise
+
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+    @staticmethod
+    def _select(conn: sqlite3.Connection, run_id: str) -> RunRecord:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise RunNotFound(f"run {run_id!r} does not exist")
+        return _from_row(row)
+
+    # -- RunStore --------------------------------------------------------------
+
+    async def create(self, record: RunRecord) -> RunRecord:
+        if record.status != "queued":
+            raise ValidationError(
+                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
+                field="status",
+            )
+        row = _to_row(record)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))})", row
+                )
+            except sqlite3.IntegrityError:
+                raise ValidationError(f"run {record.id} already exists", field="id") from None
+
+        await self._run(insert)
+        return record
+
+    async def get(self, run_id: str) -> RunRecord:
+        return await self._run(lambda conn: self._select(conn, run_id))
+
+    async def transition(
+        self,
+        run_id: str,
+        new: RunStatus,
+        *,
+        expect: Iterable[RunStatus] | None = None,
+        match: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> RunRecord:
+        if not is_status(new):
+            raise ValidationError(f"unknown run status {new!r}", field="status")
+        _check_fields(fields, match)
+        expected = None if expect is None else list(expect)
+
+        def cas(conn: sqlite3.Connection) -> RunRecord:
+            # BEGIN IMMEDIATE takes the write lock before the read, so the status
+            # we check is still the status when we write (also across processes).
+            conn.execute("BEGIN IMMEDIATE")
+            record = self._select(conn, run_id)
+            updated = _apply(record, new, expected, match, fields)
+            row = _to_row(updated)
+            assignments = ", ".join(f"{name} = ?" for name in FIELDS[1:])
+            conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*row[1:], run_id))
+            conn.execute("COMMIT")
+            return updated
+
+        return await self._run(cas)
+
+    async def request_cancel(self, run_id: str) -> RunRecord:
+        def mark(conn: sqlite3.Connection) -> RunRecord:
+            conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
+            return self._select(conn, run_id)
+
+        return await self._run(mark)
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        _check_list_args(status, limit)
+        where: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if task is not None:
+            where.append("task = ?")
+            args.append(task)
+        if cursor is not None:
+            created_at, last_id = decode_cursor(cursor)
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args.extend((created_at, created_at, last_id))
+        sql = f"SELECT {_COLUMNS} FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit + 1)
+
+        def query(conn: sqlite3.Connection) -> list[RunRecord]:
+            return [_from_row(row) for row in conn.execute(sql, args).fetchall()]
+
+        rows = await self._run(query)
+        if len(rows) > limit:
+            page = rows[:limit]
+            return page, encode_cursor(page[-1])
+        return rows, None
