@@ -18,6 +18,9 @@ def _register() -> None:
     from runstream.cli.demo import demo
 
     cli.add_command(demo)
+    from runstream.cli.serve import serve
+
+    cli.add_command(serve)
 
 
 _register()

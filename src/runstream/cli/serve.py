@@ -1,0 +1,53 @@
+"""``runstream serve``: the HTTP API (and, with the runs layer, its workers)."""
+
+from __future__ import annotations
+
+import click
+
+from runstream.config import load_settings
+from runstream.errors import ConfigError
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="runstream.toml to read (default: $RUNSTREAM_CONFIG or ./runstream.toml).",
+)
+@click.option("--backend", default=None, help="Backend URL: sqlite:///path, redis://..., memory://")
+@click.option("--host", default=None, help="Address to listen on (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port to listen on (default 8787).")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="In-process workers for runs (0 = API only).",
+)
+def serve(
+    config_path: str | None,
+    backend: str | None,
+    host: str | None,
+    port: int | None,
+    workers: int | None,
+) -> None:
+    """Serve the HTTP API: streams, SSE/WebSocket/long-poll, /metrics, /openapi.json."""
+    from runstream.server.serve import serve as run_server
+
+    try:
+        settings = load_settings(
+            config_path, backend=backend, host=host, port=port, workers=workers
+        )
+        settings.check_bind()
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(
+        f"runstream serving {settings.server.backend} on "
+        f"http://{settings.server.host}:{settings.server.port}",
+        err=True,
+    )
+    try:
+        run_server(settings)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,68 @@
+"""Running the app under uvicorn with a prompt, explicit graceful shutdown.
+
+uvicorn's shutdown stops accepting, then waits for open connections to finish
+before it runs the ASGI lifespan shutdown. An SSE or WebSocket response never
+finishes by itself, so the app must be told *before* that wait. Rather than
+patching uvicorn, :class:`Server` subclasses it and calls the app's
+:meth:`Runtime.begin_shutdown` at the start of its own ``shutdown``; every open
+stream then ends within ``shutdown_grace`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from runstream.config import Settings
+from runstream.server.app import create_app
+from runstream.server.runtime import Runtime
+
+log = logging.getLogger("runstream.server")
+
+
+class Server(uvicorn.Server):
+    """A uvicorn server that ends the app's streaming responses when it starts shutting down."""
+
+    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
+        super().__init__(config)
+        self.runtime = runtime
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.runtime.begin_shutdown()
+        await super().shutdown(sockets)
+
+
+def make_server(
+    app: FastAPI, settings: Settings, *, server_class: type[Server] | None = None, **config: Any
+) -> Server:
+    """A :class:`Server` for ``app`` on the settings' host and port; ``config`` goes to uvicorn."""
+    s = settings.server
+    options: dict[str, Any] = {
+        "host": s.host,
+        "port": s.port,
+        "log_level": s.log_level,
+        "lifespan": "on",
+        # A backstop only: streams end on begin_shutdown well before this.
+        "timeout_graceful_shutdown": max(5.0, s.shutdown_grace * 5),
+        "proxy_headers": False,
+    }
+    options.update(config)
+    runtime: Runtime = app.state.runtime
+    return (server_class or Server)(uvicorn.Config(app, **options), runtime)
+
+
+def serve(settings: Settings, app: FastAPI | None = None) -> None:
+    """Run the API until SIGTERM/SIGINT. Refuses a non-loopback bind without a token.
+
+    Raises :class:`~runstream.errors.ConfigError` before binding if the
+    settings are unsafe or invalid.
+    """
+    settings.check_bind()
+    app = app or create_app(settings)
+    server = make_server(app, settings)
+    asyncio.run(server.serve())

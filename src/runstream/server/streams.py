@@ -1,0 +1,276 @@
+"""``/v1/streams``: append, read (SSE, JSON long-poll, WebSocket), info, close, delete, list."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, WebSocket
+from starlette.responses import JSONResponse, Response
+
+from runstream.core.model import STREAM_NAME_RE, NewEvent, Producer, validate_stream_name
+from runstream.errors import PayloadTooLarge, ValidationError
+from runstream.server import schemas
+from runstream.server.auth import check_access, require_read, require_write
+from runstream.server.runtime import Runtime, get_runtime
+from runstream.server.transports import (
+    deny_websocket,
+    long_poll,
+    serve_websocket,
+    sse_response,
+    wants_sse,
+)
+
+router = APIRouter(prefix="/v1", tags=["streams"])
+
+StreamName = Annotated[
+    str,
+    Path(
+        description="Stream name: 1-200 of A-Z a-z 0-9 . _ : - , starting with a letter or digit.",
+        json_schema_extra={"pattern": STREAM_NAME_RE.pattern},
+    ),
+]
+
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type"],
+    "additionalProperties": False,
+    "properties": {
+        "type": {"type": "string", "minLength": 1, "maxLength": 100},
+        "data": {"description": "Any JSON value."},
+    },
+}
+
+_APPEND_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        _EVENT_SCHEMA,
+                        {"type": "array", "items": _EVENT_SCHEMA, "minItems": 1},
+                    ]
+                }
+            }
+        },
+    }
+}
+
+_CLOSE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": False,
+        "content": {"application/json": {"schema": schemas.CloseIn.model_json_schema()}},
+    }
+}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValidationError(f"request body is not valid JSON: {exc}", field="body") from None
+
+
+def parse_events(runtime: Runtime, payload: Any) -> list[NewEvent]:
+    """Validate an append body (one event object or a non-empty array) against the limits."""
+    limits = runtime.settings.limits
+    items = payload if isinstance(payload, list) else [payload]
+    if not items:
+        raise ValidationError("an append needs at least one event", field="body")
+    if len(items) > limits.max_batch:
+        raise PayloadTooLarge(
+            f"a batch holds at most {limits.max_batch} events; this one has {len(items)}"
+        )
+    events = []
+    for i, item in enumerate(items):
+        event = NewEvent.from_json(item)
+        size = len(event.data_json.encode("utf-8", "surrogatepass"))
+        if size > limits.max_event_bytes:
+            raise PayloadTooLarge(
+                f"event {i}: data is {size} bytes encoded; the limit is {limits.max_event_bytes}"
+            )
+        try:
+            event.data_json.encode()
+        except UnicodeEncodeError:
+            raise ValidationError(
+                f"event {i}: data contains an unpaired surrogate (not valid Unicode)", field="data"
+            ) from None
+        events.append(event)
+    return events
+
+
+def parse_producer(producer_id: str | None, producer_seq: str | None) -> Producer | None:
+    if producer_id is None and producer_seq is None:
+        return None
+    if producer_id is None or producer_seq is None:
+        raise ValidationError("send Producer-Id and Producer-Seq together", field="Producer-Id")
+    text = producer_seq.strip()
+    if not text.isascii() or not text.isdigit() or len(text) > 18:
+        raise ValidationError("Producer-Seq must be a non-negative integer", field="Producer-Seq")
+    return Producer(producer_id, int(text))
+
+
+@router.post(
+    "/streams/{stream}/events",
+    status_code=201,
+    dependencies=[require_write],
+    response_model=schemas.AppendOut,
+    responses=schemas.errors(400, 401, 403, 409, 413),
+    openapi_extra=_APPEND_BODY,
+    summary="Append one event or an atomic batch",
+)
+async def append_events(
+    request: Request,
+    stream: StreamName,
+    producer_id: Annotated[str | None, Header(alias="Producer-Id")] = None,
+    producer_seq: Annotated[str | None, Header(alias="Producer-Seq")] = None,
+) -> Response:
+    runtime = get_runtime(request)
+    validate_stream_name(stream)
+    producer = parse_producer(producer_id, producer_seq)
+    body = await read_body(request, runtime.settings.limits.max_body_bytes)
+    events = parse_events(runtime, parse_json(body))
+    result = await runtime.backend.append(stream, events, producer=producer)
+    if not result.duplicate:
+        runtime.metrics.events_appended.inc(len(events))
+    return JSONResponse(result.to_json(), status_code=201)
+
+
+@router.get(
+    "/streams/{stream}/events",
+    dependencies=[require_read],
+    response_model=schemas.PageOut,
+    responses={
+        200: {
+            "description": "JSON page, or an event stream with `Accept: text/event-stream`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": "SSE only: the reader is already at the end of a closed stream."},
+        **schemas.errors(400, 401, 403, 404, 410, 429),
+    },
+    summary="Read events: JSON page (long-poll with wait=) or SSE",
+)
+async def read_events(
+    request: Request,
+    stream: StreamName,
+    after: Annotated[
+        str | None,
+        Query(description="Last id seen: N, '<epoch>:N' or 'now'. Default: the beginning."),
+    ] = None,
+    limit: Annotated[int | None, Query(ge=1, description="JSON page size.")] = None,
+    wait: Annotated[
+        float, Query(ge=0, description="JSON: seconds to wait when nothing is new (capped).")
+    ] = 0.0,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> Response:
+    runtime = get_runtime(request)
+    validate_stream_name(stream)
+    if wants_sse(request):
+        return await sse_response(runtime, stream, last_event_id=last_event_id, after=after)
+    page = await long_poll(runtime, stream, after=after, limit=limit, wait=wait)
+    return JSONResponse(page.to_json())
+
+
+@router.get(
+    "/streams/{stream}",
+    dependencies=[require_read],
+    response_model=schemas.StreamInfoOut,
+    responses=schemas.errors(400, 401, 403, 404),
+    summary="Stream state",
+)
+async def stream_info(request: Request, stream: StreamName) -> Response:
+    runtime = get_runtime(request)
+    validate_stream_name(stream)
+    info = await runtime.backend.info(stream)
+    return JSONResponse(info.to_json())
+
+
+@router.post(
+    "/streams/{stream}/close",
+    dependencies=[require_write],
+    response_model=schemas.StreamInfoOut,
+    responses=schemas.errors(400, 401, 403, 413),
+    openapi_extra=_CLOSE_BODY,
+    summary="Close a stream (appends its end entry); idempotent",
+)
+async def close_stream(request: Request, stream: StreamName) -> Response:
+    runtime = get_runtime(request)
+    validate_stream_name(stream)
+    body = await read_body(request, runtime.settings.limits.max_body_bytes)
+    status = reason = None
+    if body.strip():
+        payload = parse_json(body)
+        if not isinstance(payload, dict):
+            raise ValidationError('close body must be an object {"status": ..., "reason": ...}')
+        unknown = set(payload) - {"status", "reason"}
+        if unknown:
+            raise ValidationError(f"unknown close fields: {sorted(unknown)}", field="body")
+        status, reason = payload.get("status"), payload.get("reason")
+    info = await runtime.backend.close(stream, status, reason)
+    return JSONResponse(info.to_json())
+
+
+@router.delete(
+    "/streams/{stream}",
+    status_code=204,
+    dependencies=[require_write],
+    responses=schemas.errors(400, 401, 403, 404),
+    summary="Delete a stream and its history",
+)
+async def delete_stream(request: Request, stream: StreamName) -> Response:
+    runtime = get_runtime(request)
+    validate_stream_name(stream)
+    await runtime.backend.delete(stream)
+    return Response(status_code=204)
+
+
+@router.get(
+    "/streams",
+    dependencies=[require_read],
+    response_model=schemas.StreamListOut,
+    responses=schemas.errors(400, 401, 403),
+    summary="List streams by name (paginated)",
+)
+async def list_streams(
+    request: Request,
+    prefix: Annotated[str, Query(max_length=200)] = "",
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Response:
+    runtime = get_runtime(request)
+    infos = await runtime.backend.list_streams(prefix=prefix, start_after=cursor or "", limit=limit)
+    next_cursor = infos[-1].name if len(infos) == limit else None
+    return JSONResponse({"streams": [i.to_json() for i in infos], "next_cursor": next_cursor})
+
+
+@router.websocket("/streams/{stream}/ws")
+async def stream_websocket(websocket: WebSocket, stream: str) -> None:
+    """Follow a stream over WebSocket (``?after=``, ``?token=``)."""
+    runtime = get_runtime(websocket)
+    denied = check_access(websocket, "read")
+    if denied is not None:
+        await deny_websocket(websocket, *denied)
+        return
+    if not STREAM_NAME_RE.fullmatch(stream):
+        try:
+            validate_stream_name(stream)
+        except ValidationError as exc:
+            await deny_websocket(websocket, 400, exc.code, str(exc))
+            return
+    await serve_websocket(runtime, websocket, stream)

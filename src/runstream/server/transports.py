@@ -1,0 +1,315 @@
+"""The three ways to read a stream over HTTP: SSE, WebSocket, JSON long-poll.
+
+Each is a thin writer over a :class:`~runstream.server.hub.Subscription`; the
+positions, resets and hand-over live in the hub. These functions take the
+stream name as an argument, so other routers (runs) can serve a stream under
+their own paths with the same semantics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any, Final
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from runstream.core.model import Page, StreamInfo
+from runstream.errors import RunstreamError, ValidationError
+from runstream.protocol.cursor import Position, parse_position
+from runstream.protocol.sse import encode_comment, encode_retry
+from runstream.server.errors import error_response
+from runstream.server.hub import Frame, Subscription
+from runstream.server.runtime import Runtime
+
+log = logging.getLogger("runstream.server")
+
+SSE_MEDIA_TYPE: Final = "text/event-stream"
+PING: Final = encode_comment("ping")
+
+# WebSocket close codes for the ways a subscription can end.
+WS_CLOSE: Final[dict[str, tuple[int, str]]] = {
+    "end": (1000, "stream closed"),
+    "closed": (1000, "stream closed"),
+    "deleted": (4404, "stream deleted"),
+    "slow_consumer": (1013, "slow consumer: resume from your last id"),
+    "shutdown": (1001, "server shutting down"),
+    "backend_error": (1011, "backend error"),
+}
+
+
+def wants_sse(request: Request) -> bool:
+    accept = request.headers.get("accept", "")
+    return SSE_MEDIA_TYPE in accept.lower()
+
+
+def start_position(last_event_id: str | None, after: str | None) -> tuple[Position, bool]:
+    """The SSE/WS start: ``Last-Event-ID``, else ``after``, else 0. Returns (position, resumed)."""
+    raw = last_event_id if last_event_id not in (None, "") else after
+    position = parse_position(raw)
+    return position, bool(raw) and (position.offset > 0 or position.epoch is not None)
+
+
+def at_end(info: StreamInfo, position: Position) -> bool:
+    """True if a reader at ``position`` has already seen the whole of a closed stream."""
+    if not info.closed or position.now:
+        return False
+    if position.epoch is not None and position.epoch != info.epoch:
+        return False
+    return position.offset >= info.last_id
+
+
+def _count_frames(runtime: Runtime, transport: str, frames: list[Frame]) -> None:
+    m = runtime.metrics
+    resets = sum(1 for f in frames if f.reset is not None)
+    if resets:
+        m.resets.labels(transport).inc(resets)
+    m.events_delivered.labels(transport).inc(len(frames) - resets)
+
+
+# -- SSE ------------------------------------------------------------------------
+
+
+class EventStreamResponse(Response):
+    """A ``text/event-stream`` response fed by a subscription.
+
+    Writes ``retry:``, then each batch of frames as one write, ``: ping`` when
+    idle for ``keepalive`` seconds, and ends after the end entry, when the
+    subscription ends (deleted, slow, shutdown) or when the client leaves.
+    """
+
+    media_type = SSE_MEDIA_TYPE
+
+    def __init__(self, runtime: Runtime, sub: Subscription) -> None:
+        super().__init__(
+            status_code=200,
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            media_type=SSE_MEDIA_TYPE,
+        )
+        # A streamed body has no length; Response added one for its empty content.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.runtime = runtime
+        self.sub = sub
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        runtime, sub = self.runtime, self.sub
+        metrics = runtime.metrics
+        metrics.connections.labels("sse").inc()
+        gauge = metrics.open_connections.labels("sse")
+        gauge.inc()
+        pump = asyncio.ensure_future(self._pump(send))
+        listen = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            done, _ = await asyncio.wait(
+                (pump, listen, sub.ended), return_when=asyncio.FIRST_COMPLETED
+            )
+            if pump not in done and listen not in done:
+                # Ended (end entry, deletion, slow consumer, shutdown): let the pump flush
+                # what it has, but do not wait on a client that does not read.
+                await asyncio.wait(
+                    (pump, listen),
+                    timeout=runtime.settings.server.shutdown_grace,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        finally:
+            for task in (pump, listen):
+                task.cancel()
+            for task in (pump, listen):
+                with contextlib.suppress(BaseException):
+                    await task
+            gauge.dec()
+            reason = sub.end_reason if sub.end_reason != "cancelled" else "client_left"
+            sub.close()
+            metrics.disconnects.labels("sse", reason or "client_left").inc()
+
+    async def _pump(self, send: Send) -> None:
+        sub, runtime = self.sub, self.runtime
+        keepalive = runtime.settings.server.keepalive
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        await send(_body(encode_retry(runtime.settings.server.retry_ms)))
+        while True:
+            frames = await sub.get(idle=keepalive)
+            if frames is None:
+                break
+            if not frames:
+                await send(_body(PING))
+                continue
+            await send(_body(b"".join([f.sse() for f in frames])))
+            _count_frames(runtime, "sse", frames)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _body(data: bytes) -> dict[str, Any]:
+    return {"type": "http.response.body", "body": data, "more_body": True}
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def open_subscription(
+    runtime: Runtime, stream: str, position: Position, transport: str, *, resumed: bool
+) -> tuple[StreamInfo, Subscription | None]:
+    """Check the stream exists and subscribe; ``None`` if the reader is already at the end.
+
+    Raises :class:`StreamNotFound` (404), :class:`TooManySubscribers` (429).
+    """
+    info = await runtime.backend.info(stream)
+    if at_end(info, position):
+        return info, None
+    sub = runtime.hub.subscribe(stream, position, transport=transport, info=info)
+    if resumed:
+        runtime.metrics.resumes.labels(transport).inc()
+    return info, sub
+
+
+async def sse_response(
+    runtime: Runtime, stream: str, *, last_event_id: str | None, after: str | None
+) -> Response:
+    """The SSE answer for ``stream``: 200 event stream, 204 when already at the end.
+
+    Raises runstream errors (the app's handlers turn them into JSON answers).
+    """
+    position, resumed = start_position(last_event_id, after)
+    _, sub = await open_subscription(runtime, stream, position, "sse", resumed=resumed)
+    if sub is None:
+        return Response(status_code=204)
+    return EventStreamResponse(runtime, sub)
+
+
+# -- JSON long-poll ---------------------------------------------------------------
+
+
+async def long_poll(
+    runtime: Runtime, stream: str, *, after: str | None, limit: int | None, wait: float
+) -> Page:
+    """A page of events after ``after``; with ``wait`` > 0, wait up to that long for one.
+
+    Raises :class:`HistoryLost` (410) if the position cannot be served exactly.
+    """
+    settings = runtime.settings
+    lim = settings.limits
+    if limit is None:
+        limit = lim.default_page_limit
+    if not 1 <= limit <= lim.max_page_limit:
+        raise ValidationError(f"limit must be 1-{lim.max_page_limit}", field="limit")
+    if wait < 0:
+        raise ValidationError("wait must be >= 0 seconds", field="wait")
+    wait = min(wait, settings.server.long_poll_max_wait)
+    position = parse_position(after)
+    backend = runtime.backend
+    offset = position.offset
+    if position.now:
+        info = await backend.info(stream)
+        offset = info.last_id - 1 if info.closed else info.last_id
+    page = await backend.read(stream, offset, limit, epoch=position.epoch)
+    if page.events or page.closed or wait <= 0 or runtime.shutting_down.is_set():
+        return page
+    metrics = runtime.metrics
+    sub = runtime.hub.subscribe(stream, Position(page.next_after, page.epoch), transport="longpoll")
+    metrics.connections.labels("longpoll").inc()
+    gauge = metrics.open_connections.labels("longpoll")
+    gauge.inc()
+    try:
+        await sub.get(idle=wait)
+    finally:
+        sub.close()
+        gauge.dec()
+    page = await backend.read(stream, page.next_after, limit, epoch=page.epoch)
+    metrics.events_delivered.labels("longpoll").inc(len(page.events))
+    return page
+
+
+# -- WebSocket ------------------------------------------------------------------
+
+
+async def deny_websocket(websocket: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse a WebSocket handshake with an HTTP answer when the server supports it."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        await websocket.send_denial_response(error_response(status, code, message))
+    else:
+        await websocket.close(code=4000 + status, reason=message[:120])
+
+
+async def serve_websocket(runtime: Runtime, websocket: WebSocket, stream: str) -> None:
+    """Serve ``stream`` over an (unaccepted) WebSocket until it ends or the client leaves.
+
+    Position from the ``after`` query (or ``Last-Event-ID`` header). One text
+    message per event (``Event.to_json()``), ``{"type": "reset", ...}`` for a
+    reset; after the end entry the socket is closed with 1000.
+    """
+    try:
+        position, resumed = start_position(
+            websocket.headers.get("last-event-id"), websocket.query_params.get("after")
+        )
+        _, sub = await open_subscription(runtime, stream, position, "ws", resumed=resumed)
+    except RunstreamError as exc:
+        await deny_websocket(websocket, exc.http_status, exc.code, str(exc))
+        return
+    if sub is None:
+        await websocket.accept()
+        await websocket.close(code=1000, reason="stream closed")
+        return
+    metrics = runtime.metrics
+    metrics.connections.labels("ws").inc()
+    gauge = metrics.open_connections.labels("ws")
+    gauge.inc()
+    pump = listen = None
+    try:
+        await websocket.accept()
+        pump = asyncio.ensure_future(_ws_pump(runtime, websocket, sub))
+        listen = asyncio.ensure_future(_ws_listen(websocket))
+        done, _ = await asyncio.wait((pump, listen, sub.ended), return_when=asyncio.FIRST_COMPLETED)
+        if pump not in done and listen not in done:
+            await asyncio.wait(
+                (pump, listen),
+                timeout=runtime.settings.server.shutdown_grace,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+    except (WebSocketDisconnect, OSError, RuntimeError):
+        pass
+    finally:
+        for task in (pump, listen):
+            if task is not None:
+                task.cancel()
+        for task in (pump, listen):
+            if task is not None:
+                with contextlib.suppress(BaseException):
+                    await task
+        gauge.dec()
+        reason = sub.end_reason
+        sub.close()
+        metrics.disconnects.labels(
+            "ws", reason if reason not in (None, "cancelled") else "client_left"
+        ).inc()
+        code, text = WS_CLOSE.get(reason or "", (1000, ""))
+        if reason not in (None, "cancelled"):
+            with contextlib.suppress(Exception):
+                await websocket.close(code=code, reason=text)
+
+
+async def _ws_pump(runtime: Runtime, websocket: WebSocket, sub: Subscription) -> None:
+    keepalive = runtime.settings.server.keepalive
+    while True:
+        frames = await sub.get(idle=keepalive)
+        if frames is None:
+            return
+        for frame in frames:
+            await websocket.send_text(frame.ws())
+        _count_frames(runtime, "ws", frames)
+
+
+async def _ws_listen(websocket: WebSocket) -> None:
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
