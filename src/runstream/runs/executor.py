@@ -1,0 +1,366 @@
+"""Execute one run: queued → running → its final status, recorded in the store and the stream.
+
+:func:`execute_run` is what every worker (the in-process pool, ``runstream
+worker``) calls for a run it took. In order it
+
+1. moves the run ``queued → running`` in the store (compare-and-set: if another
+   worker got there first, or the run was cancelled meanwhile, it returns that
+   record and does nothing else) and appends ``status`` ``{"status":
+   "running", "attempt", "worker"}`` to the run's stream (named by the run id);
+2. runs the command with :func:`runstream.runner.process.run_process`, output
+   lines going to the stream as ``stdout``/``stderr`` events in batches, or
+   the Python task with a :class:`~runstream.runs.context.RunContext`;
+3. maps the outcome to a final status — exit 0 → ``succeeded``; non-zero exit or
+   death by signal → ``failed`` (``exit_code`` kept; ``error`` names the
+   signal); ``timed_out``; ``cancelled`` — and stores it with ``exit_code``,
+   ``error`` and ``finished_at``, fenced on this worker and attempt (a worker
+   that was presumed dead cannot overwrite what the janitor decided);
+4. appends the final ``status`` event and closes the stream with the final
+   status (the error, if any, as the close reason).
+
+Cancellation reaches a running run two ways: the store's ``cancel_requested``
+flag (polled every ``cancel_poll`` seconds, so any process sharing the store
+can cancel) and :meth:`RunControl.cancel` (immediate, for the process that runs
+it). The timeout is the run's own (``RunRecord.timeout``, which the service
+caps at the task's) or else the task's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from runstream.backends.base import EventLog
+from runstream.core.model import NewEvent, encode_data
+from runstream.errors import IllegalTransition, RunstreamError
+from runstream.runner.lines import DEFAULT_MAX_LINE, OutputLine
+from runstream.runner.process import DEFAULT_FLUSH_INTERVAL, ProcessResult, run_process
+from runstream.runs.context import RunContext
+from runstream.runs.lifecycle import RunStatus
+from runstream.runs.model import RunRecord
+from runstream.runs.store import RunStore
+from runstream.runs.tasks import TaskSpec
+
+__all__ = [
+    "APPEND_CHUNK",
+    "CANCEL_POLL",
+    "RunControl",
+    "describe_exit",
+    "execute_run",
+    "new_worker_id",
+]
+
+APPEND_CHUNK = 1000
+"""Most output events appended in one call (one transaction on SQLite)."""
+
+CANCEL_POLL = 0.5
+"""Seconds between checks of the store's cancel flag while a run executes."""
+
+MAX_REASON = 1000
+"""Close reasons are limited to this many characters by the EventLog."""
+
+
+def new_worker_id() -> str:
+    """``host:pid:random`` — also what lost-run detection parses to decide if a worker lives."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+@dataclass(slots=True)
+class RunControl:
+    """The executing process's handle on a run: cancel it now, with a reason.
+
+    ``reason`` ends up in the run's ``error``. Cancelling twice keeps the first reason.
+    """
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self.event.is_set()
+
+
+def describe_exit(result: ProcessResult) -> tuple[RunStatus, str | None]:
+    """The final status and error text for a finished child (before cancel/timeout causes)."""
+    if result.outcome == "failed_to_start":
+        return "failed", result.error or "the program could not be started"
+    if result.outcome == "timed_out":
+        return "timed_out", None
+    if result.outcome == "cancelled":
+        return "cancelled", None
+    if result.signal is not None:
+        try:
+            name = signal.Signals(result.signal).name
+        except ValueError:
+            name = f"signal {result.signal}"
+        return "failed", f"killed by signal {name} ({result.signal})"
+    if result.exit_code == 0:
+        return "succeeded", None
+    return "failed", f"exited with code {result.exit_code}"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: RunStatus
+    exit_code: int | None = None
+    error: str | None = None
+    signal: int | None = None
+
+
+async def execute_run(
+    record: RunRecord,
+    task: TaskSpec,
+    log: EventLog,
+    store: RunStore,
+    *,
+    worker: str | None = None,
+    control: RunControl | None = None,
+    cancel_poll: float = CANCEL_POLL,
+    max_line: int = DEFAULT_MAX_LINE,
+    flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+) -> RunRecord:
+    """Run ``record`` (which must be ``queued``) to its end and return the final record.
+
+    Returns without running anything if the run is no longer ``queued`` (the
+    returned record says what it is). Never raises for a failing task: the
+    failure becomes the run's status. Raises only
+    :class:`~runstream.errors.BackendError` when the store itself fails before
+    the run started, or :class:`asyncio.CancelledError` if the calling task is
+    cancelled (the child is killed and the run recorded as ``cancelled``
+    first, best effort).
+    """
+    worker = worker or new_worker_id()
+    control = control or RunControl()
+    try:
+        running = await store.transition(
+            record.id, "running", expect=("queued",), worker=worker, started_at=time.time()
+        )
+    except IllegalTransition:
+        return await store.get(record.id)
+    return await _Execution(running, task, log, store, worker, control).run(
+        cancel_poll=cancel_poll, max_line=max_line, flush_interval=flush_interval
+    )
+
+
+class _Execution:
+    def __init__(
+        self,
+        record: RunRecord,
+        task: TaskSpec,
+        log: EventLog,
+        store: RunStore,
+        worker: str,
+        control: RunControl,
+    ) -> None:
+        self.record = record
+        self.task = task
+        self.log = log
+        self.store = store
+        self.worker = worker
+        self.control = control
+        self.stop = asyncio.Event()
+        """Set when the run must stop: cancelled (see ``control``) or timed out."""
+        self.timed_out = False
+        self.timeout = record.timeout if record.timeout is not None else task.timeout
+
+    async def run(self, *, cancel_poll: float, max_line: int, flush_interval: float) -> RunRecord:
+        record = self.record
+        watcher = asyncio.create_task(self._watch_cancel(cancel_poll))
+        started = time.monotonic()
+        try:
+            try:
+                await self.log.append(
+                    record.id,
+                    NewEvent(
+                        "status",
+                        {"status": "running", "attempt": record.attempt, "worker": self.worker},
+                    ),
+                )
+                if self.task.command is not None:
+                    outcome = await self._run_command(max_line, flush_interval)
+                else:
+                    outcome = await self._run_python()
+            except asyncio.CancelledError:
+                self.control.cancel("the worker executing the run was stopped")
+                with contextlib.suppress(BaseException):
+                    await asyncio.shield(
+                        self._finish(_Outcome("cancelled", error=self.control.reason), started)
+                    )
+                raise
+            except RunstreamError as exc:
+                # The log or store failed under the run (e.g. the backend went away).
+                outcome = _Outcome("failed", error=f"run could not be recorded: {exc}")
+            return await self._finish(outcome, started)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    # -- stopping ---------------------------------------------------------------
+
+    async def _watch_cancel(self, interval: float) -> None:
+        """Set ``stop`` on a local cancel or the store's cancel flag (polled: no wake-up exists)."""
+        if self.record.cancel_requested:
+            self.control.cancel()
+        while not self.control.cancelled:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.control.event.wait(), interval)
+            if self.control.cancelled:
+                break
+            try:
+                current = await self.store.get(self.record.id)
+            except RunstreamError:
+                continue  # a store hiccup must not kill the run; try again next time
+            if current.cancel_requested:
+                self.control.cancel()
+        self.stop.set()
+
+    def _stop_status(self) -> _Outcome:
+        if self.timed_out:
+            return _Outcome("timed_out", error=f"timed out after {self.timeout:g}s")
+        return _Outcome("cancelled", error=self.control.reason or "cancelled by request")
+
+    # -- commands -----------------------------------------------------------------
+
+    async def _run_command(self, max_line: int, flush_interval: float) -> _Outcome:
+        task, record = self.task, self.record
+        argv = task.build_argv(record.params)
+        env = task.build_env(record.params)
+
+        async def sink(batch: Sequence[OutputLine]) -> None:
+            events = [NewEvent(line.stream, line.to_data()) for line in batch]
+            for i in range(0, len(events), APPEND_CHUNK):
+                await self.log.append(record.id, events[i : i + APPEND_CHUNK])
+
+        result = await run_process(
+            argv,
+            sink=sink,
+            env=env,
+            cwd=task.cwd,
+            timeout=self.timeout,
+            grace=task.grace,
+            cancel=self.stop,
+            max_line=max_line,
+            flush_interval=flush_interval,
+        )
+        status, error = describe_exit(result)
+        if result.outcome == "timed_out":
+            self.timed_out = True
+        if status in ("timed_out", "cancelled"):
+            error = self._stop_status().error
+        return _Outcome(status, result.exit_code, error, result.signal)
+
+    # -- Python tasks ---------------------------------------------------------------
+
+    async def _run_python(self) -> _Outcome:
+        record, task = self.record, self.task
+        ctx = RunContext(
+            run_id=record.id,
+            task=task.name,
+            params=record.params,
+            log=self.log,
+            attempt=record.attempt,
+            cancelled=asyncio.Event(),
+        )
+        try:
+            fn = task.resolve()
+        except RunstreamError as exc:
+            return _Outcome("failed", error=str(exc))
+        body = asyncio.create_task(self._call(fn, ctx), name=f"runstream-task:{record.id}")
+        stopper = asyncio.create_task(self.stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                (body, stopper), timeout=self.timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            if body not in done:
+                if stopper not in done:
+                    self.timed_out = True
+                ctx.cancelled.set()
+                # Cooperative first: the task sees ctx.cancelled and may return on its own.
+                await asyncio.wait((body,), timeout=task.grace)
+                if not body.done():
+                    body.cancel()
+                with contextlib.suppress(BaseException):
+                    await body
+                return self._stop_status()
+        finally:
+            stopper.cancel()
+            if not body.done():
+                body.cancel()
+                with contextlib.suppress(BaseException):
+                    await body
+        error = body.exception()
+        if error is None:
+            return _Outcome("succeeded")
+        return await self._python_failure(error)
+
+    async def _call(self, fn: Any, ctx: RunContext) -> None:
+        if inspect.isasyncgenfunction(fn):
+            gen: AsyncIterator[Any] = fn(ctx)
+            try:
+                async for value in gen:
+                    await ctx.emit("item", value)
+            finally:
+                aclose = getattr(gen, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            return
+        value = await fn(ctx)
+        encode_data(value)  # a result that is not JSON fails the run, with a clear error
+        await ctx.emit("result", value)
+
+    async def _python_failure(self, exc: BaseException) -> _Outcome:
+        text = "".join(traceback.format_exception(exc)).rstrip("\n")
+        lines = [NewEvent("stderr", {"line": line, "level": "error"}) for line in text.split("\n")]
+        with contextlib.suppress(RunstreamError):
+            for i in range(0, len(lines), APPEND_CHUNK):
+                await self.log.append(self.record.id, lines[i : i + APPEND_CHUNK])
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return _Outcome("failed", error=message)
+
+    # -- the end ------------------------------------------------------------------------
+
+    async def _finish(self, outcome: _Outcome, started: float) -> RunRecord:
+        record = self.record
+        try:
+            final = await self.store.transition(
+                record.id,
+                outcome.status,
+                expect=("running",),
+                match={"worker": self.worker, "attempt": record.attempt},
+                exit_code=outcome.exit_code,
+                error=outcome.error,
+                finished_at=time.time(),
+            )
+        except IllegalTransition:
+            # Someone else decided this attempt's fate (e.g. it was declared lost):
+            # theirs stands, and closing the stream is theirs to do.
+            return await self.store.get(record.id)
+        data: dict[str, Any] = {"status": final.status, "attempt": final.attempt}
+        if outcome.exit_code is not None:
+            data["exit_code"] = outcome.exit_code
+        if outcome.signal is not None:
+            data["signal"] = outcome.signal
+        if outcome.error is not None:
+            data["error"] = outcome.error
+        data["duration"] = round(time.monotonic() - started, 3)
+        with contextlib.suppress(RunstreamError):
+            await self.log.append(record.id, NewEvent("status", data))
+        reason = outcome.error[:MAX_REASON] if outcome.error else None
+        with contextlib.suppress(RunstreamError):
+            await self.log.close(record.id, final.status, reason)
+        return final
