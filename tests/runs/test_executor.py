@@ -39,7 +39,7 @@ def store() -> RunStore:
 
 async def submit(
     store: RunStore, log: EventLog, task: TaskSpec, params: dict[str, Any] | None = None,
-    timeout: float | None = None,
+    timeout: float | None = None,  # noqa: ASYNC109 - the run's timeout, not this call's
 ) -> RunRecord:  # fmt: skip
     record = RunRecord(
         id=new_run_id(), task=task.name, params=task.validate_params(params or {}),
@@ -68,8 +68,10 @@ async def test_exit_zero_succeeds_with_output_status_events_and_closed_stream(
 ) -> None:
     task = TaskSpec.build(
         "hello",
-        command=py("import sys; print('hello', sys.argv[1]); print('oops', file=sys.stderr)")
-        + ["{name}"],
+        command=[
+            *py("import sys; print('hello', sys.argv[1]); print('oops', file=sys.stderr)"),
+            "{name}",
+        ],
         params={"name": {"default": "world"}},
     )
     record = await submit(store, log, task)
@@ -129,7 +131,7 @@ async def test_hostile_param_arrives_verbatim_as_one_argv_item(
 ) -> None:
     task = TaskSpec.build(
         "t",
-        command=py("import sys, json; print(json.dumps(sys.argv[1:]))") + ["{v}", "tail"],
+        command=[*py("import sys, json; print(json.dumps(sys.argv[1:]))"), "{v}", "tail"],
         params={"v": {"type": "string"}, "e": {"env": "HOSTILE", "default": "$(id)"}},
     )
     final = await execute_run(await submit(store, log, task, {"v": value}), task, log, store)
@@ -167,7 +169,8 @@ async def test_long_and_unterminated_lines_become_partial_events(
 async def test_many_lines_are_batched_into_the_log_in_order(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'x.db'}"
     store = SQLiteRunStore.from_url(url)
-    async with SQLiteEventLog.from_url(url) as log:
+    log = SQLiteEventLog.from_url(url)
+    async with log:
         try:
             task = TaskSpec.build("t", command=py("for i in range(5000): print(i)"))
             final = await execute_run(await submit(store, log, task), task, log, store)
