@@ -6,7 +6,8 @@ misbehaved", so callers can decide what is worth retrying::
     RunstreamError
     ├── UsageError                  the caller asked for something invalid (not retryable)
     │   ├── ValidationError         bad name, type, data, param or size   (HTTP 400/413/422)
-    │   │   └── PayloadTooLarge     a body, batch or event over a limit    (HTTP 413)
+    │   │   ├── PayloadTooLarge     a body, batch or event over a limit    (HTTP 413)
+    │   │   └── InvalidParams       run params/timeout not matching the task (HTTP 422)
     │   ├── StreamNotFound          no such stream                        (HTTP 404)
     │   │   └── StreamDeleted       the stream was deleted while followed
     │   ├── StreamClosed            append to a closed stream             (HTTP 409)
@@ -38,6 +39,7 @@ __all__ = [
     "HTTPStatusError",
     "HistoryLost",
     "IllegalTransition",
+    "InvalidParams",
     "PayloadTooLarge",
     "ProtocolError",
     "RemoteError",
@@ -91,6 +93,13 @@ class ValidationError(UsageError):
 class PayloadTooLarge(ValidationError):
     code = "too_large"
     http_status = 413
+
+
+class InvalidParams(ValidationError):
+    """A run's params (or timeout) do not match its task's declaration; ``field`` names it."""
+
+    code = "invalid_params"
+    http_status = 422
 
 
 class StreamNotFound(UsageError):

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from runstream.errors import ConfigError, TaskNotFound, ValidationError
+from runstream.errors import ConfigError, InvalidParams, TaskNotFound
 from runstream.runs.context import RunContext
 from runstream.runs.tasks import ParamSpec, TaskRegistry, TaskSpec
 
@@ -168,13 +168,14 @@ def test_integral_float_is_an_integer(task: TaskSpec) -> None:
 def test_bad_params_raise_validation_error_naming_the_field(
     task: TaskSpec, params: dict[str, Any], field: str
 ) -> None:
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidParams) as info:
         task.validate_params(params)
     assert info.value.field == field
+    assert info.value.http_status == 422
 
 
 def test_params_must_be_an_object(task: TaskSpec) -> None:
-    with pytest.raises(ValidationError) as info:
+    with pytest.raises(InvalidParams) as info:
         task.validate_params(["name"])  # type: ignore[arg-type]
     assert info.value.field == "params"
 
@@ -184,7 +185,7 @@ def test_run_timeout_may_be_lower_never_higher() -> None:
     assert task.check_timeout(None) == 60
     assert task.check_timeout(5) == 5.0
     for bad in (61, 0, -1, "5", float("inf")):
-        with pytest.raises(ValidationError) as info:
+        with pytest.raises(InvalidParams) as info:
             task.check_timeout(bad)  # type: ignore[arg-type]
         assert info.value.field == "timeout"
     assert TaskSpec.build("u", command=["echo"]).check_timeout(1e6) == 1e6

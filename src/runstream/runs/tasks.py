@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar, cast
 
-from runstream.errors import ConfigError, TaskNotFound, ValidationError
+from runstream.errors import ConfigError, InvalidParams, TaskNotFound, ValidationError
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -250,7 +250,7 @@ class ParamSpec:
         return spec
 
     def check(self, value: Any) -> Any:
-        """Return ``value`` converted to the declared type, or raise :class:`ValidationError`.
+        """Return ``value`` converted to the declared type, or raise :class:`InvalidParams`.
 
         Strings are accepted for integer, number and boolean params (the CLI
         sends ``--param n=5``) and converted; anything else must already have
@@ -259,27 +259,27 @@ class ParamSpec:
         value = self._check_value(value, coerce=True)
         if self.choices is not None and value not in self.choices:
             shown = ", ".join(repr(c) for c in self.choices)
-            raise ValidationError(f"param {self.name!r} must be one of {shown}", field=self.name)
+            raise InvalidParams(f"param {self.name!r} must be one of {shown}", field=self.name)
         return value
 
     def _check_value(self, value: Any, *, coerce: bool) -> Any:
         name = self.name
         if self.type == "string":
             if not isinstance(value, str):
-                raise ValidationError(f"param {name!r} must be a string", field=name)
+                raise InvalidParams(f"param {name!r} must be a string", field=name)
             if "\0" in value:
                 # No argv item or environment value can carry a NUL byte.
-                raise ValidationError(f"param {name!r} must not contain NUL", field=name)
+                raise InvalidParams(f"param {name!r} must not contain NUL", field=name)
             if self.max_length is not None and len(value) > self.max_length:
-                raise ValidationError(
+                raise InvalidParams(
                     f"param {name!r} is longer than {self.max_length} characters", field=name
                 )
             if self.min_length is not None and len(value) < self.min_length:
-                raise ValidationError(
+                raise InvalidParams(
                     f"param {name!r} is shorter than {self.min_length} characters", field=name
                 )
             if self.pattern is not None and not re.fullmatch(self.pattern, value):
-                raise ValidationError(
+                raise InvalidParams(
                     f"param {name!r} does not match the pattern {self.pattern!r}", field=name
                 )
             return value
@@ -288,29 +288,29 @@ class ParamSpec:
                 return value
             if coerce and isinstance(value, str) and value.lower() in _TRUE | _FALSE:
                 return value.lower() in _TRUE
-            raise ValidationError(f"param {name!r} must be true or false", field=name)
+            raise InvalidParams(f"param {name!r} must be true or false", field=name)
         number: int | float
         if isinstance(value, bool):
-            raise ValidationError(f"param {name!r} must be a {self.type}", field=name)
+            raise InvalidParams(f"param {name!r} must be a {self.type}", field=name)
         if isinstance(value, str) and coerce:
             try:
                 number = int(value) if self.type == "integer" else float(value)
             except ValueError:
-                raise ValidationError(f"param {name!r} must be a {self.type}", field=name) from None
+                raise InvalidParams(f"param {name!r} must be a {self.type}", field=name) from None
         elif isinstance(value, int | float):
             number = value
         else:
-            raise ValidationError(f"param {name!r} must be a {self.type}", field=name)
+            raise InvalidParams(f"param {name!r} must be a {self.type}", field=name)
         if isinstance(number, float) and not math.isfinite(number):
-            raise ValidationError(f"param {name!r} must be a finite number", field=name)
+            raise InvalidParams(f"param {name!r} must be a finite number", field=name)
         if self.type == "integer" and isinstance(number, float):
             if not number.is_integer():
-                raise ValidationError(f"param {name!r} must be an integer", field=name)
+                raise InvalidParams(f"param {name!r} must be an integer", field=name)
             number = int(number)
         if self.minimum is not None and number < self.minimum:
-            raise ValidationError(f"param {name!r} must be >= {self.minimum:g}", field=name)
+            raise InvalidParams(f"param {name!r} must be >= {self.minimum:g}", field=name)
         if self.maximum is not None and number > self.maximum:
-            raise ValidationError(f"param {name!r} must be <= {self.maximum:g}", field=name)
+            raise InvalidParams(f"param {name!r} must be <= {self.maximum:g}", field=name)
         return number
 
     def to_json(self) -> dict[str, Any]:
@@ -531,18 +531,18 @@ class TaskSpec:
     def validate_params(self, params: Mapping[str, Any] | None) -> dict[str, Any]:
         """Check ``params`` against the declaration; return them with defaults filled in.
 
-        Raises :class:`ValidationError` (HTTP 422) whose ``field`` is the
+        Raises :class:`InvalidParams` (HTTP 422) whose ``field`` is the
         offending param name: unknown name, missing required value, wrong type
         or a value outside its limits.
         """
         params = {} if params is None else params
         if not isinstance(params, Mapping):
-            raise ValidationError("params must be an object", field="params")
+            raise InvalidParams("params must be an object", field="params")
         declared = {p.name: p for p in self.params}
         for key in params:
             if key not in declared:
                 known = ", ".join(sorted(declared)) or "none"
-                raise ValidationError(
+                raise InvalidParams(
                     f"task {self.name!r} has no param {key!r} (declared: {known})", field=str(key)
                 )
         out: dict[str, Any] = {}
@@ -552,23 +552,23 @@ class TaskSpec:
             elif spec.has_default:
                 out[spec.name] = spec.default
             elif spec.required:
-                raise ValidationError(f"param {spec.name!r} is required", field=spec.name)
+                raise InvalidParams(f"param {spec.name!r} is required", field=spec.name)
         return out
 
     def check_timeout(self, timeout: float | None) -> float | None:
         """The effective timeout of a run asking for ``timeout`` (``None`` = the task's).
 
-        Raises :class:`ValidationError` (``field="timeout"``) if it is not a
+        Raises :class:`InvalidParams` (``field="timeout"``) if it is not a
         positive number or exceeds the task's timeout.
         """
         if timeout is None:
             return self.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-            raise ValidationError("timeout must be a number of seconds", field="timeout")
+            raise InvalidParams("timeout must be a number of seconds", field="timeout")
         if not math.isfinite(timeout) or timeout <= 0:
-            raise ValidationError("timeout must be a positive number of seconds", field="timeout")
+            raise InvalidParams("timeout must be a positive number of seconds", field="timeout")
         if self.timeout is not None and timeout > self.timeout:
-            raise ValidationError(
+            raise InvalidParams(
                 f"timeout {timeout:g}s exceeds task {self.name!r}'s limit of {self.timeout:g}s",
                 field="timeout",
             )
