@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from runstream.backends import EventLog, open_backend
-from runstream.backends.sqlite import _SCHEMA, SQLiteEventLog
+from runstream.backends.sqlite import _INSERT_EVENT, _SCHEMA, SQLiteEventLog, _base
 from runstream.core.model import NewEvent, now
 
 PAYLOAD = "x" * 100
@@ -232,7 +232,7 @@ def raw_sqlite_rate(path: Path, size: int, batches: int, synchronous: str) -> fl
             conn.execute(statement)
         t = now()
         rows = [
-            [(1, b * size + i + 1, e.type, e.data_json, t) for i, e in enumerate(events)]
+            [(_base(1) + b * size + i + 1, e.type, e.data_json, t) for i, e in enumerate(events)]
             for b, events in enumerate(
                 [make_event(b * size + i) for i in range(size)] for b in range(batches)
             )
@@ -240,9 +240,7 @@ def raw_sqlite_rate(path: Path, size: int, batches: int, synchronous: str) -> fl
         t0 = time.perf_counter()
         for batch in rows:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(
-                "INSERT INTO events (sid, id, type, data, time) VALUES (?, ?, ?, ?, ?)", batch
-            )
+            conn.executemany(_INSERT_EVENT, batch)
             conn.execute("COMMIT")
         return rate(size * batches, time.perf_counter() - t0)
     finally:

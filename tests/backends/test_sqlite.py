@@ -340,6 +340,47 @@ async def test_reopening_keeps_epochs_producers_trim_and_close(tmp_path: Path) -
         raw.close()
 
 
+async def test_delete_and_trim_touch_only_their_own_stream(log: SQLiteEventLog) -> None:
+    for name in ("a", "b", "c"):
+        await log.append(name, [NewEvent("n", f"{name}{i}") for i in range(5)])
+    await log.trim("b", max_len=1)
+    await log.delete("a")
+    await log.append("a", NewEvent("n", "again"))
+    assert [e.data for e in (await log.read("a")).events] == ["again"]
+    assert [e.data for e in (await log.read("b")).events] == ["b4"]
+    assert [e.data for e in (await log.read("c")).events] == [f"c{i}" for i in range(5)]
+    raw = sqlite3.connect(log.path)
+    try:
+        rows = raw.execute("SELECT stream, id, data FROM stream_events ORDER BY stream, id")
+        assert [(s, i, json.loads(d)) for s, i, d in rows] == [
+            ("a", 1, "again"),
+            ("b", 5, "b4"),
+            *[("c", i + 1, f"c{i}") for i in range(5)],
+        ]
+    finally:
+        raw.close()
+
+
+async def test_trim_by_age_keeps_the_young_tail(
+    log: SQLiteEventLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr("runstream.backends.sqlite.now", lambda: clock[0])
+    await log.append("s", [NewEvent("n", i) for i in range(10)])
+    await log.append("other", NewEvent("n", 0))
+    clock[0] = 2000.0
+    await log.append("s", [NewEvent("n", i) for i in range(10, 13)])
+    clock[0] = 2500.0
+    assert await log.trim("s", max_age=1000) == 10
+    info = await log.info("s")
+    assert (info.first_id, info.last_id) == (11, 13)
+    assert [e.data for e in (await log.read("s")).events] == [10, 11, 12]
+    assert [e.time for e in (await log.read("s")).events] == [2000.0] * 3
+    assert await log.trim("s", max_age=1000) == 0
+    assert await log.trim("s", max_age=0) == 3
+    assert (await log.info("other")).first_id == 1
+
+
 # -- lifecycle ------------------------------------------------------------------------
 
 
