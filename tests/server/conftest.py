@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import pytest
-from tests.server.live import LiveServer, StartServer, TestServer, make_settings
 
 from runstream.config import Settings
 from runstream.server.app import create_app
 from runstream.server.serve import make_server
+from tests.server.live import LiveServer, StartServer, TestServer, make_settings
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import httpx
+
 from tests.server.live import LiveServer, open_sse, publish
 
 

@@ -273,7 +273,16 @@ class Subscription:
     it returns ``None``; :attr:`end_reason` then says why.
     """
 
-    def __init__(self, hub: Hub, stream: str, pos: int, epoch: str | None, transport: str) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        stream: str,
+        pos: int,
+        epoch: str | None,
+        transport: str,
+        *,
+        wait_for_create: bool = False,
+    ) -> None:
         self.hub = hub
         self.stream = stream
         self.pos = pos
@@ -286,6 +295,11 @@ class Subscription:
         self._buf: deque[Frame] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
+        # A stream that does not exist yet (a run queued a moment ago) is waited for,
+        # up to create_grace; once seen, its absence means it was deleted.
+        self._create_deadline = (
+            time.monotonic() + hub.limits.create_grace if wait_for_create else 0.0
+        )
         self._feed = hub._feed_for(stream)
         self._feed.subs.add(self)
 
@@ -384,6 +398,10 @@ class Subscription:
             self.epoch, self.pos = exc.epoch, after
             return [Frame(exc.epoch, reset=reset)]
         except StreamNotFound:
+            left = self._create_deadline - time.monotonic()
+            if left > 0 and self.end_reason is None:
+                await self._feed.wait_change(min(left, backend.safety_poll))
+                return None
             self._end("deleted")
             return None
         except RunstreamError as exc:
@@ -392,6 +410,7 @@ class Subscription:
             return None
         if self.end_reason is not None:
             return None
+        self._create_deadline = 0.0
         self.epoch = page.epoch
         if page.events:
             frames = [Frame(page.epoch, e) for e in page.events]
@@ -481,11 +500,14 @@ class Hub:
         *,
         transport: str,
         info: StreamInfo | None = None,
+        wait_for_create: bool = False,
     ) -> Subscription:
         """Start following ``stream`` from ``position``; the caller must close the result.
 
         ``info`` is required for ``Position(now=True)`` (the tail is fixed from
-        it). Raises :class:`TooManySubscribers` at a limit, or
+        it). With ``wait_for_create``, a stream that does not exist yet is
+        waited for up to ``create_grace`` seconds instead of ending the
+        subscription as deleted. Raises :class:`TooManySubscribers` at a limit, or
         :class:`~runstream.errors.RunstreamError` if the hub is shutting down.
         """
         if self._closing:
@@ -509,7 +531,7 @@ class Hub:
             pos, epoch = position.offset, position.epoch
         self._counts[stream] = count + 1
         self._total += 1
-        return Subscription(self, stream, pos, epoch, transport)
+        return Subscription(self, stream, pos, epoch, transport, wait_for_create=wait_for_create)
 
     def _feed_for(self, stream: str) -> _Feed:
         feed = self._feeds.get(stream)
