@@ -494,6 +494,22 @@ async def test_stored_data_is_the_encoded_json_text(log: SQLiteEventLog) -> None
     assert json.loads(text) == (await log.read("s")).events[0].data
 
 
+@pytest.mark.parametrize("stored", ["{not json", "1,2"])
+async def test_corrupt_stored_data_raises_backend_error(log: SQLiteEventLog, stored: str) -> None:
+    await log.append("s", [NewEvent("n", 1), NewEvent("n", 2)])
+    raw = sqlite3.connect(log.path)
+    try:
+        raw.execute(
+            "UPDATE events SET data = ? WHERE key = (SELECT max(key) FROM events)", (stored,)
+        )
+        raw.commit()
+    finally:
+        raw.close()
+    with pytest.raises(BackendError, match="corrupt"):
+        await log.read("s")
+    assert (await log.read("s", limit=1)).events[0].data == 1
+
+
 def test_no_threads_are_left_after_aclose(tmp_path: Path) -> None:
     before = set(threading.enumerate())
 
