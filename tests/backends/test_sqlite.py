@@ -30,6 +30,7 @@ from runstream.errors import (
     ConfigError,
     StaleProducerSeq,
     StreamClosed,
+    StreamDeleted,
     StreamNotFound,
 )
 
@@ -87,11 +88,10 @@ def test_acknowledged_concurrent_burst_survives_kill_9(tmp_path: Path) -> None:
                 break
         proc.send_signal(signal.SIGKILL)
         # Acknowledgements printed before the kill landed count too.
-        for line in proc.stdout.read().decode().splitlines():
-            parts = line.split()
-            if len(parts) == 4:  # the last line may be cut mid-write by the kill
-                first, last, task, n = map(int, parts)
-                acks.append((first, last, task, n))
+        # Only whole lines: a line without its newline was not fully acknowledged.
+        for text in proc.stdout.read().decode().split("\n")[:-1]:
+            first, last, task, n = map(int, text.split())
+            acks.append((first, last, task, n))
     finally:
         proc.kill()
         proc.wait()
@@ -123,8 +123,14 @@ STDIN_APPENDER = textwrap.dedent(
         async with SQLiteEventLog(sys.argv[1]) as log:
             loop = asyncio.get_running_loop()
             while line := await loop.run_in_executor(None, sys.stdin.readline):
-                res = await log.append("shared", NewEvent("n", {"i": int(line)}))
-                print(res.last_id, flush=True)
+                if line.startswith("close"):
+                    print((await log.close("shared", "succeeded")).last_id, flush=True)
+                elif line.startswith("delete"):
+                    await log.delete("shared")
+                    print("deleted", flush=True)
+                else:
+                    res = await log.append("shared", NewEvent("n", {"i": int(line)}))
+                    print(res.last_id, flush=True)
 
     asyncio.run(main())
     """
@@ -168,6 +174,47 @@ async def test_follower_sees_append_from_another_process_quickly(tmp_path: Path)
     # The requirement is 100 ms; the bound here is loose for a loaded CI machine
     # (bench/append.py reports the real figure).
     assert max(latencies) < 0.5, latencies
+
+
+@pytest.mark.timeout(60)
+async def test_follower_sees_close_and_delete_from_another_process(tmp_path: Path) -> None:
+    db = tmp_path / "shared.db"
+    script = tmp_path / "appender.py"
+    script.write_text(STDIN_APPENDER)
+    async with SQLiteEventLog(db) as log:
+        log.safety_poll = 60.0  # only the poller may wake followers
+        await log.append("shared", NewEvent("n", {"i": 0}))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(script),
+            str(db),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            follower = log.follow("shared", after=1)
+            waiting = asyncio.ensure_future(anext(follower))
+            await asyncio.sleep(0.05)  # let the follower park; the outcome is the same if not
+            assert not waiting.done()
+            proc.stdin.write(b"delete\n")
+            await proc.stdin.drain()
+            with pytest.raises(StreamDeleted):
+                await asyncio.wait_for(waiting, WAIT)
+            assert await asyncio.wait_for(proc.stdout.readline(), WAIT) == b"deleted\n"
+
+            await log.append("shared", NewEvent("n", {"i": 1}))  # re-created, new epoch
+            follower = log.follow("shared", after=1)
+            waiting = asyncio.ensure_future(anext(follower))
+            proc.stdin.write(b"close\n")
+            await proc.stdin.drain()
+            end = await asyncio.wait_for(waiting, WAIT)
+            assert end.is_end and end.data["status"] == "succeeded"  # type: ignore[union-attr]
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(anext(follower), WAIT)
+        finally:
+            proc.stdin.close()
+            await asyncio.wait_for(proc.wait(), WAIT)
 
 
 async def test_two_processes_appending_interleave_without_gaps(tmp_path: Path) -> None:
@@ -389,7 +436,7 @@ async def test_aclose_ends_waiting_followers_with_backend_error(tmp_path: Path) 
     await log.start()
     await log.append("s", NewEvent("n", 1))
     follower = log.follow("s", after=1)
-    waiting = asyncio.create_task(anext(follower))
+    waiting = asyncio.ensure_future(anext(follower))
     await asyncio.sleep(0.05)  # let it reach its wait; the outcome is the same if it has not
     await log.aclose()
     with pytest.raises(BackendError, match="closed"):
