@@ -1,0 +1,551 @@
+"""The runs service (create, get, list, cancel) and the in-process worker pool.
+
+:class:`RunService` is what the HTTP API and the CLI call. It validates a run
+against its task, stores the record, creates the run's stream with a first
+``status`` ``{"status": "queued", "attempt": 1}`` event and hands the run to a
+:class:`Dispatcher`: the in-process :class:`LocalWorkerPool` for SQLite and
+memory, or the Redis queue when workers run elsewhere. Without a dispatcher a
+run stays queued until a pool sharing the store picks it up (pools scan for
+queued runs at start and every ``rescan_interval`` seconds).
+
+:class:`LocalWorkerPool` is what ``runstream serve --workers N`` runs:
+
+* at most ``workers`` runs at once, and at most ``concurrency`` runs of one
+  task; runs start in the order they were submitted, a run waiting for its
+  task's limit does not hold up runs of other tasks;
+* on start it marks runs left ``running`` by a dead process (same SQLite
+  file; the worker id names host and pid) as ``lost`` — queued again with the
+  next attempt if the task's ``retries`` allow, else their stream is closed
+  with ``lost`` — then queues every ``queued`` run it finds;
+* :meth:`~LocalWorkerPool.shutdown` stops taking work, lets running runs
+  finish for ``grace`` seconds, then cancels the rest cleanly (each child gets
+  SIGTERM, then SIGKILL after its task's grace; the run ends ``cancelled``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from runstream.backends.base import EventLog
+from runstream.core.model import NewEvent, StreamInfo
+from runstream.errors import (
+    ConfigError,
+    IllegalTransition,
+    RunNotFound,
+    RunstreamError,
+    TaskNotFound,
+)
+from runstream.runs.executor import (
+    CANCEL_POLL,
+    MAX_REASON,
+    RunControl,
+    execute_run,
+    new_worker_id,
+)
+from runstream.runs.lifecycle import FINISHED, TERMINAL, RunStatus
+from runstream.runs.model import RunRecord, new_run_id
+from runstream.runs.store import RunStore
+from runstream.runs.tasks import TaskRegistry, TaskSpec
+
+__all__ = [
+    "DEFAULT_SHUTDOWN_GRACE",
+    "DEFAULT_WORKERS",
+    "Dispatcher",
+    "LocalWorkerPool",
+    "RunService",
+    "settle_lost",
+    "worker_alive",
+]
+
+log = logging.getLogger("runstream.runs")
+
+DEFAULT_WORKERS = 4
+"""Runs executed at once by ``runstream serve`` when ``--workers`` is not given."""
+
+DEFAULT_SHUTDOWN_GRACE = 10.0
+"""Seconds running runs get to finish on shutdown before they are cancelled."""
+
+DEFAULT_RESCAN_INTERVAL = 5.0
+"""Seconds between scans for queued runs that other processes created."""
+
+END_CHECK_GUARD = 10.0
+"""A run finished less than this long ago is left alone by :meth:`RunService.end_check`:
+its executor is still writing the final status event and closing the stream."""
+
+_SCAN_PAGE = 500
+
+_LIVE_WORKERS: set[str] = set()
+"""Worker ids of the pools running in this process (a pool in this process is alive
+exactly while it is listed here; other processes are checked by pid)."""
+
+
+class Dispatcher(Protocol):
+    """Where new runs go and how a cancel reaches the process running them."""
+
+    async def submit(self, record: RunRecord) -> None:
+        """Queue ``record`` (status ``queued``, stored, stream created) for execution."""
+
+    async def cancel(self, record: RunRecord) -> None:
+        """The run's cancel flag is set; stop it now if this dispatcher runs it."""
+
+
+def worker_alive(worker: str | None) -> bool:
+    """Whether the worker that wrote ``worker`` (``host:pid:random``) may still be running.
+
+    Only decidable on this host: a pool of this process is alive while it runs;
+    another process is alive while its pid exists. Anything else (no worker,
+    another host, an unparsable id) counts as gone — the local store is shared
+    only by processes on one machine.
+    """
+    if not worker:
+        return False
+    if worker in _LIVE_WORKERS:
+        return True
+    host, _, rest = worker.partition(":")
+    pid_text, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # ours, but no pool of this process has that id any more
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+async def _append_status(log_: EventLog, run_id: str, data: dict[str, Any]) -> None:
+    try:
+        await log_.append(run_id, NewEvent("status", data))
+    except RunstreamError as exc:
+        log.warning("run %s: could not record status %s: %s", run_id, data.get("status"), exc)
+
+
+async def _close_stream(log_: EventLog, record: RunRecord) -> None:
+    reason = record.error[:MAX_REASON] if record.error else None
+    try:
+        await log_.close(record.id, record.status, reason)
+    except RunstreamError as exc:
+        log.warning("run %s: could not close its stream: %s", record.id, exc)
+
+
+async def settle_lost(
+    record: RunRecord,
+    task: TaskSpec | None,
+    store: RunStore,
+    log_: EventLog,
+) -> RunRecord:
+    """After ``record`` was moved to ``lost``: retry it or end its stream.
+
+    Appends ``status`` ``lost``; then, if ``task`` allows another attempt
+    (``attempt <= retries``) and no cancel was requested, moves the run back
+    to ``queued`` with ``attempt + 1`` and appends ``status`` ``queued`` (the
+    stream stays open for the next attempt; the caller must dispatch the
+    returned run). Otherwise closes the stream with ``lost``.
+    """
+    lost_data: dict[str, Any] = {"status": "lost", "attempt": record.attempt}
+    if record.error:
+        lost_data["error"] = record.error
+    await _append_status(log_, record.id, lost_data)
+    retries = task.retries if task is not None else 0
+    if record.attempt <= retries and not record.cancel_requested:
+        try:
+            queued = await store.transition(
+                record.id,
+                "queued",
+                expect=("lost",),
+                attempt=record.attempt + 1,
+                worker=None,
+                started_at=None,
+                finished_at=None,
+                exit_code=None,
+                error=None,
+            )
+        except IllegalTransition:
+            return await store.get(record.id)
+        await _append_status(
+            log_, record.id, {"status": "queued", "attempt": queued.attempt, "retry": True}
+        )
+        return queued
+    await _close_stream(log_, record)
+    return record
+
+
+class RunService:
+    """Create, read, list and cancel runs. One per server; share it between requests."""
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        store: RunStore,
+        log: EventLog,
+        *,
+        dispatcher: Dispatcher | None = None,
+        end_check_guard: float = END_CHECK_GUARD,
+    ) -> None:
+        self.registry = registry
+        self.store = store
+        self.log = log
+        self.dispatcher = dispatcher
+        self.end_check_guard = end_check_guard
+
+    def tasks(self) -> list[TaskSpec]:
+        return list(self.registry)
+
+    async def create(
+        self,
+        task: str,
+        params: dict[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the run's timeout (SPEC §3)
+    ) -> RunRecord:
+        """Validate and queue a run of ``task``; return its record (status ``queued``).
+
+        Raises :class:`TaskNotFound` (404) or :class:`InvalidParams` (422, with
+        ``field``) before anything is stored.
+        """
+        spec = self.registry.get(task)
+        checked = spec.validate_params(params)
+        effective_timeout = spec.check_timeout(timeout)
+        record = RunRecord(
+            id=new_run_id(),
+            task=spec.name,
+            params=checked,
+            status="queued",
+            created_at=time.time(),
+            timeout=effective_timeout,
+        )
+        await self.store.create(record)
+        await self.log.append(
+            record.id, NewEvent("status", {"status": "queued", "attempt": record.attempt})
+        )
+        if self.dispatcher is not None:
+            await self.dispatcher.submit(record)
+        return record
+
+    async def get(self, run_id: str) -> RunRecord:
+        return await self.store.get(run_id)
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        return await self.store.list(status=status, task=task, limit=limit, cursor=cursor)
+
+    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunRecord:
+        """Cancel a run. Idempotent; a finished run is returned unchanged.
+
+        A queued run is cancelled at once (its stream closes); a running run
+        gets its cancel flag set and stops within about a second wherever it
+        runs (SIGTERM, then SIGKILL after its task's grace). Raises
+        :class:`RunNotFound` (404).
+        """
+        record = await self.store.get(run_id)
+        if record.status == "queued":
+            try:
+                record = await self.store.transition(
+                    run_id,
+                    "cancelled",
+                    expect=("queued",),
+                    cancel_requested=True,
+                    error="cancelled before it started",
+                    finished_at=time.time(),
+                )
+            except IllegalTransition:
+                record = await self.store.get(run_id)  # it started meanwhile
+            else:
+                await _append_status(
+                    self.log,
+                    run_id,
+                    {"status": "cancelled", "attempt": record.attempt, "error": record.error},
+                )
+                await _close_stream(self.log, record)
+                return record
+        if record.status in TERMINAL:
+            return record
+        record = await self.store.request_cancel(run_id)
+        if self.dispatcher is not None:
+            await self.dispatcher.cancel(record)
+        return record
+
+    async def end_check(self, stream: str, info: StreamInfo | None) -> str | None:
+        """Hub reconciler hook: a finished run's stream must be closed, even if nobody did it.
+
+        If the stream of a run that finished more than ``end_check_guard``
+        seconds ago is still open (its executor died between recording the
+        status and closing the stream, or a backend lost the close), close it
+        with the run's status, so every follower gets the ``end`` event. Only
+        if that fails does it return a reason to end the responses directly.
+        """
+        if info is None or info.closed:
+            return None
+        try:
+            record = await self.store.get(stream)
+        except RunNotFound:
+            return None
+        if record.status not in FINISHED:
+            return None
+        finished = record.finished_at or record.created_at
+        if time.time() - finished < self.end_check_guard:
+            return None
+        try:
+            await self.log.close(
+                record.id, record.status, (record.error or "")[:MAX_REASON] or None
+            )
+        except RunstreamError:
+            return f"run {record.status}"
+        return None
+
+
+@dataclass(slots=True)
+class _Active:
+    task: TaskSpec
+    control: RunControl
+    job: asyncio.Task[None] | None = None
+
+
+class LocalWorkerPool:
+    """Executes queued runs in this process (SQLite and memory backends).
+
+    Use ``await pool.start()`` then ``await pool.shutdown()``; it is the
+    :class:`Dispatcher` of a :class:`RunService` (``service.dispatcher = pool``).
+    """
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        store: RunStore,
+        log: EventLog,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        worker_id: str | None = None,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
+        cancel_poll: float = CANCEL_POLL,
+    ) -> None:
+        if workers < 1:
+            raise ConfigError("a worker pool needs workers >= 1")
+        self.registry = registry
+        self.store = store
+        self.log = log
+        self.workers = workers
+        self.worker_id = worker_id or new_worker_id()
+        self.shutdown_grace = shutdown_grace
+        self.rescan_interval = rescan_interval
+        self.cancel_poll = cancel_poll
+        self._pending: dict[str, str] = {}  # run id -> task name, in submission order
+        self._active: dict[str, _Active] = {}
+        self._per_task: Counter[str] = Counter()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._skipped: set[str] = set()
+        self.lost_marked = 0
+        self.executed = 0
+
+    # -- Dispatcher -----------------------------------------------------------------
+
+    async def submit(self, record: RunRecord) -> None:
+        self._enqueue(record.id, record.task)
+
+    async def cancel(self, record: RunRecord) -> None:
+        active = self._active.get(record.id)
+        if active is not None:
+            active.control.cancel()
+
+    # -- state ----------------------------------------------------------------------
+
+    @property
+    def running(self) -> list[str]:
+        """Ids of the runs executing now."""
+        return list(self._active)
+
+    @property
+    def pending(self) -> list[str]:
+        """Ids of the runs waiting for a free slot, in order."""
+        return list(self._pending)
+
+    def running_of(self, task: str) -> int:
+        return self._per_task[task]
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover runs a dead process left ``running``, queue the ``queued`` ones, start."""
+        if self._scheduler is not None:
+            return
+        _LIVE_WORKERS.add(self.worker_id)
+        self._stopping = False
+        await self.recover()
+        await self._scan_queued()
+        self._scheduler = asyncio.get_running_loop().create_task(
+            self._schedule(), name=f"runstream-pool:{self.worker_id}"
+        )
+
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Stop taking work; give running runs ``grace`` seconds, then cancel them.
+
+        Runs still pending stay ``queued`` in the store for the next pool.
+        Returns when every run this pool started has been recorded.
+        """
+        grace = self.shutdown_grace if grace is None else grace
+        self._stopping = True
+        self._wake.set()
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+            self._scheduler = None
+        self._pending.clear()
+        if not self._active:
+            self._idle.set()
+        jobs = [a.job for a in self._active.values() if a.job is not None]
+        if jobs:
+            _, left = await asyncio.wait(jobs, timeout=grace)
+            if left:
+                longest = 0.0
+                for active in list(self._active.values()):
+                    active.control.cancel("cancelled: the worker is shutting down")
+                    longest = max(longest, active.task.grace)
+                # SIGTERM → grace → SIGKILL, plus time to record the outcome.
+                _, left = await asyncio.wait(left, timeout=longest + 10.0)
+                for job in left:
+                    job.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+        _LIVE_WORKERS.discard(self.worker_id)
+
+    # -- recovery -------------------------------------------------------------------
+
+    async def recover(self) -> list[RunRecord]:
+        """Mark runs whose worker is gone ``lost``; retry or close them. Returns what changed."""
+        changed: list[RunRecord] = []
+        for record in await self._all("running"):
+            if worker_alive(record.worker):
+                continue
+            try:
+                lost = await self.store.transition(
+                    record.id,
+                    "lost",
+                    expect=("running",),
+                    match={"worker": record.worker, "attempt": record.attempt},
+                    error=f"worker {record.worker} is gone",
+                    finished_at=time.time(),
+                )
+            except IllegalTransition:
+                continue
+            self.lost_marked += 1
+            task = self.registry.get(lost.task) if lost.task in self.registry else None
+            settled = await settle_lost(lost, task, self.store, self.log)
+            changed.append(settled)
+            log.warning("run %s was left running by %s: now %s", lost.id, record.worker,
+                        settled.status)  # fmt: skip
+        return changed
+
+    async def _all(self, status: RunStatus) -> list[RunRecord]:
+        out: list[RunRecord] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.store.list(status=status, limit=_SCAN_PAGE, cursor=cursor)
+            out.extend(page)
+            if cursor is None:
+                return out
+
+    async def _scan_queued(self) -> None:
+        # Oldest first, so runs start in the order they were created.
+        for record in reversed(await self._all("queued")):
+            self._enqueue(record.id, record.task)
+
+    # -- scheduling -----------------------------------------------------------------
+
+    def _enqueue(self, run_id: str, task: str) -> None:
+        if self._stopping or run_id in self._pending or run_id in self._active:
+            return
+        if task not in self.registry:
+            if run_id not in self._skipped:
+                self._skipped.add(run_id)
+                log.warning("run %s is of task %r, which this server does not declare; "
+                            "leaving it queued", run_id, task)  # fmt: skip
+            return
+        self._pending[run_id] = task
+        self._idle.clear()
+        self._wake.set()
+
+    async def _schedule(self) -> None:
+        last_scan = time.monotonic()
+        while not self._stopping:
+            self._launch_ready()
+            timeout = max(0.0, last_scan + self.rescan_interval - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            self._wake.clear()
+            if time.monotonic() - last_scan >= self.rescan_interval:
+                last_scan = time.monotonic()
+                try:
+                    await self._scan_queued()
+                except RunstreamError as exc:
+                    log.warning("scan for queued runs failed: %s", exc)
+
+    def _launch_ready(self) -> None:
+        for run_id, task_name in list(self._pending.items()):
+            if len(self._active) >= self.workers:
+                return
+            try:
+                task = self.registry.get(task_name)
+            except TaskNotFound:
+                del self._pending[run_id]
+                continue
+            if task.concurrency is not None and self._per_task[task_name] >= task.concurrency:
+                continue
+            del self._pending[run_id]
+            active = _Active(task, RunControl())
+            self._active[run_id] = active
+            self._per_task[task_name] += 1
+            active.job = asyncio.get_running_loop().create_task(
+                self._execute(run_id, active), name=f"runstream-run:{run_id}"
+            )
+
+    async def _execute(self, run_id: str, active: _Active) -> None:
+        try:
+            record = await self.store.get(run_id)
+            if record.status == "queued":
+                await execute_run(
+                    record,
+                    active.task,
+                    self.log,
+                    self.store,
+                    worker=self.worker_id,
+                    control=active.control,
+                    cancel_poll=self.cancel_poll,
+                )
+                self.executed += 1
+        except RunstreamError as exc:
+            log.error("run %s could not be executed: %s", run_id, exc)
+        except Exception:
+            log.exception("run %s: executor failed", run_id)
+        finally:
+            del self._active[run_id]
+            self._per_task[active.task.name] -= 1
+            if not self._active and not self._pending:
+                self._idle.set()
+            self._wake.set()
+
+    async def wait_idle(self) -> None:
+        """Return once nothing is pending or running (for tests and embedding)."""
+        await self._idle.wait()
