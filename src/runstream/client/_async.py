@@ -1,0 +1,456 @@
+"""``AsyncClient``: the asyncio SDK for a runstream server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+import weakref
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import httpx
+
+from runstream.client._http import (
+    RETRYABLE_STATUS,
+    error_from_response,
+    event_from_json,
+    expect_json,
+    retry_after,
+    stream_info_from_json,
+)
+from runstream.client.follow import Follower, FollowOptions
+from runstream.client.handlers import (
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_QUEUE_SIZE,
+    Context,
+    EventHandler,
+    HandlerRegistry,
+    KeyFn,
+    ResetHandler,
+    Where,
+    WorkerPool,
+    dispatch,
+)
+from runstream.client.metrics import Metrics
+from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
+from runstream.core.model import JSON, AppendResult, Event, NewEvent, Page, StreamInfo
+from runstream.errors import RetriesExhausted, ValidationError
+
+log = logging.getLogger("runstream.client")
+
+DEFAULT_URL = "http://127.0.0.1:8787"
+DEFAULT_TIMEOUT = 30.0
+REQUEST_RETRY = RetryPolicy(max_attempts=5, max_elapsed=60.0, fallback_after=0)
+"""Retries of single requests (publish, info, ...): short, and no polling fallback."""
+
+TokenRefresh = Callable[[], Awaitable[str]]
+
+
+@dataclass(slots=True)
+class _Producer:
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    seq: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+def _to_new_event(item: NewEvent | Mapping[str, Any] | tuple[str, Any]) -> NewEvent:
+    if isinstance(item, NewEvent):
+        return item
+    if isinstance(item, tuple) and len(item) == 2:
+        return NewEvent(item[0], item[1])
+    if isinstance(item, Mapping):
+        return NewEvent.from_json(item)
+    raise ValidationError('events must be NewEvent, (type, data) or {"type", "data"}')
+
+
+class AsyncClient:
+    """Talks to a runstream server: runs, streams, and reliable following.
+
+    Use it as ``async with AsyncClient(url, token=...) as client:`` (or call
+    :meth:`aclose`): closing stops every follower it started and closes its
+    connections. ``token_refresh`` is an async function returning a new
+    bearer token; it is called once when the server answers 401, then the
+    request is retried. ``follow_options`` sets the defaults of every
+    :meth:`follow` (watchdogs, retry budget, fallback, reset mode).
+
+    One client may be used by many tasks at once; it must be used from the
+    event loop it was first used on.
+    """
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        token: str | None = None,
+        token_refresh: TokenRefresh | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        retry: RetryPolicy = REQUEST_RETRY,
+        follow_options: FollowOptions | None = None,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.token = token
+        self.token_refresh = token_refresh
+        self.retry = retry
+        self.follow_options = follow_options or FollowOptions()
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            timeout=timeout,
+            headers=dict(headers or {}),
+            transport=transport,
+        )
+        self._producers: dict[str, _Producer] = {}
+        self._followers: weakref.WeakSet[Follower] = weakref.WeakSet()
+        self._refresh_lock = asyncio.Lock()
+        self.registry = HandlerRegistry()
+        self._closed = False
+
+    # -- session (used by followers) ---------------------------------------------
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        return self._http
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    async def refresh_auth(self) -> bool:
+        """Ask ``token_refresh`` for a new token; False when there is no hook."""
+        if self.token_refresh is None:
+            return False
+        async with self._refresh_lock:
+            self.token = await self.token_refresh()
+        return True
+
+    # -- plumbing ------------------------------------------------------------------
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        stream: str = "",
+        json: Any = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        idempotent: bool = True,
+        ok: tuple[int, ...] = (200, 201, 202, 204),
+    ) -> httpx.Response:
+        """Send a request, retrying what is safe to retry; raise a runstream error otherwise.
+
+        Non-idempotent requests are retried only when they could not have
+        reached the server (connection refused).
+        """
+        if self._closed:
+            raise ValidationError("this client is closed")
+        state = ReconnectState(self.retry, allow_fallback=False)
+        loop = asyncio.get_running_loop()
+        refreshed = False
+        while True:
+            reason: str
+            wait_floor: float | None = None
+            try:
+                resp = await self._http.request(
+                    method,
+                    path,
+                    json=json,
+                    params=params,
+                    headers={**self.auth_headers(), **(headers or {})},
+                )
+            except httpx.ConnectError as exc:
+                reason = "connect"
+                last_exc: Exception = exc
+            except httpx.TransportError as exc:
+                if not idempotent:
+                    raise RetriesExhausted(
+                        f"{what}: {exc!r} (not retried: not idempotent)"
+                    ) from exc
+                reason, last_exc = "network", exc
+            else:
+                if resp.status_code in ok:
+                    return resp
+                if resp.status_code == 401 and not refreshed and await self.refresh_auth():
+                    refreshed = True
+                    continue
+                if resp.status_code not in RETRYABLE_STATUS or not idempotent:
+                    raise error_from_response(resp.status_code, resp.text, what=what, stream=stream)
+                reason = f"http_{resp.status_code}"
+                wait_floor = retry_after(resp.headers)
+                last_exc = error_from_response(
+                    resp.status_code, resp.text, what=what, stream=stream
+                )
+            decision = state.on_failure(reason, loop.time(), retry_after=wait_floor)
+            if isinstance(decision, GiveUp):
+                raise RetriesExhausted(f"{what}: {decision.message}") from last_exc
+            log.info("runstream %s: retrying in %.2fs (%s)", what, decision.delay, reason)
+            await asyncio.sleep(decision.delay)
+
+    async def _json(self, method: str, path: str, *, what: str, **kw: Any) -> Any:
+        resp = await self._request(method, path, what=what, **kw)
+        return expect_json(resp.text, what=what) if resp.content else None
+
+    # -- streams ---------------------------------------------------------------------
+
+    async def publish(self, stream: str, type: str, data: JSON = None) -> AppendResult:
+        """Append one event. Retries are safe: each call gets the next producer seq.
+
+        Raises :class:`StreamClosed`, :class:`ValidationError`,
+        :class:`RetriesExhausted` (the server stayed unreachable; the event may
+        or may not be stored — publishing again is still safe only with the
+        same seq, which this client does not reuse across calls).
+        """
+        return await self.publish_many(stream, [NewEvent(type, data)])
+
+    async def publish_many(
+        self,
+        stream: str,
+        events: Iterable[NewEvent | Mapping[str, Any] | tuple[str, Any]],
+    ) -> AppendResult:
+        """Append a batch atomically (all or none), with producer id + seq for safe retries.
+
+        Appends to one stream from one client are serialised so that seqs reach
+        the server in order.
+        """
+        batch = [_to_new_event(e) for e in events]
+        if not batch:
+            raise ValidationError("publish needs at least one event", field="events")
+        body: Any = [{"type": e.type, "data": e.data} for e in batch]
+        if len(body) == 1:
+            body = body[0]
+        producer = self._producers.setdefault(stream, _Producer())
+        async with producer.lock:
+            producer.seq += 1
+            obj = await self._json(
+                "POST",
+                f"/v1/streams/{stream}/events",
+                what=f"publishing to {stream!r}",
+                stream=stream,
+                json=body,
+                headers={"Producer-Id": producer.id, "Producer-Seq": str(producer.seq)},
+            )
+        return AppendResult(
+            stream=str(obj.get("stream", stream)),
+            epoch=str(obj["epoch"]),
+            first_id=int(obj["first_id"]),
+            last_id=int(obj["last_id"]),
+            duplicate=bool(obj.get("duplicate", False)),
+        )
+
+    def producer_id(self, stream: str) -> str:
+        """The producer id this client uses for ``stream`` (created on first publish)."""
+        return self._producers.setdefault(stream, _Producer()).id
+
+    async def close_stream(
+        self, stream: str, status: str | None = None, reason: str | None = None
+    ) -> Any:
+        """Close ``stream`` (idempotent); followers receive the end event with this status."""
+        body = {k: v for k, v in (("status", status), ("reason", reason)) if v is not None}
+        return await self._json(
+            "POST",
+            f"/v1/streams/{stream}/close",
+            what=f"closing {stream!r}",
+            stream=stream,
+            json=body,
+        )
+
+    async def info(self, stream: str) -> StreamInfo:
+        """State of ``stream``; raises :class:`StreamNotFound`."""
+        obj = await self._json(
+            "GET", f"/v1/streams/{stream}", what=f"info of {stream!r}", stream=stream
+        )
+        return stream_info_from_json(obj)
+
+    async def read(
+        self, stream: str, after: int | str = 0, *, limit: int = 1000, wait: float | None = None
+    ) -> Page:
+        """One page of events after ``after`` (``wait``: long-poll seconds when nothing is new).
+
+        Raises :class:`HistoryLost` when the position was trimmed or is from another epoch.
+        """
+        params = {"after": str(after), "limit": str(limit)}
+        if wait is not None:
+            params["wait"] = f"{wait:g}"
+        obj = await self._json(
+            "GET",
+            f"/v1/streams/{stream}/events",
+            what=f"reading {stream!r}",
+            stream=stream,
+            params=params,
+            headers={"Accept": "application/json"},
+        )
+        return Page(
+            stream=str(obj.get("stream", stream)),
+            epoch=str(obj["epoch"]),
+            events=tuple(event_from_json(e) for e in obj["events"]),
+            next_after=int(obj["next_after"]),
+            closed=bool(obj.get("closed", False)),
+        )
+
+    async def delete_stream(self, stream: str) -> None:
+        await self._request(
+            "DELETE", f"/v1/streams/{stream}", what=f"deleting {stream!r}", stream=stream
+        )
+
+    async def list_streams(self, **params: str) -> Any:
+        return await self._json("GET", "/v1/streams", what="listing streams", params=params)
+
+    # -- runs --------------------------------------------------------------------------
+
+    async def create_run(
+        self,
+        task: str,
+        params: Mapping[str, Any] | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 -- the run's limit (SPEC §3), not ours
+    ) -> dict[str, Any]:
+        """Start a run of ``task``; returns the run object (its ``id`` names its stream).
+
+        Not retried once the request may have reached the server (it would
+        start a second run). Raises :class:`TaskNotFound`, :class:`ValidationError`.
+        """
+        body: dict[str, Any] = {"task": task, "params": dict(params or {})}
+        if timeout is not None:
+            body["timeout"] = timeout
+        result: dict[str, Any] = await self._json(
+            "POST", "/v1/runs", what=f"starting {task!r}", json=body, idempotent=False
+        )
+        return result
+
+    async def list_runs(
+        self,
+        *,
+        status: str | None = None,
+        task: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Any:
+        params = {
+            k: str(v)
+            for k, v in (("status", status), ("task", task), ("limit", limit), ("cursor", cursor))
+            if v is not None
+        }
+        return await self._json("GET", "/v1/runs", what="listing runs", params=params)
+
+    async def get_run(self, run_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = await self._json(
+            "GET", f"/v1/runs/{run_id}", what=f"run {run_id!r}"
+        )
+        return result
+
+    async def cancel_run(self, run_id: str) -> Any:
+        return await self._json("POST", f"/v1/runs/{run_id}/cancel", what=f"cancelling {run_id!r}")
+
+    # -- following ---------------------------------------------------------------------
+
+    def follow(
+        self,
+        stream: str,
+        after: int | str | None = None,
+        *,
+        stop_event: asyncio.Event | None = None,
+        metrics: Metrics | None = None,
+        options: FollowOptions | None = None,
+        run: bool = False,
+        **overrides: Any,
+    ) -> Follower:
+        """Follow ``stream`` from ``after`` (``None``: the beginning; ``"now"``; an id;
+        ``"<epoch>:<id>"``) until it ends.
+
+        Yields :class:`Event` items and, when history was lost, :class:`Reset`
+        items (or raises :class:`HistoryLost` with ``reset="raise"``); the last
+        item is the end event (``event.is_end``; ``data`` holds the final
+        status). ``overrides`` set :class:`FollowOptions` fields for this call,
+        e.g. ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
+        follows a run through ``/v1/runs/{id}/events``.
+
+        Close it (``async with`` / :meth:`Follower.aclose`) if you stop early;
+        setting ``stop_event`` ends the iteration promptly.
+        """
+        opts = replace(options or self.follow_options, **overrides)
+        path = f"/v1/runs/{stream}/events" if run else None
+        follower = Follower(
+            self,
+            stream,
+            path=path,
+            after=after,
+            options=opts,
+            metrics=metrics,
+            stop_event=stop_event,
+        )
+        self._followers.add(follower)
+        return follower
+
+    def follow_run(self, run_id: str, after: int | str | None = None, **kw: Any) -> Follower:
+        """:meth:`follow` for a run's stream."""
+        return self.follow(run_id, after, run=True, **kw)
+
+    def on(
+        self, *types: str, where: Where | None = None, key: KeyFn | None = None
+    ) -> Callable[[EventHandler], EventHandler]:
+        """Register a handler for :meth:`run_forever` (see :class:`HandlerRegistry.on`)."""
+        return self.registry.on(*types, where=where, key=key)
+
+    def on_reset(self, fn: ResetHandler) -> ResetHandler:
+        return self.registry.on_reset(fn)
+
+    async def run_forever(
+        self,
+        stream: str,
+        after: int | str | None = None,
+        *,
+        stop_event: asyncio.Event | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+        metrics: Metrics | None = None,
+        run: bool = False,
+        **overrides: Any,
+    ) -> Event | None:
+        """Follow ``stream`` and hand every event to the registered handlers until it ends.
+
+        Returns the end event (``None`` if stopped first). Stops when
+        ``stop_event`` is set or this client closes: the read and any backoff
+        sleep are cancelled, then running and queued handler jobs get
+        ``drain_timeout`` seconds to finish. Raises what :meth:`follow` raises.
+        """
+        metrics = metrics or Metrics()
+        follower = self.follow(
+            stream, after, stop_event=stop_event, metrics=metrics, run=run, **overrides
+        )
+        ctx = Context(stream=stream, metrics=metrics, client=self, follower=follower)
+        pool = WorkerPool(metrics, concurrency=concurrency, queue_size=queue_size)
+        try:
+            while True:
+                try:
+                    item, received = await follower.next_with_receipt()
+                except StopAsyncIteration:
+                    break
+                await dispatch(self.registry, pool, item, ctx, received)
+        finally:
+            await follower.aclose()
+            self._followers.discard(follower)
+            await pool.drain(drain_timeout)
+        return follower.end
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop every follower of this client and close its connections."""
+        if self._closed:
+            return
+        self._closed = True
+        followers = list(self._followers)
+        self._followers.clear()
+        await asyncio.gather(*(f.aclose() for f in followers), return_exceptions=True)
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
