@@ -21,6 +21,12 @@ def _register() -> None:
     from runstream.cli.serve import serve
 
     cli.add_command(serve)
+    from runstream.cli.run import run
+    from runstream.cli.runs_cmds import cancel, ls, show
+    from runstream.cli.tail import tail
+
+    for command in (run, tail, ls, show, cancel):
+        cli.add_command(command)
 
 
 _register()
