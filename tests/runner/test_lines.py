@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from runstream.core.model import encode_data
 from runstream.errors import ValidationError
 from runstream.runner.lines import LineSplitter, OutputLine, parse_level
 
@@ -291,6 +293,23 @@ def test_to_data_has_only_the_flags_that_are_set() -> None:
         "cr": True,
         "level": "error",
     }
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    line=st.text(),
+    partial=st.booleans(),
+    cr=st.booleans(),
+    level=st.sampled_from([None, "error", "info"]),
+)
+def test_to_data_json_matches_the_model_encoding(
+    line: str, partial: bool, cr: bool, level: str | None
+) -> None:
+    # The splitter never produces lone surrogates; JSON text cannot carry them as UTF-8.
+    line = line.encode("utf-8", "replace").decode("utf-8")
+    item = OutputLine("stdout", line, partial, cr, level)
+    assert item.to_data_json() == encode_data(item.to_data())
+    assert json.loads(item.to_data_json()) == item.to_data()
 
 
 @pytest.mark.parametrize(

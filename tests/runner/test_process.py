@@ -226,6 +226,27 @@ async def test_output_without_newline_is_visible_while_child_sleeps() -> None:
     assert sink.received_at[0] - written_at < 1.0
 
 
+async def test_line_that_keeps_growing_is_flushed_within_a_second() -> None:
+    # A dot every 50 ms: the pipe is never quiet for a whole flush interval,
+    # so the age bound (5 intervals) has to pass the text on.
+    code = (
+        "import sys, time\n"
+        "sys.stdout.write(f'{time.time():.3f} ')\n"
+        "while True:\n"
+        "    sys.stdout.write('.')\n"
+        "    time.sleep(0.05)\n"
+    )
+    sink = Collector()
+    cancel = asyncio.Event()
+    task = asyncio.create_task(run_process(py(code), sink=sink, cancel=cancel, grace=1))
+    await sink.wait_for_text("stdout", ".")
+    cancel.set()
+    await task
+    first = sink.stream("stdout")[0]
+    assert first.partial
+    assert sink.received_at[0] - float(first.line.split()[0]) < 1.6
+
+
 async def test_stdin_is_dev_null() -> None:
     code = (
         "import os, sys\n"

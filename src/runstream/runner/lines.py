@@ -36,6 +36,7 @@ line whose pieces were already emitted can have an empty ``line``.
 from __future__ import annotations
 
 import codecs
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
@@ -57,6 +58,10 @@ DEFAULT_MAX_LINE = 64 * 1024
 
 _MIN_MAX_LINE = 4
 """A piece must have room for the longest UTF-8 character."""
+
+# JSONEncoder.encode has a fast path for a lone str. The text has no lone
+# surrogates (it comes from a UTF-8 decoder), so ensure_ascii=False is exact.
+_json_str = json.JSONEncoder(ensure_ascii=False).encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,22 @@ class OutputLine:
         if self.level is not None:
             data["level"] = self.level
         return data
+
+    def to_data_json(self) -> str:
+        """:meth:`to_data` as compact JSON, byte for byte what ``core.model.encode_data`` gives.
+
+        For ``NewEvent(l.stream, l.to_data(), data_json=l.to_data_json())``:
+        several times cheaper than encoding the dict generically, which
+        matters at hundreds of thousands of lines per second.
+        """
+        text = '{"line":' + _json_str(self.line)
+        if self.partial:
+            text += ',"partial":true'
+        if self.cr:
+            text += ',"cr":true'
+        if self.level is not None:
+            text += ',"level":' + _json_str(self.level)
+        return text + "}"
 
 
 # -- log levels ---------------------------------------------------------------
@@ -270,12 +291,13 @@ class LineSplitter:
                 if self._buf:
                     first = self._take_buf() + first
                 self._segment(out, first, cr=False)
-                # Fast path: whole lines that fit, the bulk of any real output.
-                stream, limit = self.stream, self.max_line
-                append = out.append
+                # Fast path: whole lines that surely fit, the bulk of any real output.
+                stream, quarter = self.stream, self.max_line // 4
+                append, level_chars = out.append, _LEVEL_FIRST_CHARS
                 for line in lines[1:]:
-                    if len(line) <= limit and (line.isascii() or len(line) * 4 <= limit):
-                        append(OutputLine(stream, line, False, False, parse_level(line)))
+                    if len(line) <= quarter:
+                        level = parse_level(line) if line[:1] in level_chars else None
+                        append(OutputLine(stream, line, False, False, level))
                     else:
                         self._segment(out, line, cr=False)
         if tail:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -52,7 +53,7 @@ Outcome: TypeAlias = Literal["exited", "timed_out", "cancelled", "failed_to_star
 DEFAULT_GRACE = 5.0
 """Seconds between SIGTERM and SIGKILL."""
 DEFAULT_FLUSH_INTERVAL = 0.2
-"""Text without a line end is emitted (as ``partial``) once it is this old."""
+"""Text without a line end is emitted (as ``partial``) after this much quiet on its pipe."""
 DEFAULT_MAX_BUFFER = 8 << 20
 """Bytes read but not yet accepted by the sink before pipe reading pauses."""
 DEFAULT_DRAIN_TIMEOUT = 2.0
@@ -69,6 +70,9 @@ _GROUP_GONE_TIMEOUT = 2.0
 """How long to poll for the last killed group members to die (no event exists for it)."""
 
 _STDOUT, _STDERR = 1, 2
+
+_FLUSH_MAX_AGE = 5
+"""Unfinished text that keeps growing is flushed after this many flush intervals."""
 
 # Copied from the parent's environment by default_env(); everything else
 # (tokens, credentials, the server's own settings) stays out of the child.
@@ -190,6 +194,9 @@ class _Capture(asyncio.SubprocessProtocol):
         }
         self._open_fds = {_STDOUT, _STDERR}
         self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._last_data = {_STDOUT: 0.0, _STDERR: 0.0}
+        self._pending_since: dict[int, float | None] = {_STDOUT: None, _STDERR: None}
+        self._received = {_STDOUT: 0, _STDERR: 0}  # chunks per pipe, to spot late arrivals
         self.transport: asyncio.SubprocessTransport | None = None
         self.exited: asyncio.Future[None] = self._loop.create_future()
         self.pipes_closed: asyncio.Future[None] = self._loop.create_future()
@@ -211,19 +218,15 @@ class _Capture(asyncio.SubprocessProtocol):
         splitter = self._splitters[fd]
         lines = splitter.feed(data)
         self._queued_bytes += len(data)
+        self._received[fd] += 1
+        now = self._last_data[fd] = self._loop.time()
         if lines:
             self._push(lines)
-        # The flush clock measures how long the *current* unfinished line has
-        # waited; a chunk that completed lines starts a new one.
-        timer = self._timers.get(fd)
-        if splitter.pending_bytes:
-            if timer is None or lines:
-                if timer is not None:
-                    timer.cancel()
-                self._timers[fd] = self._loop.call_later(self._flush_interval, self._on_timer, fd)
-        elif timer is not None:
-            timer.cancel()
-            del self._timers[fd]
+        if not splitter.pending_bytes:
+            self._pending_since[fd] = None
+        elif lines or self._pending_since[fd] is None:
+            self._pending_since[fd] = now  # a new unfinished line starts here
+            self._arm(fd, self._flush_interval)
         if not self.paused and self._queued_bytes + self._sinking_bytes >= self._max_buffer:
             self._set_paused(True)
 
@@ -236,10 +239,57 @@ class _Capture(asyncio.SubprocessProtocol):
 
     # -- helpers ----------------------------------------------------------------
 
+    # Timer flush. Text without a line end is passed on once its stream has
+    # been quiet for flush_interval, or has kept growing for
+    # _FLUSH_MAX_AGE x flush_interval. A tail cut off only because *we* were
+    # slow must not be split: so never while reading is paused for the sink,
+    # never while unread data waits in the pipe, and only after data already
+    # read but still queued on the loop has been fed.
+
+    def _arm(self, fd: int, delay: float) -> None:
+        if fd not in self._timers:
+            self._timers[fd] = self._loop.call_later(delay, self._on_timer, fd)
+
     def _on_timer(self, fd: int) -> None:
         self._timers.pop(fd, None)
-        if fd in self._open_fds:
-            self._push(self._splitters[fd].flush())
+        since = self._pending_since[fd]
+        if fd not in self._open_fds or since is None or self.paused:
+            return  # resuming re-arms
+        due = min(
+            self._last_data[fd] + self._flush_interval,
+            since + self._flush_interval * _FLUSH_MAX_AGE,
+        )
+        now = self._loop.time()
+        if now < due:
+            self._arm(fd, due - now)
+        elif self._pipe_readable(fd):
+            self._arm(fd, self._flush_interval)
+        else:
+            self._loop.call_soon(self._flush, fd, self._received[fd])
+
+    def _flush(self, fd: int, received: int) -> None:
+        if fd not in self._open_fds or self.paused:
+            return
+        if received != self._received[fd]:
+            # More data came in after all; it re-armed the timer if still needed.
+            if self._pending_since[fd] is not None:
+                self._arm(fd, self._flush_interval)
+            return
+        self._push(self._splitters[fd].flush())
+        self._pending_since[fd] = None
+
+    def _pipe_readable(self, fd: int) -> bool:
+        """True if data (or EOF) is waiting in the pipe, unread."""
+        pipe = self.transport.get_pipe_transport(fd) if self.transport is not None else None
+        file = pipe.get_extra_info("pipe") if pipe is not None else None
+        if file is None:
+            return False
+        poller = select.poll()
+        poller.register(file.fileno(), select.POLLIN)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return False
 
     def _push(self, lines: list[OutputLine]) -> None:
         if lines:
@@ -268,6 +318,8 @@ class _Capture(asyncio.SubprocessProtocol):
                     pipe.pause_reading()
                 else:
                     pipe.resume_reading()
+                    if self._pending_since[fd] is not None:
+                        self._arm(fd, self._flush_interval)
 
     def abandon_pipes(self) -> None:
         """Stop reading: close our ends of the pipes and emit what was received."""
@@ -333,8 +385,9 @@ async def run_process(
     read and gathered into the next batch, so a slow sink gets bigger batches
     and does not slow the child down until ``max_buffer`` bytes are waiting;
     then reading pauses (the child blocks on its next write) and nothing is
-    dropped. Text without a line end is passed on (as ``partial``) once it is
-    ``flush_interval`` seconds old.
+    dropped. Text without a line end is passed on (as ``partial``) once the
+    stream has been quiet for ``flush_interval`` seconds, or after
+    5 × ``flush_interval`` if it keeps growing without a line end.
 
     Ending:
 
