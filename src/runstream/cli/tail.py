@@ -30,6 +30,7 @@ from runstream.cli.runs_cmds import (
     resolve_backend,
     server_options,
 )
+from runstream.runs.lifecycle import FINISHED
 
 if TYPE_CHECKING:
     from runstream.client._async import AsyncClient
@@ -86,7 +87,11 @@ async def follow_remote(
             renderer.item(item)
     outcome = renderer.outcome
     if outcome is None:
-        return None
+        if stop is not None and stop.is_set():
+            return None
+        # The server had nothing more to send (``after`` was already at the end).
+        run = await client.get_run(run_id)
+        return outcome_from_run(run) if run.get("status") in FINISHED else None
     if renderer.last_status.get("status") != outcome.status:
         # The final status event was before ``after`` (or the run was closed by
         # someone else, e.g. marked lost): the record has the details.
