@@ -94,6 +94,7 @@ class FaultProxy:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.stall_started = asyncio.Event()
+        self._changed = asyncio.Condition()
 
     @property
     def url(self) -> str:
@@ -103,6 +104,15 @@ class FaultProxy:
     def faults_injected(self) -> int:
         return sum(self.injected.values())
 
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds; re-checked on every accept and client close."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -110,12 +120,16 @@ class FaultProxy:
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
+        # Abort rather than cancel: every handler then ends on its own (a cancelled
+        # start_server handler task makes asyncio log a spurious error).
         for w in list(self._writers):
             w.transport.abort()
-        for t in list(self._tasks):
-            t.cancel()
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, pending = await asyncio.wait(list(self._tasks), timeout=5)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending)
         if self._server is not None:
             await self._server.wait_closed()
 
@@ -133,6 +147,7 @@ class FaultProxy:
             fault = self.plan(head)
             conn = Conn(fault, head, loop.time())
             self.log.append(conn)
+            await self._notify()
             if fault.kind == "accept_close":
                 self.injected["accept_close"] += 1
                 return
@@ -167,6 +182,7 @@ class FaultProxy:
         finally:
             conn.client_closed = asyncio.get_running_loop().time()
             gone.set()
+            await self._notify()
         dst.close()
 
     async def _stall(self, gone: asyncio.Event) -> None:
