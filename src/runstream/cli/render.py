@@ -242,8 +242,9 @@ class Renderer:
         """
         self._hide_bar()
         for name, stream in (("stdout", self.out), ("stderr", self.err)):
-            if not self._at_line_start[name] and not self.json_mode:
-                # The program's last line had no newline: keep the prompt off it.
+            if not self._at_line_start[name] and not self.json_mode and _isatty(stream):
+                # The program's last line had no newline: keep the shell prompt off it
+                # (on a terminal only; piped output stays byte for byte what was written).
                 stream.write(b"\n")
                 stream.flush()
                 self._at_line_start[name] = True
