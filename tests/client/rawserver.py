@@ -29,10 +29,16 @@ class RawServer:
         self.requests: list[bytes] = []
         self.port = 0
         self._server: asyncio.Server | None = None
+        self._changed = asyncio.Condition()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    async def wait_requests(self, n: int) -> None:
+        """Wait until ``n`` requests were answered."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self.requests) >= n)
 
     async def __aenter__(self) -> RawServer:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -50,6 +56,8 @@ class RawServer:
             self.requests.append(head)
             writer.write(self.respond(head, len(self.requests) - 1))
             await writer.drain()
+            async with self._changed:
+                self._changed.notify_all()
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         finally:

@@ -1,0 +1,105 @@
+"""The sync Client: from a plain thread, inside a running event loop, with sync handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from runstream.client._sync import Client
+from runstream.client.handlers import Context
+from runstream.core.model import Event
+from runstream.errors import StreamNotFound
+
+from .conftest import start_server, stop_server
+
+
+@pytest.fixture
+def server_url() -> Iterator[str]:
+    """A real server on its own loop in its own thread (the test's loop may be blocked)."""
+    loop = asyncio.new_event_loop()
+    ready: list[object] = []
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        ready.append(loop.run_until_complete(start_server()))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(20)
+    server, task, handle = ready[0]  # type: ignore[misc]
+    try:
+        yield server.url
+    finally:
+        asyncio.run_coroutine_threadsafe(stop_server(task, handle), loop).result(20)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def publish_and_follow(url: str, stream: str) -> list[int]:
+    with Client(url) as client:
+        client.publish_many(stream, [("tick", {"n": i}) for i in range(5)])
+        client.close_stream(stream, status="succeeded")
+        with pytest.raises(StreamNotFound):
+            client.info("missing")
+        with client.follow(stream) as events:
+            return [e.id for e in events if isinstance(e, Event)]
+
+
+def test_sync_client_works_from_a_plain_thread(server_url: str) -> None:
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            result.extend(publish_and_follow(server_url, "t1"))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join(30)
+    assert not errors and result == [1, 2, 3, 4, 5, 6]
+
+
+async def test_sync_client_works_inside_a_running_event_loop(server_url: str) -> None:
+    assert asyncio.get_running_loop().is_running()
+    assert publish_and_follow(server_url, "t2") == [1, 2, 3, 4, 5, 6]
+
+
+def test_sync_run_forever_with_sync_handlers_stops_on_a_threading_event(server_url: str) -> None:
+    stop = threading.Event()
+    seen: list[int] = []
+    stopped_at: list[float] = []
+    with Client(server_url) as client:
+        client.publish_many("t3", [("tick", i) for i in range(3)])
+
+        @client.on("tick")
+        def on_tick(ev: Event, ctx: Context) -> None:
+            seen.append(ev.id)
+            if len(seen) == 3:
+                stopped_at.append(time.monotonic())
+                stop.set()
+
+        assert client.run_forever("t3", stop_event=stop) is None  # stopped, not ended
+        assert time.monotonic() - stopped_at[0] < 1.0
+    assert sorted(seen) == [1, 2, 3]
+
+
+def test_closing_a_sync_follower_early_and_then_the_client(server_url: str) -> None:
+    client = Client(server_url)
+    client.publish("t4", "tick", 1)
+    events = client.follow("t4")
+    first = next(events)
+    assert isinstance(first, Event) and first.id == 1
+    events.close()
+    assert list(events) == []
+    client.close()
+    client.close()  # idempotent
