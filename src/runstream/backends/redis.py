@@ -262,6 +262,10 @@ class RedisEventLog(EventLog):
                 self._listening.wait(), self.options.socket_connect_timeout or None
             )
 
+    async def __aenter__(self) -> RedisEventLog:
+        await self.start()
+        return self
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -308,7 +312,7 @@ class RedisEventLog(EventLog):
         """Keep one pub/sub subscription alive and turn its messages into local wake-ups."""
         delay = RETRY_MIN_SECONDS
         client = aioredis.Redis(connection_pool=self._listen_pool)
-        while True:
+        while not self._closed:
             pubsub: PubSub = client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(self._channel)
@@ -317,18 +321,39 @@ class RedisEventLog(EventLog):
                 self._listening.set()
                 self._wake_all()
                 delay = RETRY_MIN_SECONDS
+                loop = asyncio.get_running_loop()
+                me = asyncio.current_task()
+                heard = loop.time()
                 while True:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS
                     )
-                    if message is None:
-                        # Quiet link: make sure it is still alive (a dead peer raises).
-                        await asyncio.wait_for(client.ping(), self.options.socket_timeout or None)
-                    elif message.get("type") == "message":
-                        self._wake(str(message["data"]))
-            except (redis_errors.RedisError, OSError, TimeoutError) as exc:
+                    if self._closed or (me is not None and me.cancelling()):
+                        # redis-py may swallow our cancellation inside its read.
+                        raise asyncio.CancelledError
+                    conn = pubsub.connection
+                    if conn is None or not conn.is_connected:
+                        # redis-py reports a closed socket as "no message" and drops it.
+                        raise redis_errors.ConnectionError("pub/sub connection closed")
+                    if message is not None:
+                        heard = loop.time()
+                        if message.get("type") == "message":
+                            self._wake(str(message["data"]))
+                    elif loop.time() - heard > 2 * LISTEN_POLL_SECONDS:
+                        raise redis_errors.TimeoutError("pub/sub link silent, PING unanswered")
+                    else:
+                        # Quiet link: a PING must come back (as a message) or the peer is gone.
+                        await pubsub.ping()
+            except (redis_errors.RedisError, OSError) as exc:
+                if self._closed:
+                    # redis-py can turn our cancellation into its own TimeoutError.
+                    return
                 if self._listening.is_set():
-                    log.warning("redis wake-up subscription lost (%s); retrying", exc)
+                    log.warning(
+                        "redis wake-up subscription lost (%s: %s); retrying",
+                        type(exc).__name__,
+                        exc,
+                    )
                 self._listening.clear()
                 # Followers find out about the outage on their next read and back off.
                 self._wake_all()
@@ -380,16 +405,25 @@ class RedisEventLog(EventLog):
             log.warning("stream %r stored but not indexed for listing: %s", stream, exc)
 
     async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+        info, events = await self._shared_read(stream, after, limit)
+        return info, list(events)
+
+    async def _shared_read(self, stream: str, after: int, limit: int) -> _ReadResult:
+        """Read ``stream``, joining an identical read already in flight if nothing changed since.
+
+        A wake-up drops the joinable reads of its stream (:meth:`_wake`), so a
+        caller never joins a read that started before a change it was woken for.
+        """
         self._check_open()
         joinable = self._shared.setdefault(stream, {})
-        task = joinable.get((after, limit))
+        key = (after, limit)
+        task = joinable.get(key)
         if task is None:
             task = asyncio.get_running_loop().create_task(self._read_once(stream, after, limit))
-            joinable[(after, limit)] = task
-            task.add_done_callback(lambda t: self._read_done(stream, (after, limit), t))
+            joinable[key] = task
+            task.add_done_callback(lambda t: self._read_done(stream, key, t))
         # Shielded: one caller giving up must not cancel the read for the others.
-        info, events = await asyncio.shield(task)
-        return info, list(events)
+        return await asyncio.shield(task)
 
     def _read_done(
         self, stream: str, key: tuple[int, int], task: asyncio.Task[_ReadResult]
@@ -404,22 +438,25 @@ class RedisEventLog(EventLog):
 
     async def _read_once(self, stream: str, after: int, limit: int) -> _ReadResult:
         log_key, meta_key, _ = self.keys(stream)
+        meta: dict[str, str]
+        entries: list[tuple[str, dict[str, str]]]
         with _translated("read"):
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(meta_key)
-                pipe.xrange(log_key, min=f"{after + 1}-0", max="+", count=limit)
-                meta, entries = await pipe.execute()
+            if limit == 0:
+                meta = await self._redis.hgetall(meta_key)  # type: ignore[assignment]
+                entries = []
+            else:
+                async with self._redis.pipeline(transaction=True) as pipe:
+                    pipe.hgetall(meta_key)
+                    pipe.xrange(log_key, min=f"{after + 1}-0", max="+", count=limit)
+                    meta, entries = await pipe.execute()
         if not meta:
             raise StreamNotFound(stream)
         return _as_info(stream, meta), tuple(_as_event(i, f) for i, f in entries)
 
     async def info(self, stream: str) -> StreamInfo:
-        self._check_open()
-        with _translated("info"):
-            meta: dict[str, str] = await self._redis.hgetall(self.keys(stream)[1])  # type: ignore[assignment]
-        if not meta:
-            raise StreamNotFound(stream)
-        return _as_info(stream, meta)
+        # A zero-length read: many followers starting at once share one request.
+        info, _ = await self._shared_read(stream, 0, 0)
+        return info
 
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
         self._check_open()
