@@ -534,6 +534,7 @@ def test_acknowledged_appends_survive_kill_9(backend_url: str, tmp_path: Path) -
             break
     proc.send_signal(signal.SIGKILL)
     rest = proc.stdout.read()  # acknowledgements printed before the kill landed
+    proc.stdout.close()
     acked += [int(x) for x in rest.split()]
     proc.wait()
     assert acked == list(range(1, len(acked) + 1))
