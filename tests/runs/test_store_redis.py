@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import RedisServer, free_port
+from tests.conftest import RedisServer, free_port
 from runstream.errors import (
     BackendUnavailable,
     IllegalTransition,
