@@ -121,7 +121,8 @@ async def open_sse(
     client: httpx.AsyncClient, path: str, headers: dict[str, str] | None = None, **params: Any
 ) -> AsyncIterator[SSEReader]:
     hdrs = {"Accept": "text/event-stream", **(headers or {})}
-    async with client.stream("GET", path, headers=hdrs, params=params) as response:
+    # Passing params={} would drop a query string already in ``path``.
+    async with client.stream("GET", path, headers=hdrs, params=params or None) as response:
         yield SSEReader(response)
 
 
