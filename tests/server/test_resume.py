@@ -11,7 +11,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.server.live import LiveServer, StartServer, open_sse, publish
+from tests.server.live import LiveServer, SSEReader, StartServer, open_sse, publish
 
 
 @pytest.fixture
@@ -57,8 +57,6 @@ async def test_browser_style_reconnect_uses_last_event_id_over_the_url(
     async with http.stream(
         "GET", url, headers={"Accept": "text/event-stream", "Last-Event-ID": first[-1].id}
     ) as response:
-        from tests.server.live import SSEReader
-
         sse2 = SSEReader(response)
         more = await sse2.take(5)
     assert ints(first + more) == list(range(3, 10))
