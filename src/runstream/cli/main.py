@@ -27,6 +27,9 @@ def _register() -> None:
 
     for command in (run, tail, ls, show, cancel):
         cli.add_command(command)
+    from runstream.cli.worker import worker
+
+    cli.add_command(worker)
 
 
 _register()

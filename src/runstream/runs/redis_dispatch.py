@@ -70,6 +70,7 @@ from runstream.errors import (
 from runstream.runs.executor import RunControl, execute_run
 from runstream.runs.lifecycle import TERMINAL
 from runstream.runs.model import RunRecord
+from runstream.runs.service import settle_lost
 from runstream.runs.store_redis import RedisRunKeys, RedisRunStore, redis_errors_translated
 from runstream.runs.tasks import TaskRegistry
 
@@ -159,6 +160,18 @@ class RedisRunQueue:
             )
         return str(entry)
 
+    async def submit(self, record: RunRecord) -> None:
+        """:class:`~runstream.runs.service.Dispatcher`: queue a newly created run."""
+        await self.enqueue(record.id, record.attempt)
+
+    async def cancel(self, record: RunRecord) -> None:
+        """:class:`~runstream.runs.service.Dispatcher`: nothing to do here.
+
+        ``RunStore.request_cancel`` already set the flag and published the
+        notice that the worker running the run listens to.
+        """
+        return None
+
     async def stats(self) -> QueueStats:
         """Queue depth and the cluster-wide janitor counters (for ``/metrics``)."""
         redis = self.store.redis
@@ -217,10 +230,6 @@ class WorkerOptions:
         return max(round(self.lease * 1000), 100)
 
 
-RetriesFor = Callable[[str], int]
-"""Task name → how many times a lost run of it may be queued again."""
-
-
 class Janitor:
     """Settles queue entries whose worker stopped heartbeating.
 
@@ -237,7 +246,7 @@ class Janitor:
         *,
         consumer: str,
         lease: float = DEFAULT_LEASE,
-        retries_for: RetriesFor = lambda _task: 0,
+        registry: TaskRegistry | None = None,
         max_deliveries: int = DEFAULT_MAX_DELIVERIES,
         queue: RedisRunQueue | None = None,
     ) -> None:
@@ -246,7 +255,7 @@ class Janitor:
         self.keys = store.keys
         self.consumer = consumer
         self.lease = lease
-        self.retries_for = retries_for
+        self.registry = registry
         self.max_deliveries = max_deliveries
         self.queue = queue or RedisRunQueue(store)
         self.min_idle_ms = round(lease * JANITOR_IDLE_FACTOR * 1000)
@@ -335,36 +344,20 @@ class Janitor:
         await self.resolve_lost(lost, dead_letter=dead_letter)
 
     async def resolve_lost(self, record: RunRecord, *, dead_letter: bool) -> None:
-        """A ``lost`` run: queue it again if its task allows, else close its stream as lost."""
-        retries = 0 if dead_letter or record.cancel_requested else self.retries_for(record.task)
-        retry = record.attempt <= retries
-        reason = record.error or "worker lost"
-        await self._status_event(
-            record.id,
-            {"status": "lost", "attempt": record.attempt, "reason": reason, "retrying": retry},
-        )
-        if not retry:
-            if dead_letter:
-                await self._count("dead_lettered")
-            await self._close(record.id, "lost", reason)
-            return
-        try:
-            queued = await self.store.transition(
-                record.id,
-                "queued",
-                expect=["lost"],
-                match={"attempt": record.attempt},
-                attempt=record.attempt + 1,
-                worker=None,
-                started_at=None,
-                finished_at=None,
-                exit_code=None,
-            )
-        except IllegalTransition:
-            return  # another janitor re-queued it already
-        await self._status_event(record.id, {"status": "queued", "attempt": queued.attempt})
-        await self.queue.enqueue(record.id, queued.attempt)
-        await self._count("retried")
+        """A ``lost`` run: queue it again if its task allows, else close its stream as lost.
+
+        The same rule (and the same status events) as the local pool's
+        :func:`~runstream.runs.service.settle_lost`; a dead-lettered run is never retried.
+        """
+        task = None
+        if not dead_letter and self.registry is not None and record.task in self.registry:
+            task = self.registry.get(record.task)
+        settled = await settle_lost(record, task, self.store, self.log)
+        if settled.status == "queued" and settled.attempt == record.attempt + 1:
+            await self.queue.enqueue(record.id, settled.attempt)
+            await self._count("retried")
+        elif dead_letter:
+            await self._count("dead_lettered")
 
     async def _status_event(self, run_id: str, data: dict[str, Any]) -> None:
         try:
@@ -481,7 +474,7 @@ class RedisWorker:
             log,
             consumer=self.name,
             lease=self.options.lease,
-            retries_for=self._retries_for,
+            registry=registry,
             max_deliveries=self.options.max_deliveries,
             queue=self.queue,
         )
@@ -602,6 +595,11 @@ class RedisWorker:
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every run this worker is executing now (e.g. on a second SIGTERM)."""
+        for held in self.active.values():
+            held.control.cancel(reason)
+
     async def _drain(self) -> None:
         """Stop: let running tasks finish within the grace period, then cancel them."""
         if not self._handlers:
@@ -678,9 +676,6 @@ class RedisWorker:
         """Stopping before this run started: queue it again for another worker."""
         await self.queue.enqueue(held.run_id, held.attempt)
         await self.janitor.ack(held.entry_id)
-
-    def _retries_for(self, task: str) -> int:
-        return self.registry.get(task).retries if task in self.registry else 0
 
     async def _claim_and_run(self, held: _Active, record: RunRecord) -> None:
         if self._stopping.is_set():

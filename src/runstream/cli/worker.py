@@ -1,0 +1,181 @@
+"""``runstream worker``: execute queued runs from a Redis backend, on any host, any number of them.
+
+The worker reads the same ``runstream.toml`` as the API servers (only its
+``[tasks.*]`` and ``[server] backend`` matter here), takes runs from the Redis
+queue, holds a lease on each while it runs, and settles runs of workers that
+died (see :mod:`runstream.runs.redis_dispatch`).
+
+Signals: the first SIGTERM or SIGINT stops taking work and gives running runs
+``--grace`` seconds to finish, after which they are cancelled (each child gets
+SIGTERM, then SIGKILL after its task's grace) and recorded as ``cancelled``; a
+second signal cancels them at once. The process exits 0 once every run it
+took is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import click
+
+from runstream.config import load_settings
+from runstream.errors import ConfigError, RunstreamError
+
+if TYPE_CHECKING:
+    from runstream.runs.redis_dispatch import WorkerOptions
+    from runstream.runs.tasks import TaskRegistry
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_SHUTDOWN_GRACE = 30.0
+READY_LINE = "runstream worker {name} ready"
+"""Printed to stderr once the worker listens for runs (scripts and tests wait for it)."""
+
+
+@click.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="runstream.toml declaring the [tasks.*] to run "
+    "(default: $RUNSTREAM_CONFIG or ./runstream.toml).",
+)
+@click.option(
+    "--backend",
+    default=None,
+    help="redis://host:port/db (default: [server] backend or $RUNSTREAM_BACKEND).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Runs executed at once by this worker.",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="Seconds a run's claim survives without a heartbeat (default 30). A dead "
+    "worker's runs are detected about 1.5 leases after its last heartbeat.",
+)
+@click.option(
+    "--name",
+    default=None,
+    help="Consumer name (default <host>-<pid>). Reuse a name across restarts to settle "
+    "what the previous process left at once.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=DEFAULT_SHUTDOWN_GRACE,
+    show_default=True,
+    help="On SIGTERM/SIGINT, seconds running runs may take to finish before they are cancelled.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="Logging level (default: [server] log_level).",
+)
+def worker(
+    config_path: str | None,
+    backend: str | None,
+    concurrency: int,
+    lease: float | None,
+    name: str | None,
+    grace: float,
+    log_level: str | None,
+) -> None:
+    """Execute queued runs from a Redis backend (any number of workers, any hosts)."""
+    try:
+        settings = load_settings(config_path, backend=backend)
+        url = settings.server.backend
+        if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+            raise ConfigError(
+                f"runstream worker needs a redis:// backend (got {url!r}); with SQLite or "
+                "memory, runs execute inside `runstream serve` (--workers N)"
+            )
+        from runstream.runs.redis_dispatch import (
+            DEFAULT_LEASE,
+            WorkerOptions,
+            default_worker_name,
+        )
+        from runstream.runs.tasks import TaskRegistry
+
+        registry = TaskRegistry.from_config(settings.tasks)
+        options = WorkerOptions(
+            concurrency=concurrency,
+            lease=DEFAULT_LEASE if lease is None else lease,
+            shutdown_grace=grace,
+            name=name or default_worker_name(),
+        )
+    except RunstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+    logging.basicConfig(
+        level=(log_level or settings.server.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if not len(registry):
+        click.echo("warning: no [tasks.*] declared; every run taken will fail", err=True)
+    try:
+        asyncio.run(_work(url, registry, options))
+    except RunstreamError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+async def _work(url: str, registry: TaskRegistry, options: WorkerOptions) -> None:
+    from runstream.backends.redis import RedisEventLog
+    from runstream.runs.redis_dispatch import RedisWorker
+    from runstream.runs.store_redis import RedisRunStore
+
+    store = RedisRunStore.from_url(url)
+    log = RedisEventLog.from_url(url)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    runner = RedisWorker(store, log, registry, options=options)
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            runner.cancel_all(f"worker {options.name} was asked to stop again")
+            return
+        logging.getLogger("runstream.worker").info(
+            "%s received: no new runs; running ones get %gs",
+            signal.Signals(signum).name,
+            options.shutdown_grace,
+        )
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+    async def announce() -> None:
+        await runner.ready.wait()
+        tasks = ", ".join(registry.names()) or "none"
+        click.echo(
+            READY_LINE.format(name=options.name)
+            + f" (tasks: {tasks}; concurrency {options.concurrency}; lease {options.lease:g}s)",
+            err=True,
+        )
+
+    try:
+        async with log:
+            await store.start()
+            announcer = asyncio.create_task(announce())
+            try:
+                await runner.run(stop)
+            finally:
+                announcer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await announcer
+    finally:
+        await store.aclose()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
