@@ -208,8 +208,8 @@ def lines_of(data: bytes) -> list[str]:
 
 
 def run_id_from(stderr: bytes) -> str:
-    """The run id ``runstream run -- CMD`` prints first on stderr."""
-    first = stderr.decode().splitlines()[0].strip()
+    """The run id ``runstream run`` prints first on stderr (``run TASK`` adds its page URL)."""
+    first = stderr.decode().splitlines()[0].split()[0]
     assert first.startswith("run-"), stderr
     return first
 
