@@ -204,10 +204,7 @@ def _exit_text(run: Mapping[str, Any]) -> str:
 
 _LS_COLUMNS = (("RUN", 30), ("TASK", 4), ("STATUS", 9), ("EXIT", 4), ("CREATED", 14),
                ("DURATION", 8))  # fmt: skip
-_SUMMARY_MAX = 60
-
-
-def runs_table(runs: Sequence[Mapping[str, Any]], width: int = _SUMMARY_MAX + 120) -> Table:
+def runs_table(runs: Sequence[Mapping[str, Any]], width: int = 180) -> Table:
     """The ``ls`` table for a terminal ``width`` columns wide.
 
     Every column but the command/params summary keeps its full width; the
@@ -222,7 +219,7 @@ def runs_table(runs: Sequence[Mapping[str, Any]], width: int = _SUMMARY_MAX + 12
             justify="right" if name in ("EXIT", "DURATION") else "left",
         )
     used = sum(w for _, w in _LS_COLUMNS) + 2 * len(_LS_COLUMNS)
-    summary_width = min(_SUMMARY_MAX, width - used - 1)
+    summary_width = width - used - 1
     if summary_width >= 10:
         table.add_column("COMMAND / PARAMS", no_wrap=True, max_width=summary_width)
     for run in runs:
