@@ -137,7 +137,7 @@ async def claim_as_ghost(
     entry, a ``running`` record, and a lease that is not renewed.
     """
     redis = store.redis
-    reply = await redis.xreadgroup(GROUP, ghost, {store.keys.queue: ">"}, count=1)
+    reply: Any = await redis.xreadgroup(GROUP, ghost, {store.keys.queue: ">"}, count=1)
     entry_id = str(reply[0][1][0][0])
     if start:
         await store.transition(
