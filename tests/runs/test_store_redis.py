@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from tests.conftest import RedisServer, free_port
 from runstream.errors import (
     BackendUnavailable,
     IllegalTransition,
@@ -18,6 +17,7 @@ from runstream.errors import (
 )
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.store_redis import RedisRunStore
+from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
