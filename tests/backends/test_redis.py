@@ -115,6 +115,22 @@ async def test_entry_ids_are_the_offsets(shared: RedisEventLog, redis_server: Re
     assert set(fields) == {"t", "d", "ts"}
 
 
+async def test_awkward_text_round_trips_through_one_batch(shared: RedisEventLog) -> None:
+    # A batch travels as one NUL-separated argument: NULs in data, non-ASCII, lone
+    # surrogates and empty strings must come back exactly, in order.
+    items = [
+        NewEvent("ünïcode type ✓", "a\x00b"),
+        NewEvent("t", ""),
+        NewEvent("t", "\ud800 lone surrogate"),
+        NewEvent("t", {"k\x00": ["\x00", "😀" * 1000]}),
+        NewEvent("t", None),
+    ]
+    res = await shared.append("s", items)
+    page = await shared.read("s")
+    assert (res.first_id, res.last_id) == (1, 5)
+    assert [(e.type, e.data) for e in page.events] == [(i.type, i.data) for i in items]
+
+
 async def test_prefixes_isolate_tenants_on_one_server(
     shared: RedisEventLog, redis_server: RedisServer
 ) -> None:

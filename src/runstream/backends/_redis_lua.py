@@ -29,7 +29,9 @@ APPEND = (
     _NOW
     + """
 -- ARGV: new_epoch, channel, name, producer_id ('' = none), producer_seq, max_len ('0' = none),
---       then type, data_json pairs.
+--       count, entries: "type NUL data_json NUL type NUL data_json ..." (one argument, so a
+--       batch costs the client one string, not two per event; neither field can hold a NUL:
+--       types are validated and JSON escapes control characters).
 local log, meta, prod = KEYS[1], KEYS[2], KEYS[3]
 local pid, pseq = ARGV[4], ARGV[5]
 local m = redis.call('HMGET', meta, 'epoch', 'status', 'first_id', 'last_id')
@@ -64,11 +66,16 @@ else
   first_kept, last = 1, 0
   create_meta(meta, epoch, ts)
 end
-local n = (#ARGV - 6) / 2
+local n = tonumber(ARGV[7])
+local blob = ARGV[8]
 local first = last + 1
+local pos = 1
 for i = 0, n - 1 do
+  local a = string.find(blob, '\0', pos, true)
+  local b = string.find(blob, '\0', a + 1, true) or (#blob + 1)
   redis.call('XADD', log, string.format('%d-0', first + i),
-    't', ARGV[7 + 2 * i], 'd', ARGV[8 + 2 * i], 'ts', ts)
+    't', string.sub(blob, pos, a - 1), 'd', string.sub(blob, a + 1, b - 1), 'ts', ts)
+  pos = b + 1
 end
 last = last + n
 redis.call('HSET', meta, 'last_id', string.format('%d', last))
