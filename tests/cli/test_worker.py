@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from runstream.backends.redis import RedisEventLog
@@ -33,7 +34,8 @@ from runstream.runs.redis_dispatch import GROUP, RedisRunQueue
 from runstream.runs.service import RunService
 from runstream.runs.store_redis import RedisRunStore
 from runstream.runs.tasks import TaskRegistry
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
+from tests.server.live import open_sse
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -402,3 +404,104 @@ async def test_a_kill_between_outcome_and_ack_does_not_run_twice(cluster: Cluste
     assert [e.type for e in events].count(END_TYPE) == 1
     pending = await cluster.store.redis.xpending(cluster.store.keys.queue, GROUP)
     assert pending["pending"] == 0
+
+
+SERVER = """
+import asyncio, sys
+from runstream.config import load_settings
+from runstream.runs.http import RunsAPI
+from runstream.server.app import create_app
+from runstream.server.serve import make_server
+
+config, backend, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+settings = load_settings(config, backend=backend, port=port, workers=0, log_level="warning")
+runs = RunsAPI.from_settings(settings, workers=0)
+app = create_app(settings, routers=[runs.router], on_startup=[runs.startup])
+asyncio.run(make_server(app, settings).serve())
+"""
+
+
+async def start_api_server(cluster: Cluster, script: Path) -> tuple[subprocess.Popen[Any], str]:
+    """A real uvicorn process serving the runs API on the cluster's Redis (no workers)."""
+    port = free_port()
+    proc = await asyncio.to_thread(
+        functools.partial(
+            subprocess.Popen,
+            [PY, str(script), str(cluster.config), cluster.url, str(port)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(base_url=base) as client:
+        while True:  # a child process's readiness: nothing to await but the port
+            with contextlib.suppress(httpx.TransportError):
+                if (await client.get("/readyz")).status_code == 200:
+                    return proc, base
+            assert proc.poll() is None, "API server exited during start-up"
+            assert time.monotonic() < deadline, "API server did not start in 30 s"
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.timeout(120)
+async def test_a_run_created_on_one_server_followed_on_another_is_cancelled_through_the_first(
+    cluster: Cluster,
+) -> None:
+    script = cluster.tmp / "api_server.py"
+    script.write_text(SERVER)
+    started = await asyncio.gather(
+        start_api_server(cluster, script),
+        start_api_server(cluster, script),
+        cluster.spawn("wa"),
+        cluster.spawn("wb"),
+        return_exceptions=True,
+    )
+    servers = [s for s in started[:2] if isinstance(s, tuple)]
+    for outcome in started:
+        if isinstance(outcome, BaseException):
+            for proc, _ in servers:
+                proc.kill()
+                await asyncio.to_thread(proc.wait, 30)
+            raise outcome
+    (_, a_url), (_, b_url) = servers
+    try:
+        async with (
+            httpx.AsyncClient(base_url=a_url, timeout=30) as a,
+            httpx.AsyncClient(base_url=b_url, timeout=30) as b,
+        ):
+            created = await a.post("/v1/runs", json={"task": "sleeper", "params": {"seconds": 60}})
+            assert created.status_code == 201, created.text
+            run_id = created.json()["id"]
+            async with open_sse(b, f"/v1/runs/{run_id}/events") as sse:
+                pgid = None
+                while pgid is None:
+                    message = await sse.next()
+                    assert message is not None, "B's stream ended before the run started"
+                    if message.event == "stdout":
+                        line = json.loads(message.data)["line"]
+                        if line.startswith("pid "):
+                            pgid = int(line.split()[1])
+                cluster.children.append(pgid)
+                asked = time.monotonic()
+                cancelled = await a.post(f"/v1/runs/{run_id}/cancel")
+                assert cancelled.status_code == 202, cancelled.text
+                rest = await sse.rest()
+                took = time.monotonic() - asked
+            print(f"\ncancel through A reached the worker and B's follower in {took:.2f}s")
+            assert rest[-1].event == "end"
+            assert json.loads(rest[-1].data)["status"] == "cancelled"
+            status_events = [json.loads(m.data) for m in rest if m.event == "status"]
+            assert status_events[-1]["status"] == "cancelled"
+            final = (await b.get(f"/v1/runs/{run_id}")).json()
+            assert final["status"] == "cancelled"
+            assert final["worker"] in ("wa", "wb")
+            with pytest.raises(ProcessLookupError):
+                os.killpg(pgid, 0)
+            # SIGTERM to the group at once; the task's 1 s grace bounds the SIGKILL.
+            assert took < 5
+    finally:
+        for proc, _ in servers:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
