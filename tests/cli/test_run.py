@@ -14,7 +14,9 @@ from runstream.cli.main import cli as cli_group
 from runstream.runs.model import RunRecord
 from runstream.runs.store import open_run_store
 from tests.cli.conftest import (
+    CLI,
     cli,
+    cli_env,
     finish,
     group_alive,
     py,
@@ -235,3 +237,20 @@ async def test_concurrent_runs_share_the_local_store(tmp_path: Path, env: dict[s
     )
     assert sorted(r.out for r in results) == ["0\n", "1\n", "2\n"]
     assert [r.status for r in await stored_runs(env)] == ["succeeded"] * 3
+
+
+async def test_a_closed_pipe_stops_the_command_like_sigpipe(
+    tmp_path: Path, env: dict[str, str]
+) -> None:
+    """``runstream run -- CMD | head -1``: the reader left, so CMD is stopped, exit 141."""
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", '"$@" | head -1; exit "${PIPESTATUS[0]}"', "sh", *CLI,
+        "run", "-q", "--", "yes", "endless",
+        cwd=tmp_path, env=cli_env(env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    result = await finish(proc)
+    assert result.out == "endless\n"  # and `yes` never ends by itself
+    assert result.code == 141, result.err
+    (run,) = await stored_runs(env)
+    assert run.status == "cancelled"

@@ -27,9 +27,10 @@ timeout, 130 for an interrupt).
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import IO, Any, NoReturn
 
@@ -48,6 +49,7 @@ from runstream.core.model import Event, Reset
 from runstream.errors import RunstreamError
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_CANCELLED",
     "EXIT_ERROR",
     "EXIT_NOT_EXECUTABLE",
@@ -74,6 +76,8 @@ EXIT_SIGNAL_BASE = 128
 EXIT_NOT_EXECUTABLE = 126
 EXIT_NOT_FOUND = 127
 """A shell's codes for a command that exists but cannot run / does not exist."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a writer whose reader went away (``| head``)."""
 
 _STYLES = {
     "succeeded": "bold green",
@@ -174,6 +178,7 @@ class Renderer:
         json_mode: bool = False,
         show_status: bool = True,
         progress: bool | None = None,
+        on_broken_pipe: Callable[[], None] | None = None,
     ) -> None:
         self.out = out if out is not None else _binary(sys.stdout)
         self.err = err if err is not None else _binary(sys.stderr)
@@ -192,6 +197,8 @@ class Renderer:
         self.end: Event | None = None
         self.events = 0
         self.resets: list[Reset] = []
+        self.broken_pipe = False
+        self._on_broken_pipe = on_broken_pipe
 
     # -- feeding ------------------------------------------------------------------
 
@@ -300,8 +307,8 @@ class Renderer:
         self._hide_bar()
         # The log holds what the program's bytes decoded to (invalid bytes already
         # replaced); encoding it again reproduces them, escape codes included.
-        target.write((text + end).encode("utf-8", "surrogateescape"))
-        target.flush()
+        if not self._write(target, (text + end).encode("utf-8", "surrogateescape")):
+            return
         if end:
             self._at_line_start[stream] = True
         elif text:
@@ -309,8 +316,22 @@ class Renderer:
         self._maybe_show_bar()
 
     def _json(self, obj: dict[str, Any]) -> None:
-        self.out.write(json.dumps(obj, ensure_ascii=False).encode() + b"\n")
-        self.out.flush()
+        self._write(self.out, json.dumps(obj, ensure_ascii=False).encode() + b"\n")
+
+    def _write(self, stream: IO[bytes], data: bytes) -> bool:
+        """Write and flush; on a closed pipe (``... | head``) stop writing and say so once."""
+        if self.broken_pipe:
+            return False
+        try:
+            stream.write(data)
+            stream.flush()
+        except BrokenPipeError:
+            self.broken_pipe = True
+            _silence(stream)
+            if self._on_broken_pipe is not None:
+                self._on_broken_pipe()
+            return False
+        return True
 
     def _on_status(self, data: dict[str, Any]) -> None:
         status = str(data.get("status", ""))
@@ -389,6 +410,21 @@ class Renderer:
             self.err.write(_CLEAR_LINE)
             self.err.flush()
             self._bar_visible = False
+
+
+def _silence(stream: IO[bytes]) -> None:
+    """Point a stream whose reader went away at /dev/null, so no later flush can fail."""
+    import os
+
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _int_or_none(value: object) -> int | None:

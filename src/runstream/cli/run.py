@@ -36,6 +36,7 @@ from typing import Any
 import click
 
 from runstream.cli.render import (
+    EXIT_BROKEN_PIPE,
     EXIT_CANCELLED,
     Renderer,
     RunOutcome,
@@ -189,13 +190,19 @@ async def _run_local(
     console = error_console()
     # The output is shown as the command wrote it: only errors and the final
     # word on a cancel/timeout are added, on stderr.
-    renderer = Renderer(show_status=False, console=console)
+    control = RunControl()
+    renderer = Renderer(
+        show_status=False,
+        console=console,
+        # `runstream run -- CMD | head`: the reader is gone, so stop CMD as a shell's
+        # SIGPIPE would (gracefully here, and recorded).
+        on_broken_pipe=lambda: control.cancel("stopped: the output's reader went away"),
+    )
     async with local_runs(url) as (store, log):
         await store.create(record)
         await log.append(record.id, NewEvent("status", {"status": "queued", "attempt": 1}))
         if not quiet:
             console.print(f"{record.id}", style="dim", highlight=False)
-        control = RunControl()
         follower = asyncio.create_task(_show(log.follow(record.id), renderer))
         executor = asyncio.create_task(execute_run(record, spec, log, store, control=control))
         interrupts = 0
@@ -240,6 +247,8 @@ async def _run_local(
         if outcome is None or outcome.status != final.status:
             outcome = outcome_from_run(final.to_json())
     renderer.finish(outcome)
+    if renderer.broken_pipe:
+        return EXIT_BROKEN_PIPE
     _report_local_end(console, record.id, outcome, quiet)
     return outcome.process_exit_code
 
@@ -286,8 +295,10 @@ async def _run_remote(
             return 0
         if not quiet and not as_json:
             console.print(f"{run_id}  {server.rstrip('/')}/#/runs/{run_id}", style="dim")
-        renderer = Renderer(json_mode=as_json, show_status=not quiet, console=console)
         stop = asyncio.Event()
+        renderer = Renderer(
+            json_mode=as_json, show_status=not quiet, console=console, on_broken_pipe=stop.set
+        )
         interrupts = 0
         cancelling: asyncio.Task[Any] | None = None
 
@@ -307,6 +318,8 @@ async def _run_remote(
             outcome = await follow_remote(client, run_id, renderer, stop=stop)
         if cancelling is not None and cancelling.done() and not cancelling.cancelled():
             cancelling.exception()  # a failed cancel request shows in the run's status
+    if renderer.broken_pipe:
+        return EXIT_BROKEN_PIPE
     if outcome is None:
         renderer.finish(None)
         return EXIT_CANCELLED

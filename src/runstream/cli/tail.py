@@ -22,7 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from runstream.cli.render import EXIT_CANCELLED, Renderer, RunOutcome, run_command
+from runstream.cli.render import (
+    EXIT_BROKEN_PIPE,
+    EXIT_CANCELLED,
+    Renderer,
+    RunOutcome,
+    run_command,
+)
 from runstream.cli.runs_cmds import (
     DEFAULT_SERVER_URL,
     backend_option,
@@ -167,8 +173,8 @@ def tail(
     """
 
     async def main() -> int:
-        renderer = Renderer(json_mode=as_json, show_status=not quiet)
         stop = asyncio.Event()
+        renderer = Renderer(json_mode=as_json, show_status=not quiet, on_broken_pipe=stop.set)
         with on_interrupt(stop.set):
             if backend is not None:
                 offset = int(after) if after and after.isdigit() else 0
@@ -180,6 +186,8 @@ def tail(
 
                 async with make_client(server, token) as client:
                     outcome = await follow_remote(client, run_id, renderer, after=after, stop=stop)
+        if renderer.broken_pipe:
+            return EXIT_BROKEN_PIPE
         if outcome is None:
             renderer.finish(None)
             if not quiet and not as_json:
