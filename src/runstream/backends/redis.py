@@ -564,11 +564,12 @@ class RedisEventLog(EventLog):
         self._ensure_listener()
         # Fix the start once: "now" is resolved here and the epoch is pinned, so a
         # restart after an outage resumes exactly where this follower was.
-        info = await self.info(stream)
-        if position.now:
-            position = Position(info.last_id - 1 if info.closed else info.last_id, info.epoch)
-        elif position.epoch is None:
-            position = Position(position.offset, info.epoch)
+        if position.now or position.epoch is None:
+            info = await self.info(stream)
+            if position.now:
+                position = Position(info.last_id - 1 if info.closed else info.last_id, info.epoch)
+            else:
+                position = Position(position.offset, info.epoch)
         offset, epoch = position.offset, position.epoch
         resumed = False
         delay = RETRY_MIN_SECONDS
