@@ -120,34 +120,48 @@ async def backend_append(log: RedisEventLog, batches: list[list[NewEvent]]) -> f
 
 
 async def bench_vs_raw(log: RedisEventLog, url: str, scale: int, reps: int) -> dict[str, Any]:
-    """Backend append next to raw XADD, alternating runs and comparing medians."""
+    """Backend append next to raw XADD, alternating runs and comparing medians.
+
+    For batches, each repetition also runs ``redis-benchmark -P <size>`` for the
+    same number of XADDs, so the server's own ceiling is measured under the same
+    load as the other two.
+    """
     out: dict[str, Any] = {}
     client = aioredis.Redis.from_url(url)
     try:
         for label, size, count in (
-            ("single_sequential", 1, 100 * scale),
-            ("batch_100", 100, 10 * scale),
-            ("batch_1000", 1000, 2 * scale),
+            ("single_sequential", 1, 200 * scale),
+            ("batch_100", 100, 20 * scale),
+            ("batch_1000", 1000, 4 * scale),
         ):
-            raw_rates, backend_rates = [], []
+            raw_rates, backend_rates, bench_rates = [], [], []
             for _ in range(reps):
                 batches = batches_of(size, count)
                 raw_rates.append(await raw_xadd(client, batches))
                 backend_rates.append(await backend_append(log, batches))
+                if size > 1:
+                    measured = redis_benchmark(url, size * count, pipeline=size)
+                    if measured and "requests_per_s" in measured:
+                        bench_rates.append(measured["requests_per_s"])
             raw, backend = statistics.median(raw_rates), statistics.median(backend_rates)
-            out[label] = {
+            entry: dict[str, Any] = {
                 "events": size * count,
                 "raw_xadd_events_per_s": raw,
                 "backend_events_per_s": backend,
                 "ratio": round(backend / raw, 3),
             }
+            if bench_rates:
+                ceiling = statistics.median(bench_rates)
+                entry["redis_benchmark_xadd_per_s"] = ceiling
+                entry["ratio_vs_redis_benchmark"] = round(backend / ceiling, 3)
+            out[label] = entry
     finally:
         await client.aclose()
     return out
 
 
-def redis_benchmark(url: str, requests: int) -> dict[str, Any] | None:
-    """``redis-benchmark -P 100`` XADD rate (auto ids, same payload) on the same server."""
+def redis_benchmark(url: str, requests: int, pipeline: int = 100) -> dict[str, Any] | None:
+    """``redis-benchmark -P <pipeline>`` XADD rate (auto ids, same payload), one client."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         return None
@@ -155,7 +169,7 @@ def redis_benchmark(url: str, requests: int) -> dict[str, Any] | None:
     data = common.make_event(0).data_json
     key = f"rb:{{{uuid.uuid4().hex}}}"
     # fmt: off
-    args = [binary, "-h", host, "-p", port, "-n", str(requests), "-P", "100", "-c", "1",
+    args = [binary, "-h", host, "-p", port, "-n", str(requests), "-P", str(pipeline), "-c", "1",
             "-q", "XADD", key, "*", "t", "stdout", "d", data, "ts", "0"]
     # fmt: on
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, check=False)
@@ -164,7 +178,10 @@ def redis_benchmark(url: str, requests: int) -> dict[str, Any] | None:
     # The quiet output ends its (carriage-return-updated) line with "<n> requests per second".
     found = re.findall(r"([\d.]+) requests per second", result.stdout)
     if found:
-        return {"command": "XADD * (pipeline 100, 1 client)", "requests_per_s": float(found[-1])}
+        return {
+            "command": f"XADD * (pipeline {pipeline}, 1 client)",
+            "requests_per_s": float(found[-1]),
+        }
     return {"error": result.stderr.strip() or result.stdout.strip()}
 
 
