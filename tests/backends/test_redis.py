@@ -312,7 +312,6 @@ async def test_redis_error_reply_becomes_backend_error(
     assert err.value.__cause__ is not None
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_follower_gets_every_acked_event_once_across_redis_kill_and_restart(
     private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
@@ -380,6 +379,39 @@ async def test_aclose_ends_followers_with_backend_error(shared: RedisEventLog) -
         await asyncio.wait_for(task, 10)
 
 
+async def test_append_from_another_process_wakes_a_follower(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"{redis_server.url}?prefix={unique_prefix()}"
+    async with RedisEventLog.from_url(url) as reader, RedisEventLog.from_url(url) as writer:
+        # With a one-minute safety poll only the pub/sub wake-up can deliver in time.
+        reader.safety_poll = 60
+        found_nothing = asyncio.Event()
+        real_read = reader._shared_read
+
+        async def spy_read(stream: str, after: int, limit: int) -> Any:
+            result = await real_read(stream, after, limit)
+            if limit and not result[1]:
+                found_nothing.set()
+            return result
+
+        monkeypatch.setattr(reader, "_shared_read", spy_read)
+        await writer.append("s", ev(0))
+        follower = reader.follow("s", after=1)
+        pending = asyncio.ensure_future(anext(follower))
+        # Append only once the follower has read, found nothing and gone to wait.
+        await asyncio.wait_for(found_nothing.wait(), 10)
+        await writer.append("s", ev(1))
+        item = await asyncio.wait_for(pending, 10)
+        assert isinstance(item, Event)
+        assert (item.id, item.data) == (2, {"i": 1})
+        await writer.close("s")
+        end = await asyncio.wait_for(anext(follower), 10)
+        assert isinstance(end, Event)
+        assert end.is_end
+        await follower.aclose()  # type: ignore[attr-defined]
+
+
 # -- one reader per stream per process -------------------------------------------
 
 
@@ -389,7 +421,6 @@ async def client_connections(client: aioredis.Redis) -> int:
     return sum(1 for c in await client.client_list() if int(c["id"]) != me)
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_thousand_followers_share_a_handful_of_connections(
     private_redis: RedisServer,
