@@ -232,3 +232,19 @@ async def test_unreachable_redis_raises_backend_unavailable() -> None:
             await store.get("run-x")
     finally:
         await store.aclose()
+
+
+async def test_pooled_connections_survive_a_redis_restart(private_redis: RedisServer) -> None:
+    store = RedisRunStore.from_url(f"{private_redis.url}?prefix=restart")
+    try:
+        records = await asyncio.gather(*(store.create(_record()) for _ in range(4)))
+        assert len(store.redis.connection_pool._available_connections) > 1
+        # In a thread, so this loop sees the server close the pooled connections.
+        await asyncio.to_thread(private_redis.restart)
+        # Every idle connection is stale now; each must be replaced, not fail a command.
+        again = await asyncio.gather(*(store.get(r.id) for r in records))
+        assert again == records  # AOF (fsync always) kept them
+        moved = await store.transition(records[0].id, "running", worker="w")
+        assert moved.status == "running"
+    finally:
+        await store.aclose()

@@ -62,6 +62,7 @@ from runstream.backends.base import EventLog
 from runstream.core.model import NewEvent
 from runstream.errors import (
     BackendError,
+    BackendUnavailable,
     IllegalTransition,
     RunNotFound,
     RunstreamError,
@@ -71,7 +72,12 @@ from runstream.runs.executor import RunControl, execute_run
 from runstream.runs.lifecycle import TERMINAL
 from runstream.runs.model import RunRecord
 from runstream.runs.service import settle_lost
-from runstream.runs.store_redis import RedisRunKeys, RedisRunStore, redis_errors_translated
+from runstream.runs.store_redis import (
+    NO_MAINT_NOTIFICATIONS,
+    RedisRunKeys,
+    RedisRunStore,
+    redis_errors_translated,
+)
 from runstream.runs.tasks import TaskRegistry
 
 __all__ = [
@@ -310,12 +316,27 @@ class Janitor:
             await self.store.redis.hincrby(_stats_key(self.keys), name, n)
 
     async def ack(self, entry_id: str) -> None:
-        """Acknowledge and delete a settled entry (so the stream only holds live work)."""
-        with redis_errors_translated("XACK"):
-            async with self.store.redis.pipeline(transaction=True) as pipe:
-                pipe.xack(self.keys.queue, GROUP, entry_id)
-                pipe.xdel(self.keys.queue, entry_id)
-                await pipe.execute()
+        """Acknowledge and delete a settled entry (so the stream only holds live work).
+
+        Both commands are idempotent, so a connection lost on the way is retried
+        for up to one lease; if Redis stays away longer the entry remains pending
+        and a janitor acknowledges it later (the run is already settled).
+        """
+        delay = RECONNECT_MIN
+        deadline = time.monotonic() + self.lease
+        while True:
+            try:
+                with redis_errors_translated("XACK"):
+                    async with self.store.redis.pipeline(transaction=True) as pipe:
+                        pipe.xack(self.keys.queue, GROUP, entry_id)
+                        pipe.xdel(self.keys.queue, entry_id)
+                        await pipe.execute()
+                return
+            except BackendUnavailable:
+                if time.monotonic() + delay > deadline:
+                    raise
+            await asyncio.sleep(delay)  # backoff while Redis is unreachable
+            delay = min(delay * 2, RECONNECT_MAX)
 
     async def release_lease(self, run_id: str, holder: str) -> None:
         """Delete the run's lease if (and only if) ``holder`` holds it."""
@@ -489,6 +510,7 @@ class RedisWorker:
             connection_pool=aioredis.BlockingConnectionPool(
                 connection_class=store.redis.connection_pool.connection_class,
                 max_connections=2,
+                maint_notifications_config=NO_MAINT_NOTIFICATIONS,
                 **{
                     **store.redis.connection_pool.connection_kwargs,
                     # A blocking XREADGROUP must not hit the socket timeout.

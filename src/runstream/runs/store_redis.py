@@ -29,6 +29,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends.redis import RedisOptions, parse_url
 from runstream.errors import (
@@ -44,6 +45,12 @@ from runstream.runs.model import RunRecord
 from runstream.runs.store import RunStore
 
 __all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
+
+NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
+"""redis-py 8 turns maintenance notifications on ("auto") for RESP3, and with them on
+its pool skips the check that drops a pooled connection the server closed: after a
+Redis restart the first command on every idle connection would fail. Off, a stale
+connection is noticed and replaced when it is taken from the pool."""
 
 RUN_STORE_MAX_CONNECTIONS = 8
 LIST_SCAN_BATCH = 200
@@ -209,6 +216,7 @@ class RedisRunStore(RunStore):
                 decode_responses=True,
                 # A timed-out script may have run: never resend a write behind the caller's back.
                 retry=None,
+                maint_notifications_config=NO_MAINT_NOTIFICATIONS,
             )
         except ValueError as exc:
             raise ConfigError(f"invalid redis URL: {exc}") from exc
