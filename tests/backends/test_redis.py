@@ -312,6 +312,22 @@ async def test_redis_error_reply_becomes_backend_error(
     assert err.value.__cause__ is not None
 
 
+async def test_follower_ends_on_a_backend_error_that_is_not_an_outage(
+    shared: RedisEventLog, redis_server: RedisServer
+) -> None:
+    # Only unreachability is waited out; a broken key must surface, not loop forever.
+    shared.safety_poll = 0.05
+    await shared.append("s", ev(1))
+    follower = shared.follow("s")
+    assert isinstance(await asyncio.wait_for(anext(follower), 10), Event)
+    async with raw_client(redis_server.url) as client:
+        await client.delete(shared.keys("s")[1])
+        await client.set(shared.keys("s")[1], "not a hash")
+    with pytest.raises(BackendError) as err:
+        await asyncio.wait_for(anext(follower), 10)
+    assert not isinstance(err.value, BackendUnavailable)
+
+
 @pytest.mark.timeout(120)
 async def test_follower_gets_every_acked_event_once_across_redis_kill_and_restart(
     private_redis: RedisServer, monkeypatch: pytest.MonkeyPatch

@@ -73,6 +73,8 @@ DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
 RETRY_MIN_SECONDS = 0.05
 RETRY_MAX_SECONDS = 2.0
+FOLLOW_RECOVERY_WAIT = 10.0
+"""Longest a follower waits for the wake-up reader to reconnect before probing Redis itself."""
 LISTEN_POLL_SECONDS = 1.0
 """How long the pub/sub reader waits for a message before checking its state again."""
 LISTEN_HEALTH_SECONDS = 10
@@ -153,6 +155,9 @@ def _translated(what: str) -> Iterator[None]:
         yield
     except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
         raise BackendUnavailable(f"redis unreachable during {what}: {exc}") from exc
+    except redis_errors.ReadOnlyError as exc:
+        # A replica, typically mid-failover: retrying against the new primary will work.
+        raise BackendUnavailable(f"redis is read-only during {what}: {exc}") from exc
     except redis_errors.RedisError as exc:
         raise BackendError(f"redis failed during {what}: {exc}") from exc
 
@@ -594,9 +599,15 @@ class RedisEventLog(EventLog):
                 if resumed and not isinstance(exc, StreamDeleted):
                     raise StreamDeleted(stream) from exc
                 raise
-            except BackendError:
+            except BackendUnavailable:
                 if self._closed:
                     raise
                 resumed = True
             await asyncio.sleep(delay)  # backoff while Redis is unreachable
             delay = min(delay * 2, RETRY_MAX_SECONDS)
+            if not self._listening.is_set():
+                # The wake-up reader retries the connection for the whole process; rather
+                # than every follower probing a dead server, wait until it gets through
+                # (bounded, in case only the subscription is failing).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._listening.wait(), FOLLOW_RECOVERY_WAIT)
