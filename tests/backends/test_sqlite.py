@@ -217,6 +217,27 @@ async def test_follower_sees_close_and_delete_from_another_process(tmp_path: Pat
             await asyncio.wait_for(proc.wait(), WAIT)
 
 
+async def test_idle_backend_does_not_spin_after_foreign_commits(tmp_path: Path) -> None:
+    db = tmp_path / "idle.db"
+    # Two instances in one process use two connections: to each other, "another process".
+    async with SQLiteEventLog(db) as mine, SQLiteEventLog(db) as theirs:
+        await mine.append("s", NewEvent("n", 0))
+        follower = mine.follow("s", after=1)
+        waiting = asyncio.ensure_future(anext(follower))
+        await asyncio.sleep(0.05)  # let it park, so the poller is watching
+        await theirs.append("other", NewEvent("n", 0))
+        await theirs.close("s")
+        end = await asyncio.wait_for(waiting, WAIT)
+        assert end.is_end  # type: ignore[union-attr]
+        await follower.aclose()  # type: ignore[attr-defined]
+        await theirs.append("other", NewEvent("n", 1))  # a foreign commit nobody follows
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await asyncio.sleep(0.5)
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+    assert cpu < 0.5 * wall, (cpu, wall)
+
+
 async def test_two_processes_appending_interleave_without_gaps(tmp_path: Path) -> None:
     db = tmp_path / "two.db"
     script = tmp_path / "appender.py"

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar, cast
+from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from runstream.backends.base import EventLog
@@ -168,6 +168,15 @@ class _Request(Generic[T]):
     future: asyncio.Future[T]
 
 
+class _Wake:
+    """Queue item that only wakes the writer (to probe for other processes' commits)."""
+
+
+_WAKE = _Wake()
+_QueueItem: TypeAlias = "_Request[Any] | _Wake | None"
+"""What the writer's queue carries; ``None`` asks it to stop."""
+
+
 @dataclass(slots=True)
 class _Outcome:
     request: _Request[Any]
@@ -258,7 +267,7 @@ class SQLiteEventLog(EventLog):
         self.commits = 0
         self._state: Literal["new", "running", "closed"] = "new"
         self._start_lock = asyncio.Lock()
-        self._queue: queue.SimpleQueue[_Request[Any] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
         self._queue_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._writer_conn: sqlite3.Connection | None = None
@@ -267,7 +276,11 @@ class SQLiteEventLog(EventLog):
         self._poll_executor: ThreadPoolExecutor | None = None
         self._poll_conn: sqlite3.Connection | None = None
         self._poll_task: asyncio.Task[None] | None = None
-        self._data_version: int | None = None
+        # Set (on the loop) when the writer saw another connection's commit.
+        self._foreign_pending = False
+        self._poll_waiter: asyncio.Future[None] | None = None
+        self._foreign_version: int | None = None
+        self._watching = False
         # stream -> (epoch, status, first_id, last_id) last seen by the poller; None = absent.
         self._seen: dict[str, tuple[str, str, int, int] | None] = {}
 
@@ -408,7 +421,7 @@ class SQLiteEventLog(EventLog):
             self._queue = queue.SimpleQueue()
             self._writer = threading.Thread(
                 target=self._writer_main,
-                args=(conn, self._queue),
+                args=(conn, self._queue, asyncio.get_running_loop()),
                 name=f"runstream-sqlite-writer:{self.path}",
                 daemon=True,
             )
@@ -418,7 +431,9 @@ class SQLiteEventLog(EventLog):
                 self.readers, thread_name_prefix="runstream-sqlite-read"
             )
             self._poll_executor = ThreadPoolExecutor(1, thread_name_prefix="runstream-sqlite-poll")
-            self._data_version = None
+            self._foreign_pending = False
+            self._foreign_version = None
+            self._watching = False
             self._seen.clear()
             self._state = "running"
             self._poll_task = asyncio.get_running_loop().create_task(
@@ -490,15 +505,23 @@ class SQLiteEventLog(EventLog):
         return await fut
 
     def _writer_main(
-        self, conn: sqlite3.Connection, requests: queue.SimpleQueue[_Request[Any] | None]
+        self,
+        conn: sqlite3.Connection,
+        requests: queue.SimpleQueue[_QueueItem],
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         try:
             stopping = False
             while not stopping:
-                first = requests.get()
+                try:
+                    # While someone follows, wake up regularly to look for other
+                    # processes' commits even when this one writes nothing.
+                    first = requests.get(timeout=self.poll_interval if self._watching else None)
+                except queue.Empty:
+                    first = _WAKE
                 if first is None:
                     break
-                batch = [first]
+                batch: list[_Request[Any]] = [first] if isinstance(first, _Request) else []
                 # Everything that queued up while the previous commit was syncing
                 # goes into this transaction: that is the group commit.
                 while len(batch) < MAX_GROUP_REQUESTS:
@@ -509,8 +532,12 @@ class SQLiteEventLog(EventLog):
                     if item is None:
                         stopping = True
                         break
-                    batch.append(item)
-                self._run_group(conn, batch)
+                    if isinstance(item, _Request):
+                        batch.append(item)
+                if batch:
+                    self._run_group(conn, batch)
+                if self._watching:
+                    self._probe_foreign_commits(conn, loop)
         finally:
             leftovers: list[_Outcome] = []
             while True:
@@ -518,11 +545,29 @@ class SQLiteEventLog(EventLog):
                     item = requests.get_nowait()
                 except queue.Empty:
                     break
-                if item is not None:
+                if isinstance(item, _Request):
                     error = BackendError(f"sqlite backend {self.path!r} is closed")
                     leftovers.append(_Outcome(item, error=error))
             self._deliver_outcomes(leftovers)
             conn.close()
+
+    def _probe_foreign_commits(
+        self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Tell the poller if any other connection committed since the last probe.
+
+        The writer's connection is the only one whose ``data_version`` ignores
+        this backend's own commits (their followers were woken directly), so
+        the poller compares stream states only when another process wrote.
+        """
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error:
+            return  # the next probe will see it; followers also re-read on their own
+        if version != self._foreign_version:
+            self._foreign_version = version
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to wake
+                loop.call_soon_threadsafe(self._on_foreign_commit)
 
     def _run_group(self, conn: sqlite3.Connection, batch: list[_Request[Any]]) -> None:
         """Run ``batch`` in one transaction and deliver every request's outcome.
@@ -859,19 +904,47 @@ class SQLiteEventLog(EventLog):
 
     # -- cross-process wake-ups ----------------------------------------------
 
+    def _on_foreign_commit(self) -> None:
+        """Called on the loop when the writer saw another connection's commit."""
+        self._foreign_pending = True
+        waiter = self._poll_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def _poll_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.poll_interval)
+            if not self._foreign_pending:
+                # Sleep one interval, or less if the writer reports a foreign commit.
+                waiter: asyncio.Future[None] = loop.create_future()
+                timer = loop.call_later(self.poll_interval, _resolve, waiter)
+                self._poll_waiter = waiter
+                try:
+                    await waiter
+                finally:
+                    timer.cancel()
+                    self._poll_waiter = None
             watched = self.notifier.watched()
+            if watched and not self._watching:
+                self._watching = True
+                self._queue.put(_WAKE)  # the writer may be parked without a timeout
+            elif not watched:
+                self._watching = False
             executor = self._poll_executor
+            if not self._foreign_pending:
+                continue
+            # Cleared before comparing (or when nobody follows: a later follower
+            # reads the current state anyway), so the next tick really waits.
+            self._foreign_pending = False
             if not watched or executor is None:
                 continue
             try:
                 changed = await loop.run_in_executor(executor, self._poll_once, watched)
             except (sqlite3.Error, RunstreamError):
-                # Transient (e.g. a lock during a checkpoint); followers' safety poll
-                # and the next tick cover it.
+                # Transient (e.g. a lock during recovery): look again a tick later;
+                # followers' safety re-read covers the rest.
+                await asyncio.sleep(self.poll_interval)
+                self._foreign_pending = True
                 continue
             for stream in changed:
                 self.notifier.notify(stream)
@@ -881,10 +954,6 @@ class SQLiteEventLog(EventLog):
         conn = self._poll_conn
         if conn is None:  # closing
             return []
-        version = conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self._data_version:
-            return []
-        self._data_version = version
         current: dict[str, tuple[str, str, int, int] | None] = dict.fromkeys(watched)
         conn.execute("BEGIN")
         try:
@@ -907,6 +976,11 @@ class SQLiteEventLog(EventLog):
         if len(self._seen) > 4 * max(len(watched), 1000):
             self._seen = {s: self._seen[s] for s in watched}
         return changed
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def _decode_all(texts: list[str]) -> list[Any]:
