@@ -106,6 +106,8 @@ DEFAULT_MAX_DELIVERIES = 5
 READ_BLOCK_SECONDS = 0.5
 """How long one XREADGROUP waits; also bounds how late a stop request is noticed."""
 CLAIM_BATCH = 50
+DRAIN_MARGIN = 10.0
+"""Seconds beyond the longest task grace that a stopping worker waits for cancelled runs."""
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 STATS_FIELDS = ("lost", "retried", "dead_lettered", "reclaimed")
@@ -463,6 +465,8 @@ class _Active:
     run_id: str
     attempt: int = 1
     running: bool = False
+    waiting: bool = False
+    """Waiting for its task's concurrency slot: does not occupy a worker slot."""
     control: RunControl = field(default_factory=RunControl)
 
 
@@ -506,6 +510,7 @@ class RedisWorker:
         self._task_slots: dict[str, asyncio.Semaphore] = {}
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._slots_changed = asyncio.Event()
         self._reader = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool(
                 connection_class=store.redis.connection_pool.connection_class,
@@ -556,7 +561,15 @@ class RedisWorker:
         delay = RECONNECT_MIN
         await self._retry_until(stop, self.queue.ensure_group)
         while not stop.is_set():
-            free = self.options.concurrency - len(self.active)
+            # Cleared before counting, so a change made after the count wakes the wait.
+            self._slots_changed.clear()
+            # Runs waiting for their task's limit do not hold up runs of other tasks,
+            # but at most ``concurrency`` of them are held, so a worker never hoards.
+            busy = sum(1 for held in self.active.values() if not held.waiting)
+            free = min(
+                self.options.concurrency - busy,
+                2 * self.options.concurrency - len(self.active),
+            )
             if free <= 0:
                 await self._wait_for_slot(stop)
                 continue
@@ -596,14 +609,14 @@ class RedisWorker:
             delay = min(delay * 2, RECONNECT_MAX)
 
     async def _wait_for_slot(self, stop: asyncio.Event) -> None:
-        if not self._handlers:
-            await asyncio.sleep(0)  # a handler is being spawned; let it register
-            return
+        """Until a held entry finishes or starts waiting for its task's slot, or ``stop``."""
         stopper = asyncio.create_task(stop.wait())
+        changed = asyncio.create_task(self._slots_changed.wait())
         try:
-            await asyncio.wait({stopper, *self._handlers}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stopper, changed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopper.cancel()
+            changed.cancel()
 
     def _spawn(self, entry_id: str, fields: dict[str, str]) -> None:
         run_id = fields.get("run", "")
@@ -636,9 +649,15 @@ class RedisWorker:
             set(self._handlers), timeout=self.options.shutdown_grace
         )
         if pending:
-            for held in self.active.values():
-                held.control.cancel(f"worker {self.name} shut down before the run finished")
-            await asyncio.wait(pending)
+            self.cancel_all(f"worker {self.name} shut down before the run finished")
+            # Each child gets SIGTERM, then SIGKILL after its task's grace; then the
+            # outcome is stored. Past that bound, cancel the handlers themselves (the
+            # executor still records ``cancelled``, best effort).
+            longest = max((t.grace for t in self.registry), default=0.0)
+            _done, pending = await asyncio.wait(pending, timeout=longest + DRAIN_MARGIN)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- one entry -------------------------------------------------------------
 
@@ -652,6 +671,7 @@ class RedisWorker:
             log.exception("worker %s: run %s failed unexpectedly", self.name, held.run_id)
         finally:
             self.active.pop(held.entry_id, None)
+            self._slots_changed.set()
 
     async def _handle_entry(self, held: _Active) -> None:
         try:
@@ -672,9 +692,18 @@ class RedisWorker:
         slot = self._task_slots.get(record.task)
         if slot is None:
             slot = self._task_slots[record.task] = asyncio.Semaphore(limit)
-        if not await self._acquire_unless_stopping(slot):
-            await self._hand_back(held)
-            return
+        if not slot.locked():
+            await slot.acquire()  # free: returns at once, no other handler runs in between
+        else:
+            held.waiting = True
+            self._slots_changed.set()
+            try:
+                acquired = await self._acquire_unless_stopping(slot)
+            finally:
+                held.waiting = False
+            if not acquired:
+                await self._hand_back(held)
+                return
         try:
             await self._claim_and_run(held, record)
         finally:
@@ -884,6 +913,10 @@ class RedisWorker:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=READ_BLOCK_SECONDS
                     )
+                    conn = pubsub.connection
+                    if conn is None or not conn.is_connected:
+                        # redis-py reports a closed link as "no message": reconnect.
+                        raise redis_errors.ConnectionError("pub/sub connection closed")
                     if message is None or message.get("type") != "message":
                         continue
                     run_id = str(message["data"])
