@@ -35,7 +35,7 @@ class LiveServer:
 
 async def start_server(
     *, retry_ms: int = 5, keepalive: float = 0.1, **server: object
-) -> tuple[LiveServer, asyncio.Task[None], object]:
+) -> tuple[LiveServer, asyncio.Task[None], tuple[Server, socket.socket]]:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -63,8 +63,8 @@ async def start_server(
     return LiveServer(f"http://127.0.0.1:{port}", port, backend, settings), task, (srv, sock)
 
 
-async def stop_server(task: asyncio.Task[None], handle: object) -> None:
-    srv, sock = handle  # type: ignore[misc]
+async def stop_server(task: asyncio.Task[None], handle: tuple[Server, socket.socket]) -> None:
+    srv, sock = handle
     srv.should_exit = True
     await asyncio.wait_for(task, 10)
     sock.close()

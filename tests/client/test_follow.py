@@ -28,7 +28,7 @@ async def test_follow_reads_history_then_end(live_server: LiveServer, proxy: Fau
         await producer.close_stream("s1", status="succeeded")
         items = [item async for item in consumer.follow("s1")]
     assert [i.id for i in items if isinstance(i, Event)] == list(range(1, 22))
-    assert items[-1].type == "end"
+    assert isinstance(items[-1], Event) and items[-1].is_end
 
 
 @pytest.mark.slow

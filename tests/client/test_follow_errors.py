@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -43,7 +44,7 @@ def header(head: bytes, name: str) -> str | None:
     return None
 
 
-async def collect(client: AsyncClient, stream: str = "s", **kw: object) -> list[Event | Reset]:
+async def collect(client: AsyncClient, stream: str = "s", **kw: Any) -> list[Event | Reset]:
     return [item async for item in client.follow(stream, **kw)]
 
 
@@ -188,7 +189,7 @@ async def test_406_switches_to_long_polling_from_the_same_position() -> None:
     async with RawServer(respond) as srv, AsyncClient(srv.url) as c:
         items = await collect(c, after="ep:2")
     assert [(i.id, i.type) for i in items if isinstance(i, Event)] == [(3, "tick"), (4, "end")]
-    assert items[0].time == pytest.approx(1795438800.0)
+    assert isinstance(items[0], Event) and items[0].time == pytest.approx(1795438800.0)
     assert b"after=ep%3A2" in srv.requests[1]
 
 

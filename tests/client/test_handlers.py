@@ -6,6 +6,7 @@ import asyncio
 import random
 import threading
 from collections import defaultdict
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -18,7 +19,7 @@ from .conftest import LiveServer
 from .faultproxy import Fault, FaultProxy
 
 
-async def fill(server: LiveServer, stream: str, events: list[tuple[str, object]]) -> None:
+async def fill(server: LiveServer, stream: str, events: Sequence[tuple[str, object]]) -> None:
     async with AsyncClient(server.url) as c:
         await c.publish_many(stream, events)
         await c.close_stream(stream, status="succeeded")

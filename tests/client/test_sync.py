@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -13,15 +14,16 @@ from runstream.client._sync import Client
 from runstream.client.handlers import Context
 from runstream.core.model import Event
 from runstream.errors import StreamNotFound
+from runstream.server.serve import Server
 
-from .conftest import start_server, stop_server
+from .conftest import LiveServer, start_server, stop_server
 
 
 @pytest.fixture
 def server_url() -> Iterator[str]:
     """A real server on its own loop in its own thread (the test's loop may be blocked)."""
     loop = asyncio.new_event_loop()
-    ready: list[object] = []
+    ready: list[tuple[LiveServer, asyncio.Task[None], tuple[Server, socket.socket]]] = []
     started = threading.Event()
 
     def run() -> None:
@@ -33,7 +35,7 @@ def server_url() -> Iterator[str]:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     assert started.wait(20)
-    server, task, handle = ready[0]  # type: ignore[misc]
+    server, task, handle = ready[0]
     try:
         yield server.url
     finally:
