@@ -78,6 +78,10 @@ params = {{ marker = {{ type = "string" }} }}
 retries = 1
 grace = 1
 
+[tasks.greet]
+callable = "worker_tasks:greet"
+params = {{ name = {{ type = "string" }} }}
+
 [tasks.count]
 command = {_toml([PY, "-u", "-c", COUNT, "{path}"])}
 params = {{ path = {{ type = "string" }} }}
@@ -132,6 +136,7 @@ class Cluster:
         grace: float = 10,
         argv0: list[str] | None = None,
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> WorkerProcess:
         args = [
             *(argv0 or [PY, "-m", "runstream.cli.main"]),
@@ -158,6 +163,7 @@ class Cluster:
                 stderr=subprocess.PIPE,
                 text=True,
                 env={**os.environ, **(env or {})},
+                cwd=cwd,
             )
         )
         worker = WorkerProcess(name, proc)
@@ -358,6 +364,32 @@ async def test_sigterm_cancels_runs_that_outlive_the_grace(cluster: Cluster) -> 
     events = await cluster.until_end(record.id)
     assert events[-1].data["status"] == "cancelled"
     assert await cluster.pending() == 0
+
+
+WORKER_TASKS = """
+async def greet(ctx):
+    await ctx.log("info", "greeting " + ctx.params["name"])
+    await ctx.progress(current=1, total=1)
+    return {"hello": ctx.params["name"], "attempt": ctx.attempt}
+"""
+
+
+@pytest.mark.timeout(90)
+async def test_a_python_task_from_the_config_runs_in_the_worker_process(
+    cluster: Cluster,
+) -> None:
+    app = cluster.tmp / "app"
+    app.mkdir()
+    (app / "worker_tasks.py").write_text(WORKER_TASKS)
+    # The console script, started in the application's directory, imports the task there.
+    await cluster.spawn("wa", argv0=[str(Path(PY).with_name("runstream"))], cwd=app)
+    record = await cluster.service.create("greet", {"name": "redis"})
+    events = await cluster.until_end(record.id)
+    assert [e.data for e in events if e.type == "result"] == [{"hello": "redis", "attempt": 1}]
+    assert {"line": "greeting redis", "level": "info"} in [
+        e.data for e in events if e.type == "stdout"
+    ]
+    assert (await cluster.store.get(record.id)).status == "succeeded"
 
 
 HOLD_ACK = """

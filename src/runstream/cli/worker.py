@@ -5,6 +5,9 @@ The worker reads the same ``runstream.toml`` as the API servers (only its
 queue, holds a lease on each while it runs, and settles runs of workers that
 died (see :mod:`runstream.runs.redis_dispatch`).
 
+Python tasks (``callable = "pkg.module:fn"``) are imported from the working
+directory (and the usual ``sys.path``).
+
 Signals: the first SIGTERM or SIGINT stops taking work and gives running runs
 ``--grace`` seconds to finish, after which they are cancelled (each child gets
 SIGTERM, then SIGKILL after its task's grace) and recorded as ``cancelled``; a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -125,6 +129,10 @@ def worker(
     )
     if not len(registry):
         click.echo("warning: no [tasks.*] declared; every run taken will fail", err=True)
+    # Python tasks (callable = "pkg.module:fn") import from the working directory, as
+    # with `python -m`; the console script alone would not look there.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         asyncio.run(_work(url, registry, options))
     except RunstreamError as exc:
