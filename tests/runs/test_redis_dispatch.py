@@ -535,3 +535,46 @@ async def test_a_worker_carries_on_after_redis_restarts(private_redis: RedisServ
             assert (await store.get(before.id)).status == "succeeded"
     finally:
         await store.aclose()
+
+
+async def test_a_worker_presumed_dead_cannot_overwrite_the_next_attempt(
+    store: RedisRunStore, log: RedisEventLog, queue: RedisRunQueue
+) -> None:
+    """A network partition: A's heartbeats stop, B takes over; A comes back and must yield."""
+    first_started = asyncio.Event()
+    first_stopped = asyncio.Event()
+
+    async def work(ctx: RunContext) -> str:
+        if ctx.attempt == 1:
+            first_started.set()
+            try:
+                await ctx.cancelled.wait()
+            finally:
+                first_stopped.set()
+            return "attempt 1 must not be recorded"
+        return "attempt 2"
+
+    registry = TaskRegistry()
+    registry.python("work", work, retries=1)
+    async with running_worker(store, log, registry, name="a", janitor=False, concurrency=1) as a:
+        partitioned = True
+        real_beat = a._beat
+
+        async def beat_unless_partitioned(held: Any) -> None:
+            if not partitioned:
+                await real_beat(held)
+
+        a._beat = beat_unless_partitioned  # type: ignore[method-assign]
+        record = await submit(store, log, queue, "work")
+        async with asyncio.timeout(10):
+            await first_started.wait()
+        async with running_worker(store, log, registry, name="b"):
+            events = await until_end(log, record.id)
+            partitioned = False  # A's link is back: its next heartbeat sees the truth
+            async with asyncio.timeout(10):
+                await first_stopped.wait()
+    final = await store.get(record.id)
+    assert (final.status, final.attempt, final.worker) == ("succeeded", 2, "b")
+    assert [e.data for e in events if e.type == "result"] == ["attempt 2"]
+    assert [e.type for e in events].count(END_TYPE) == 1
+    assert (await queue.stats()).pending == 0
