@@ -37,7 +37,7 @@ from runstream.client.handlers import (
 from runstream.client.metrics import Metrics
 from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
 from runstream.core.model import JSON, AppendResult, Event, NewEvent, Page, StreamInfo
-from runstream.errors import RetriesExhausted, ValidationError
+from runstream.errors import RemoteError, RetriesExhausted, ValidationError
 
 log = logging.getLogger("runstream.client")
 
@@ -167,8 +167,9 @@ class AsyncClient:
                 last_exc: Exception = exc
             except httpx.TransportError as exc:
                 if not idempotent:
-                    raise RetriesExhausted(
-                        f"{what}: {exc!r} (not retried: not idempotent)"
+                    raise RemoteError(
+                        f"{what}: {exc!r}; not retried: the request may have reached the "
+                        "server and is not idempotent"
                     ) from exc
                 reason, last_exc = "network", exc
             else:
@@ -197,13 +198,7 @@ class AsyncClient:
     # -- streams ---------------------------------------------------------------------
 
     async def publish(self, stream: str, type: str, data: JSON = None) -> AppendResult:
-        """Append one event. Retries are safe: each call gets the next producer seq.
-
-        Raises :class:`StreamClosed`, :class:`ValidationError`,
-        :class:`RetriesExhausted` (the server stayed unreachable; the event may
-        or may not be stored — publishing again is still safe only with the
-        same seq, which this client does not reuse across calls).
-        """
+        """Append one event; see :meth:`publish_many`."""
         return await self.publish_many(stream, [NewEvent(type, data)])
 
     async def publish_many(
@@ -211,10 +206,18 @@ class AsyncClient:
         stream: str,
         events: Iterable[NewEvent | Mapping[str, Any] | tuple[str, Any]],
     ) -> AppendResult:
-        """Append a batch atomically (all or none), with producer id + seq for safe retries.
+        """Append a batch atomically (all or none); returns the ids it got.
 
-        Appends to one stream from one client are serialised so that seqs reach
-        the server in order.
+        Each call takes this client's next producer seq for ``stream`` and every
+        retry of the call (network error, 5xx, 429) resends that same seq, so
+        an append whose answer was lost is not stored twice (the result then
+        has ``duplicate=True``). Appends to one stream from one client are
+        serialised so that seqs reach the server in order.
+
+        Raises :class:`StreamClosed`, :class:`ValidationError`,
+        :class:`PayloadTooLarge`, or :class:`RetriesExhausted` when the server
+        stayed unreachable — the batch may or may not be stored then; a new
+        call uses a new seq and would store it again if it was.
         """
         batch = [_to_new_event(e) for e in events]
         if not batch:

@@ -435,7 +435,12 @@ class Follower:
     # -- SSE ---------------------------------------------------------------------
 
     def _request_headers(self) -> tuple[dict[str, str], dict[str, str]]:
-        headers = {"Accept": "text/event-stream", "Cache-Control": "no-cache"}
+        # identity: a compressing intermediary would otherwise buffer the stream.
+        headers = {
+            "Accept": "text/event-stream",
+            "Accept-Encoding": "identity",
+            "Cache-Control": "no-cache",
+        }
         headers.update(self._session.auth_headers())
         params: dict[str, str] = {}
         if self.epoch is not None:
@@ -470,7 +475,8 @@ class Follower:
                 self._state.on_open()
                 self.refreshed_auth = False
                 self.metrics.connections += 1
-                chunks = response.aiter_raw()
+                # aiter_bytes undoes a Content-Encoding the server applied anyway.
+                chunks = response.aiter_bytes()
                 while True:
                     try:
                         chunk = await self._guard(anext(chunks))
