@@ -34,8 +34,13 @@ class LiveServer:
 
 
 async def start_server(
-    *, retry_ms: int = 5, keepalive: float = 0.1, **server: object
+    *,
+    retry_ms: int = 5,
+    keepalive: float = 0.1,
+    tasks: dict[str, dict[str, object]] | None = None,
+    **server: object,
 ) -> tuple[LiveServer, asyncio.Task[None], tuple[Server, socket.socket]]:
+    """Start the app (plus the runs API when ``tasks`` are declared) on a free port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -50,10 +55,19 @@ async def start_server(
             log_level="warning",
             shutdown_grace=0.2,
             **server,  # type: ignore[arg-type]
-        )
+        ),
+        tasks=tasks or {},
     )
     backend = MemoryEventLog()
-    app = create_app(settings, backend=backend)
+    if tasks:
+        from runstream.runs.http import RunsAPI
+
+        runs = RunsAPI.from_settings(settings, shutdown_grace=1.0)
+        app = create_app(
+            settings, backend=backend, routers=[runs.router], on_startup=[runs.startup]
+        )
+    else:
+        app = create_app(settings, backend=backend)
     srv = make_server(app, settings, access_log=False, server_class=_TestServer)
     task = asyncio.create_task(srv.serve(sockets=[sock]))
     while not srv.started:

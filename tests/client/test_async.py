@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 
@@ -13,7 +14,7 @@ from runstream.client.policy import RetryPolicy
 from runstream.core.model import Event
 from runstream.errors import StreamClosed, StreamNotFound, TaskNotFound
 
-from .conftest import LiveServer
+from .conftest import LiveServer, start_server, stop_server
 from .faultproxy import Fault, FaultProxy
 from .rawserver import RawServer, http_response
 
@@ -163,3 +164,37 @@ async def test_stop_drains_running_handlers_with_a_timeout(live_server: LiveServ
         took = loop.time() - t0
     assert finished == [1]  # the quick one finished during the drain, the stuck one was cut
     assert 0.25 <= took < STOP_WITHIN
+
+
+async def test_a_run_is_created_followed_to_its_end_and_listed() -> None:
+    script = "import sys; print('hello', sys.argv[1]); print('bye', file=sys.stderr)"
+    tasks: dict[str, dict[str, object]] = {
+        "hello": {
+            "command": [sys.executable, "-u", "-c", script, "{name}"],
+            "params": {"name": {"type": "string", "default": "world"}},
+        }
+    }
+    server, task, handle = await start_server(tasks=tasks)
+    try:
+        async with AsyncClient(server.url) as client:
+            run = await client.create_run("hello", {"name": "sdk"})
+            lines: list[str] = []
+            statuses: list[str] = []
+            async with client.follow_run(run["id"]) as events:
+                async for item in events:
+                    assert isinstance(item, Event)
+                    if item.type in ("stdout", "stderr"):
+                        lines.append(item.data["line"])
+                    elif item.type == "status":
+                        statuses.append(item.data["status"])
+                    last = item
+            assert last.is_end and last.data["status"] == "succeeded"
+            assert sorted(lines) == ["bye", "hello sdk"]  # two pipes: no order between them
+            assert statuses[-1] == "succeeded" and "running" in statuses
+            assert (await client.get_run(run["id"]))["status"] == "succeeded"
+            listed = await client.list_runs(task="hello")
+            assert run["id"] in json.dumps(listed)
+            with pytest.raises(TaskNotFound):
+                await client.create_run("no-such-task")
+    finally:
+        await stop_server(task, handle)
