@@ -475,6 +475,7 @@ async def test_thousand_followers_share_a_handful_of_connections(
     # 8 pooled command connections + 1 pub/sub connection, whatever the number of followers.
     assert live <= 9
     assert peak <= 9
+    assert backend.connection_pool is not None
     assert backend.connection_pool.max_connections == 8
     # Concurrent followers at the same position share reads: far fewer than one per follower
     # per event (7,000 without sharing).

@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -37,6 +37,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from runstream.backends import _redis_lua as lua
 from runstream.backends.base import EventLog
@@ -93,7 +96,8 @@ class RedisOptions:
     entries on append. ``max_connections`` bounds the command pool per process
     (the pub/sub connection is one more); callers wait up to ``pool_timeout``
     seconds for a free connection. ``socket_timeout``/``socket_connect_timeout``
-    bound how long a command can hang on an unreachable server.
+    bound how long a command can hang on an unreachable server. ``cluster``
+    connects with redis-py's Cluster client (the URL names any one node).
     """
 
     prefix: str = DEFAULT_PREFIX
@@ -103,6 +107,7 @@ class RedisOptions:
     pool_timeout: float = DEFAULT_POOL_TIMEOUT
     socket_timeout: float = DEFAULT_SOCKET_TIMEOUT
     socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    cluster: bool = False
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c in self.prefix for c in "{} \r\n"):
@@ -114,7 +119,16 @@ class RedisOptions:
             raise ConfigError("redis options need max_len >= 0 and max_connections >= 1")
 
 
-_OPTION_PARSERS: dict[str, type] = {
+def _flag(value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(value)
+
+
+_OPTION_PARSERS: dict[str, Callable[[str], object]] = {
     "prefix": str,
     "closed_ttl": float,
     "max_len": int,
@@ -122,6 +136,7 @@ _OPTION_PARSERS: dict[str, type] = {
     "pool_timeout": float,
     "socket_timeout": float,
     "socket_connect_timeout": float,
+    "cluster": _flag,
 }
 
 
@@ -220,21 +235,42 @@ class RedisEventLog(EventLog):
             # would store it twice. Callers see BackendUnavailable and decide.
             "retry": None,
         }
+        self._redis: aioredis.Redis | RedisCluster
+        self._listen_client: aioredis.Redis | RedisCluster
+        self._pool: aioredis.BlockingConnectionPool | None = None
         try:
-            self._pool = aioredis.BlockingConnectionPool.from_url(
-                url, max_connections=opts.max_connections, timeout=opts.pool_timeout, **common
-            )
-            # redis-py PINGs a quiet subscription this often (replies filtered out), so a
-            # dead link surfaces as an error instead of silence.
-            self._listen_pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=1,
-                timeout=opts.pool_timeout,
-                **{**common, "health_check_interval": LISTEN_HEALTH_SECONDS},
-            )
+            if opts.cluster:
+                # Cluster pools raise instead of waiting when full: the semaphore below
+                # does the waiting. No retries, as above (MOVED/ASK are still followed).
+                cluster_kwargs = {**common, "retry": Retry(NoBackoff(), 0)}
+                self._redis = RedisCluster.from_url(
+                    url, max_connections=opts.max_connections, **cluster_kwargs
+                )
+                self._listen_client = RedisCluster.from_url(
+                    url,
+                    max_connections=2,
+                    **{**cluster_kwargs, "health_check_interval": LISTEN_HEALTH_SECONDS},
+                )
+            else:
+                self._pool = aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=opts.max_connections, timeout=opts.pool_timeout, **common
+                )
+                self._redis = aioredis.Redis(connection_pool=self._pool)
+                # redis-py PINGs a quiet subscription this often (replies filtered out), so
+                # a dead link surfaces as an error instead of silence.
+                listen_pool = aioredis.BlockingConnectionPool.from_url(
+                    url,
+                    max_connections=1,
+                    timeout=opts.pool_timeout,
+                    **{**common, "health_check_interval": LISTEN_HEALTH_SECONDS},
+                )
+                self._listen_client = aioredis.Redis(connection_pool=listen_pool)
         except ValueError as exc:
             raise ConfigError(f"invalid redis URL: {exc}") from exc
-        self._redis = aioredis.Redis(connection_pool=self._pool)
+        # At most this many commands in flight per process, whatever the client type.
+        self._slots = asyncio.Semaphore(opts.max_connections)
+        self._ready = not opts.cluster
+        self._ready_lock = asyncio.Lock()
         self._append_script = self._redis.register_script(lua.APPEND)
         self._close_script = self._redis.register_script(lua.CLOSE)
         self._delete_script = self._redis.register_script(lua.DELETE)
@@ -261,9 +297,37 @@ class RedisEventLog(EventLog):
         return f"{base}:log", f"{base}:meta", f"{base}:prod"
 
     @property
-    def connection_pool(self) -> aioredis.BlockingConnectionPool:
-        """The bounded command pool (for monitoring; do not issue commands on it)."""
+    def connection_pool(self) -> aioredis.BlockingConnectionPool | None:
+        """The bounded command pool (None with ``cluster``; for monitoring only)."""
         return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _op(self, what: str) -> AsyncIterator[None]:
+        """Run one operation's commands: a free slot, then errors translated."""
+        self._check_open()
+        try:
+            async with asyncio.timeout(self.options.pool_timeout or None):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise BackendUnavailable(
+                f"no free redis connection for {what} within {self.options.pool_timeout}s"
+            ) from None
+        try:
+            with _translated(what):
+                if not self._ready:
+                    await self._prepare()
+                yield
+        finally:
+            self._slots.release()
+
+    async def _prepare(self) -> None:
+        # redis-py's Cluster client loads the slot map lazily, and concurrent first
+        # commands each reload it, dropping each other's connections: load it once.
+        async with self._ready_lock:
+            if not self._ready:
+                if isinstance(self._redis, RedisCluster):
+                    await self._redis.initialize()
+                self._ready = True
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -297,12 +361,12 @@ class RedisEventLog(EventLog):
         # Followers blocked on a wake-up read again, find the backend closed and end.
         self.notifier.notify_all()
         await self._redis.aclose()
-        await self._pool.aclose()
-        await self._listen_pool.aclose()
+        await self._listen_client.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
     async def ping(self) -> None:
-        self._check_open()
-        with _translated("PING"):
+        async with self._op("PING"):
             await self._redis.ping()
 
     def _check_open(self) -> None:
@@ -330,10 +394,12 @@ class RedisEventLog(EventLog):
     async def _listen(self) -> None:
         """Keep one pub/sub subscription alive and turn its messages into local wake-ups."""
         delay = RETRY_MIN_SECONDS
-        client = aioredis.Redis(connection_pool=self._listen_pool)
+        client = self._listen_client
         while not self._closed:
             pubsub: PubSub = client.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(client, RedisCluster):
+                    await client.initialize()  # pub/sub needs the slot map loaded
                 await pubsub.subscribe(self._channel)
                 # Anything appended while we were not subscribed was not announced:
                 # have every follower look again.
@@ -354,7 +420,7 @@ class RedisEventLog(EventLog):
                         raise redis_errors.ConnectionError("pub/sub connection closed")
                     if message is not None and message.get("type") == "message":
                         self._wake(str(message["data"]))
-            except (redis_errors.RedisError, OSError) as exc:
+            except Exception as exc:  # this task must outlive any failure
                 if self._closed:
                     # redis-py can turn our cancellation into its own TimeoutError.
                     return
@@ -395,7 +461,7 @@ class RedisEventLog(EventLog):
             # in Python, which would otherwise dominate the cost of a large batch.
             "\0".join(fields).encode("utf-8", "surrogatepass"),
         ]
-        with _translated("append"):
+        async with self._op("append"):
             reply = await self._append_script(keys=self.keys(stream), args=args)
         kind = reply[0]
         if kind == "closed":
@@ -415,8 +481,9 @@ class RedisEventLog(EventLog):
         # The index lives outside the stream's slot, so it cannot be in the script. The
         # append already succeeded: failing it now would invite a duplicate retry.
         try:
-            await self._redis.zadd(self._index_key, {stream: 0})
-        except redis_errors.RedisError as exc:
+            async with self._op("index"):
+                await self._redis.zadd(self._index_key, {stream: 0})
+        except BackendError as exc:
             log.warning("stream %r stored but not indexed for listing: %s", stream, exc)
 
     async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
@@ -455,7 +522,7 @@ class RedisEventLog(EventLog):
         log_key, meta_key, _ = self.keys(stream)
         meta: dict[str, str]
         entries: list[tuple[str, dict[str, str]]]
-        with _translated("read"):
+        async with self._op("read"):
             if limit == 0:
                 meta = await self._redis.hgetall(meta_key)  # type: ignore[assignment]
                 entries = []
@@ -486,7 +553,7 @@ class RedisEventLog(EventLog):
             reason or "",
             round(self.options.closed_ttl * 1000),
         ]
-        with _translated("close"):
+        async with self._op("close"):
             created, meta = await self._close_script(keys=self.keys(stream), args=args)
         if created:
             await self._index(stream)
@@ -495,7 +562,7 @@ class RedisEventLog(EventLog):
 
     async def delete(self, stream: str) -> None:
         self._check_open()
-        with _translated("delete"):
+        async with self._op("delete"):
             # Unlist first: a re-creation can only happen after the keys are gone, so its
             # own ZADD comes after this ZREM and is never undone by it.
             await self._redis.zrem(self._index_key, stream)
@@ -517,7 +584,7 @@ class RedisEventLog(EventLog):
         high = f"[{prefix}\u00ff" if prefix else "+"
         found: list[StreamInfo] = []
         while len(found) < limit:
-            with _translated("list"):
+            async with self._op("list"):
                 names: list[str] = await self._redis.zrangebylex(  # type: ignore[assignment]
                     self._index_key, low, high, start=0, num=limit - len(found)
                 )
@@ -538,7 +605,7 @@ class RedisEventLog(EventLog):
     async def _unlist(self, name: str) -> None:
         # The stream expired or was deleted. Re-check after removing: a re-creation that
         # raced with us has already run its ZADD, which our ZREM would otherwise undo.
-        with _translated("list"):
+        async with self._op("list"):
             await self._redis.zrem(self._index_key, name)
             if await self._redis.exists(self.keys(name)[1]):
                 await self._redis.zadd(self._index_key, {name: 0})
@@ -555,7 +622,7 @@ class RedisEventLog(EventLog):
             "" if max_len is None else str(max_len),
             "" if max_age is None else repr(float(max_age)),
         ]
-        with _translated("trim"):
+        async with self._op("trim"):
             removed = int(await self._trim_script(keys=self.keys(stream)[:2], args=args))
         if removed < 0:
             raise StreamNotFound(stream)
