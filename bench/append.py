@@ -143,6 +143,43 @@ async def bench_backend(log: EventLog, scale: int) -> dict[str, Any]:
     return out
 
 
+async def bench_append_under_reads(log: EventLog, appends: int) -> dict[str, Any]:
+    """Single-append latency alone, then while two tasks read 10,000-event pages nonstop."""
+    big = unique("big")
+    for b in range(10):
+        await log.append(big, [make_event(b * 1000 + i) for i in range(1000)])
+
+    async def latencies(stream: str) -> list[float]:
+        out = []
+        for i in range(appends):
+            t0 = time.perf_counter()
+            await log.append(stream, make_event(i))
+            out.append(time.perf_counter() - t0)
+        return out
+
+    alone = await latencies(unique("alone"))
+    stop = asyncio.Event()
+    pages = 0
+
+    async def reader() -> None:
+        nonlocal pages
+        while not stop.is_set():
+            await log.read(big, limit=10_000)
+            pages += 1
+
+    readers = [asyncio.create_task(reader()) for _ in range(2)]
+    try:
+        loaded = await latencies(unique("loaded"))
+    finally:
+        stop.set()
+        await asyncio.gather(*readers)
+    return {
+        "alone": percentiles(alone),
+        "with_2_readers_of_10000_events": percentiles(loaded),
+        "pages_read": pages,
+    }
+
+
 # -- follow latency -----------------------------------------------------------------------
 
 CHILD_APPENDER = textwrap.dedent(
@@ -288,6 +325,7 @@ async def run_one(url: str, scale: int, rounds: int) -> dict[str, Any]:
             result["synchronous"] = log.synchronous
         result["append"] = await bench_backend(log, scale)
         result["follow"] = await bench_follow(url, log, rounds)
+        result["append_latency_under_reads"] = await bench_append_under_reads(log, rounds)
         if isinstance(log, SQLiteEventLog):
             result["vs_raw_sqlite"] = await bench_sqlite_vs_raw(log, scale, reps=5)
     return result

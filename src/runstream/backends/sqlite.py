@@ -28,6 +28,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -74,6 +75,9 @@ POLL_INTERVAL = 0.025
 READER_THREADS = 4
 MAX_GROUP_REQUESTS = 1000
 """Upper bound of requests folded into one transaction, to bound commit latency."""
+
+DECODE_CHUNK = 200
+"""Events decoded per ``json.loads`` call when reading a page."""
 
 POLL_CHUNK = 500
 """Stream names per query when the poller compares watched streams' state."""
@@ -578,7 +582,7 @@ class SQLiteEventLog(EventLog):
         outcomes: list[_Outcome] = []
         try:
             failed = self._run_requests(conn, batch, outcomes)
-            if failed is None:
+            if failed is None and conn.in_transaction:
                 conn.execute("COMMIT")
                 self.commits += 1
         except Exception as exc:
@@ -597,10 +601,17 @@ class SQLiteEventLog(EventLog):
     def _run_requests(
         self, conn: sqlite3.Connection, batch: list[_Request[Any]], outcomes: list[_Outcome]
     ) -> Exception | None:
-        """Run each request in its own savepoint; return an error that voids the whole group."""
+        """Run each request in its own savepoint; return an error that voids the whole group.
+
+        A lone request needs no savepoint (its failure rolls back the whole
+        transaction): every statement saved matters, since each one hands the
+        GIL back and forth with reader threads.
+        """
+        savepoints = len(batch) > 1
         conn.execute("BEGIN IMMEDIATE")
         for request in batch:
-            conn.execute("SAVEPOINT request")
+            if savepoints:
+                conn.execute("SAVEPOINT request")
             try:
                 value = request.op(conn)
             except Exception as exc:
@@ -610,10 +621,14 @@ class SQLiteEventLog(EventLog):
                     # SQLite rolled the whole transaction back (I/O error, disk
                     # full): nothing of this group is stored.
                     return error
-                conn.execute("ROLLBACK TO request")
-                conn.execute("RELEASE request")
+                if savepoints:
+                    conn.execute("ROLLBACK TO request")
+                    conn.execute("RELEASE request")
+                else:
+                    conn.execute("ROLLBACK")
             else:
-                conn.execute("RELEASE request")
+                if savepoints:
+                    conn.execute("RELEASE request")
                 outcomes.append(_Outcome(request, value=value))
         return None
 
@@ -850,20 +865,32 @@ class SQLiteEventLog(EventLog):
                 if row is None:
                     raise StreamNotFound(stream)
                 base = _base(row[0])
-                rows = conn.execute(
+                cursor = conn.execute(
                     "SELECT key, type, data, time FROM events WHERE key > ? AND key <= ? "
                     "ORDER BY key LIMIT ?",
                     (base + after, base + MAX_EVENT_ID, limit),
-                ).fetchall()
+                )
+                rows: list[Any] = []
+                while chunk := cursor.fetchmany(DECODE_CHUNK):
+                    rows += chunk
+                    time.sleep(0)  # as below: let the writer have the GIL
             finally:
                 conn.execute("COMMIT")
             # Decoded here, off the event loop: a large page would stall every
             # other task (and so every append's acknowledgement) for its duration.
-            datas = _decode_all([r[2] for r in rows])
-            return _info(row[1:]), [
-                Event(k - base, t, data, tm)
-                for (k, t, _, tm), data in zip(rows, datas, strict=True)
-            ]
+            events: list[Event] = []
+            for i in range(0, len(rows), DECODE_CHUNK):
+                chunk = rows[i : i + DECODE_CHUNK]
+                datas = _decode_all([r[2] for r in chunk])
+                events += [
+                    Event(k - base, t, data, tm)
+                    for (k, t, _, tm), data in zip(chunk, datas, strict=True)
+                ]
+                # Hand the GIL over between chunks. Otherwise the writer thread,
+                # which needs it briefly between each of its SQLite calls, waits a
+                # full switch interval for every one of them while pages decode.
+                time.sleep(0)
+            return _info(row[1:]), events
 
         return await self._reader(read)
 
@@ -984,15 +1011,25 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 
 def _decode_all(texts: list[str]) -> list[Any]:
-    """Decode stored JSON texts; one parse of the joined array is ~3x faster than one each."""
-    if not texts:
-        return []
-    try:
-        values = json.loads("[" + ",".join(texts) + "]")
-        if isinstance(values, list) and len(values) == len(texts):
-            return values
-    except ValueError:
-        pass
+    """Decode stored JSON texts; one parse of a joined array is ~3x faster than one each.
+
+    Joined in chunks: one ``json.loads`` call holds the GIL until it returns, and
+    a whole 10,000-event page would stall the event loop and the writer meanwhile.
+    """
+    out: list[Any] = []
+    for i in range(0, len(texts), DECODE_CHUNK):
+        chunk = texts[i : i + DECODE_CHUNK]
+        try:
+            values = json.loads("[" + ",".join(chunk) + "]")
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or len(values) != len(chunk):
+            values = _decode_each(chunk)
+        out += values
+    return out
+
+
+def _decode_each(texts: list[str]) -> list[Any]:
     # Something stored is not one JSON value each: decode one by one to say which.
     out = []
     for text in texts:
