@@ -21,6 +21,9 @@ per wake-up, not a thousand, and never more connections than the pool holds.
 If Redis is unreachable, commands fail fast with
 :class:`~runstream.errors.BackendUnavailable` while followers back off and
 resume from the last id they delivered once Redis is back.
+
+``?cluster=1`` switches to redis-py's Cluster client: the scripts and reads
+touch one slot each, and ``PUBLISH`` reaches subscribers on every node.
 """
 
 from __future__ import annotations
