@@ -14,9 +14,13 @@ Layout of the work:
 * **Readers** use their own connections from a small thread pool. The file is in
   WAL mode, so readers never block the writer and each read is one snapshot.
 * **Other processes** may share the file (a CLI run next to a server). Their
-  commits do not go through our writer, so a poller checks ``PRAGMA
-  data_version`` every :data:`POLL_INTERVAL` seconds while something is being
-  followed and wakes the followers of streams whose state changed.
+  commits do not go through our writer. While something is followed, the writer
+  checks ``PRAGMA data_version`` on its own connection after each group and
+  every :data:`POLL_INTERVAL` seconds when idle; that value changes only when
+  *another* connection committed, so our own commits cost no extra work. On a
+  change, a poller task compares the followed streams' state with what it last
+  saw and wakes the followers of those that changed (a stream it has not seen
+  yet counts as changed).
 """
 
 from __future__ import annotations
@@ -73,6 +77,14 @@ POLL_INTERVAL = 0.025
 """Seconds between checks for commits made by other processes (while followers wait)."""
 
 READER_THREADS = 4
+"""Threads (each with its own connection) serving reads."""
+
+ID_BITS = 32
+MAX_EVENT_ID = (1 << ID_BITS) - 1
+"""Largest event id a stream can reach in this backend (about 4.3 billion)."""
+MAX_SID = (1 << (63 - ID_BITS)) - 1
+"""Largest stream row id, so that ``sid << ID_BITS | id`` fits a signed 64-bit key."""
+
 MAX_GROUP_REQUESTS = 1000
 """Upper bound of requests folded into one transaction, to bound commit latency."""
 
@@ -115,8 +127,8 @@ _SCHEMA = (
     # For people inspecting the file with the sqlite3 shell.
     f"""
     CREATE VIEW IF NOT EXISTS stream_events AS
-    SELECT s.name AS stream, e.key & {(1 << 32) - 1} AS id, e.type, e.data, e.time
-    FROM events AS e JOIN streams AS s ON s.sid = e.key >> 32
+    SELECT s.name AS stream, e.key & {MAX_EVENT_ID} AS id, e.type, e.data, e.time
+    FROM events AS e JOIN streams AS s ON s.sid = e.key >> {ID_BITS}
     """,
     """
     CREATE TABLE IF NOT EXISTS producers (
@@ -135,11 +147,6 @@ _INFO_COLUMNS = (
 )
 _SELECT_STREAM = f"SELECT sid, {_INFO_COLUMNS} FROM streams WHERE name = ?"
 _INSERT_EVENT = "INSERT INTO events (key, type, data, time) VALUES (?, ?, ?, ?)"
-
-ID_BITS = 32
-MAX_EVENT_ID = (1 << ID_BITS) - 1
-"""Largest event id a stream can reach in this backend (about 4.3 billion)."""
-MAX_SID = (1 << (63 - ID_BITS)) - 1
 
 
 def _base(sid: int) -> int:
