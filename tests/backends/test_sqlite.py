@@ -512,6 +512,17 @@ def test_bad_urls_raise_config_error(url: str) -> None:
         SQLiteEventLog.from_url(url)
 
 
+@pytest.mark.parametrize(("query", "level"), [("", 2), ("synchronous=normal", 1)])
+async def test_synchronous_setting_reaches_the_writer_connection(
+    tmp_path: Path, query: str, level: int
+) -> None:
+    log = SQLiteEventLog.from_url(url_for(tmp_path / "sync.db", query))
+    async with log:
+        # Queued like any write, so it runs on the writer thread's own connection.
+        got = await log._write("s", lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+    assert got == level
+
+
 async def test_start_creates_missing_parent_directories_of_relative_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
