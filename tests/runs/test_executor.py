@@ -243,15 +243,19 @@ async def test_run_no_longer_queued_is_not_executed(log: EventLog, store: RunSto
     assert lines(await events(log, record.id)) == []
 
 
-async def test_decision_by_someone_else_is_not_overwritten(log: EventLog, store: RunStore) -> None:
-    task = TaskSpec.build("t", command=py("import time; print('up', flush=True); time.sleep(1)"))
+async def test_decision_by_someone_else_is_not_overwritten_and_stops_the_work(
+    log: EventLog, store: RunStore
+) -> None:
+    task = TaskSpec.build("t", command=py("import time; print('up', flush=True); time.sleep(60)"))
     record = await submit(store, log, task)
-    running = asyncio.create_task(execute_run(record, task, log, store, worker="zombie"))
+    running = asyncio.create_task(
+        execute_run(record, task, log, store, worker="zombie", cancel_poll=0.05)
+    )
     await wait_for_line(log, record.id, "up")
     await store.transition(record.id, "lost", error="declared dead")
-    final = await asyncio.wait_for(running, 20)
+    final = await asyncio.wait_for(running, 20)  # the child was stopped, not waited for
     assert (final.status, final.error) == ("lost", "declared dead")
-    assert not (await log.info(record.id)).closed
+    assert not (await log.info(record.id)).closed  # closing is the decider's job
 
 
 async def wait_for_line(log: EventLog, run_id: str, text: str) -> None:

@@ -357,7 +357,7 @@ async def test_run_left_running_by_a_killed_server_is_lost_or_retried(
                 namespace: dict[str, Any] = {}
                 exec(compile(DEAD_WORKER, "dead_worker", "exec"), namespace)
                 registry = namespace["registry"](str(marker), retries)
-                pool = LocalWorkerPool(registry, store, log, workers=1)
+                pool = LocalWorkerPool(registry, store, log, workers=1, shutdown_grace=2)
                 await pool.start()
                 try:
                     assert pool.lost_marked == 1

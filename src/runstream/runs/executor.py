@@ -227,6 +227,14 @@ class _Execution:
                 continue  # a store hiccup must not kill the run; try again next time
             if current.cancel_requested:
                 self.control.cancel()
+            elif (current.status, current.worker, current.attempt) != (
+                "running",
+                self.worker,
+                self.record.attempt,
+            ):
+                # Someone else settled this attempt (e.g. declared it lost): stop the work;
+                # the fenced final transition keeps their decision.
+                self.control.cancel(f"run is {current.status} and no longer run by this worker")
         self.stop.set()
 
     def _stop_status(self) -> _Outcome:

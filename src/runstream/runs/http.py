@@ -1,0 +1,410 @@
+"""The runs API (SPEC §3): ``/v1/tasks``, ``/v1/runs`` and a run's events over SSE/JSON/WS.
+
+Wire it into the app with :class:`RunsAPI`, which owns the router and a
+start-up hook (no server file needs to know about runs)::
+
+    runs = RunsAPI.from_settings(settings)             # tasks from [tasks.*]
+    app = create_app(settings, routers=[runs.router], on_startup=[runs.startup])
+
+On start-up the hook opens the run store on the app's backend URL, builds the
+:class:`~runstream.runs.service.RunService`, starts the in-process
+:class:`~runstream.runs.service.LocalWorkerPool` for SQLite/memory (unless
+``workers=0``) or uses the Redis queue, and registers the service's
+:meth:`~runstream.runs.service.RunService.end_check` with the hub, so a run's
+SSE/WS followers end when the run is finished in the registry even if the
+close event was never written. Its cleanup stops the pool (running runs get
+``shutdown_grace`` seconds, then are cancelled) and closes the store.
+
+A run's events are its stream's: ``GET /v1/runs/{id}/events`` and
+``/v1/runs/{id}/ws`` are served by the streams API's own SSE, long-poll and
+WebSocket code, with the same positions, resets and end.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from fastapi import APIRouter, Header, Query, Request, WebSocket
+from pydantic import BaseModel
+from starlette.responses import JSONResponse, Response
+
+from runstream.config import Settings
+from runstream.errors import (
+    BackendError,
+    ConfigError,
+    InvalidParams,
+    RunstreamError,
+    ValidationError,
+)
+from runstream.runs.lifecycle import RunStatus, is_status
+from runstream.runs.model import RunRecord
+from runstream.runs.service import (
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_WORKERS,
+    Dispatcher,
+    LocalWorkerPool,
+    RunService,
+)
+from runstream.runs.store import RunStore, open_run_store
+from runstream.runs.tasks import TaskRegistry
+from runstream.server import schemas
+from runstream.server.auth import check_access, require_read, require_write
+from runstream.server.errors import error_response
+from runstream.server.runtime import Runtime, get_runtime
+from runstream.server.streams import parse_json, read_body
+from runstream.server.transports import (
+    deny_websocket,
+    long_poll,
+    serve_websocket,
+    sse_response,
+    wants_sse,
+)
+
+__all__ = ["MAX_CREATE_BODY", "RunsAPI"]
+
+MAX_CREATE_BODY = 1024 * 1024
+"""Largest ``POST /v1/runs`` body, in bytes (also capped by ``limits.max_body_bytes``)."""
+
+
+# -- OpenAPI shapes (handlers build JSON from RunRecord.to_json / TaskSpec.to_json) ------
+
+
+class RunIn(BaseModel):
+    task: str
+    params: dict[str, Any] = {}
+    timeout: float | None = None
+
+
+class RunOut(BaseModel):
+    id: str
+    task: str
+    params: dict[str, Any]
+    status: str
+    exit_code: int | None
+    error: str | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    worker: str | None
+    attempt: int
+    timeout: float | None
+    cancel_requested: bool
+    stream: str
+
+
+class RunListOut(BaseModel):
+    runs: list[RunOut]
+    next_cursor: str | None
+
+
+class TaskOut(BaseModel):
+    name: str
+    kind: str
+    params: dict[str, Any]
+    timeout: float | None
+    concurrency: int | None
+    grace: float
+    retries: int
+    description: str
+    command: list[str] | None = None
+    callable: str | None = None
+
+
+class TaskListOut(BaseModel):
+    tasks: list[TaskOut]
+
+
+_CREATE_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": RunIn.model_json_schema()}},
+    }
+}
+
+
+class _RedisQueueDispatcher:
+    """Adapts the Redis run queue to :class:`Dispatcher` (cancel travels through the store)."""
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+    async def submit(self, record: RunRecord) -> None:
+        await self.queue.enqueue(record.id, record.attempt)
+
+    async def cancel(self, record: RunRecord) -> None:
+        return None  # request_cancel already published the notice workers listen to
+
+
+def _validation_response(exc: ValidationError) -> JSONResponse:
+    if exc.field is None:
+        return error_response(exc.http_status, exc.code, str(exc))
+    return error_response(exc.http_status, exc.code, str(exc), field=exc.field)
+
+
+class RunsAPI:
+    """The runs router plus its start-up hook; one per app."""
+
+    def __init__(
+        self,
+        registry: TaskRegistry,
+        *,
+        workers: int | None = None,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        store: RunStore | None = None,
+        dispatcher: Dispatcher | None = None,
+    ) -> None:
+        """``workers``: in-process runs at once (``None`` = default, 0 = API only).
+
+        ``store``/``dispatcher`` replace the ones opened from the backend URL
+        (for embedding and tests); a store passed in is neither started nor
+        closed here.
+        """
+        if workers is not None and workers < 0:
+            raise ConfigError("workers must be >= 0")
+        self.registry = registry
+        self.workers = DEFAULT_WORKERS if workers is None else workers
+        self.shutdown_grace = shutdown_grace
+        self._store = store
+        self._dispatcher = dispatcher
+        self.service: RunService | None = None
+        self.pool: LocalWorkerPool | None = None
+        self.router = self._build_router()
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, workers: int | None = None, **kwargs: Any
+    ) -> RunsAPI:
+        """Tasks from ``settings.tasks``; ``workers`` defaults to ``settings.server.workers``.
+
+        Raises :class:`ConfigError` for an invalid task declaration.
+        """
+        registry = TaskRegistry.from_config(settings.tasks)
+        if workers is None:
+            workers = settings.server.workers
+        return cls(registry, workers=workers, **kwargs)
+
+    # -- start-up -------------------------------------------------------------------
+
+    async def startup(self, runtime: Runtime) -> Any:
+        """The app's start-up hook: returns the shutdown coroutine function."""
+        url = runtime.settings.server.backend
+        owns_store = self._store is None
+        store = self._store if self._store is not None else open_run_store(url)
+        await store.start()
+        service = RunService(self.registry, store, runtime.backend, dispatcher=self._dispatcher)
+        pool: LocalWorkerPool | None = None
+        scheme = urlsplit(url).scheme.lower()
+        if self._dispatcher is None:
+            if scheme in ("redis", "rediss"):
+                from runstream.runs.redis_dispatch import RedisRunQueue
+                from runstream.runs.store_redis import RedisRunStore
+
+                if not isinstance(store, RedisRunStore):
+                    raise ConfigError(f"a redis backend needs the redis run store, not {store!r}")
+                service.dispatcher = _RedisQueueDispatcher(RedisRunQueue(store))
+            elif self.workers > 0:
+                pool = LocalWorkerPool(
+                    self.registry,
+                    store,
+                    runtime.backend,
+                    workers=self.workers,
+                    shutdown_grace=self.shutdown_grace,
+                )
+                service.dispatcher = pool
+                await pool.start()
+        runtime.hub.add_end_check(service.end_check)
+        self.service, self.pool = service, pool
+
+        async def shutdown() -> None:
+            try:
+                if pool is not None:
+                    await pool.shutdown()
+            finally:
+                if owns_store:
+                    await store.aclose()
+
+        return shutdown
+
+    def _service(self) -> RunService:
+        if self.service is None:
+            raise BackendError("the runs service is not started (app start-up has not run)")
+        return self.service
+
+    # -- routes -----------------------------------------------------------------------
+
+    def _build_router(self) -> APIRouter:
+        router = APIRouter(prefix="/v1", tags=["runs"])
+        api = self
+
+        @router.get(
+            "/tasks",
+            dependencies=[require_read],
+            response_model=TaskListOut,
+            responses=schemas.errors(401, 403),
+            summary="Declared tasks",
+        )
+        async def list_tasks() -> Response:
+            return JSONResponse({"tasks": [t.to_json() for t in api.registry]})
+
+        @router.post(
+            "/runs",
+            status_code=201,
+            dependencies=[require_write],
+            response_model=RunOut,
+            responses=schemas.errors(400, 401, 403, 404, 413, 422),
+            openapi_extra=_CREATE_BODY,
+            summary="Start a run of a declared task",
+        )
+        async def create_run(request: Request) -> Response:
+            runtime = get_runtime(request)
+            limit = min(MAX_CREATE_BODY, runtime.settings.limits.max_body_bytes)
+            try:
+                payload = parse_json(await read_body(request, limit))
+                task, params, timeout = _parse_create(payload)
+                record = await api._service().create(task, params, timeout=timeout)
+            except ValidationError as exc:
+                return _validation_response(exc)
+            return JSONResponse(record.to_json(), status_code=201)
+
+        @router.get(
+            "/runs",
+            dependencies=[require_read],
+            response_model=RunListOut,
+            responses=schemas.errors(400, 401, 403),
+            summary="Runs, newest first (paginated)",
+        )
+        async def list_runs(
+            status: Annotated[str | None, Query(description="Only runs in this status.")] = None,
+            task: Annotated[str | None, Query(max_length=100)] = None,
+            limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+            cursor: Annotated[str | None, Query(max_length=300, description="next_cursor")] = None,
+        ) -> Response:
+            try:
+                runs, next_cursor = await api._service().list(
+                    status=None if status is None else _status(status),
+                    task=task,
+                    limit=limit,
+                    cursor=cursor,
+                )
+            except ValidationError as exc:
+                return _validation_response(exc)
+            return JSONResponse({"runs": [r.to_json() for r in runs], "next_cursor": next_cursor})
+
+        @router.get(
+            "/runs/{run_id}",
+            dependencies=[require_read],
+            response_model=RunOut,
+            responses=schemas.errors(401, 403, 404),
+            summary="One run",
+        )
+        async def get_run(run_id: str) -> Response:
+            record = await api._service().get(run_id)
+            return JSONResponse(record.to_json())
+
+        @router.post(
+            "/runs/{run_id}/cancel",
+            status_code=202,
+            dependencies=[require_write],
+            response_model=RunOut,
+            responses=schemas.errors(401, 403, 404),
+            summary="Cancel a run (idempotent); it stops within about a second",
+        )
+        async def cancel_run(run_id: str) -> Response:
+            record = await api._service().cancel(run_id)
+            return JSONResponse(record.to_json(), status_code=202)
+
+        @router.get(
+            "/runs/{run_id}/events",
+            dependencies=[require_read],
+            response_model=schemas.PageOut,
+            responses={
+                200: {
+                    "description": "JSON page, or SSE with `Accept: text/event-stream`.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                },
+                204: {"description": "SSE only: the reader is already at the end of the run."},
+                **schemas.errors(400, 401, 403, 404, 410, 429),
+            },
+            summary="The run's events: JSON page (long-poll with wait=) or SSE",
+        )
+        async def run_events(
+            request: Request,
+            run_id: str,
+            after: Annotated[
+                str | None,
+                Query(description="Last id seen: N, '<epoch>:N' or 'now'. Default: the beginning."),
+            ] = None,
+            limit: Annotated[int | None, Query(ge=1, description="JSON page size.")] = None,
+            wait: Annotated[
+                float, Query(ge=0, description="JSON: seconds to wait when nothing is new.")
+            ] = 0.0,
+            last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+        ) -> Response:
+            runtime = get_runtime(request)
+            await api._prepare_stream(runtime, run_id)
+            if wants_sse(request):
+                return await sse_response(runtime, run_id, last_event_id=last_event_id, after=after)
+            page = await long_poll(runtime, run_id, after=after, limit=limit, wait=wait)
+            return JSONResponse(page.to_json())
+
+        @router.websocket("/runs/{run_id}/ws")
+        async def run_websocket(websocket: WebSocket, run_id: str) -> None:
+            """Follow a run's events over WebSocket (``?after=``, ``?token=``)."""
+            runtime = get_runtime(websocket)
+            denied = check_access(websocket, "read")
+            if denied is not None:
+                await deny_websocket(websocket, *denied)
+                return
+            try:
+                await api._prepare_stream(runtime, run_id)
+            except RunstreamError as exc:
+                await deny_websocket(websocket, exc.http_status, exc.code, str(exc))
+                return
+            await serve_websocket(runtime, websocket, run_id)
+
+        return router
+
+    async def _prepare_stream(self, runtime: Runtime, run_id: str) -> None:
+        """404 unless the run exists; close its stream first if the run ended long ago.
+
+        The second part is the end check done at once, so a client connecting
+        to a finished run whose close was never written gets the ``end`` event
+        instead of waiting for the reconciler.
+        """
+        service = self._service()
+        record = await service.get(run_id)
+        try:
+            info = await runtime.backend.info(record.id)
+        except RunstreamError:
+            return  # the transport reports a missing stream (404) or backend trouble itself
+        if not info.closed and record.finished_at is not None:
+            await service.end_check(record.id, info)
+
+
+def _status(value: str) -> RunStatus:
+    if not is_status(value):
+        raise ValidationError(f"unknown run status {value!r}", field="status")
+    return value  # type: ignore[return-value]
+
+
+def _parse_create(payload: Any) -> tuple[str, dict[str, Any], float | None]:
+    if not isinstance(payload, dict):
+        raise ValidationError(
+            'body must be an object {"task": ..., "params": {...}, "timeout": ...}', field="body"
+        )
+    unknown = set(payload) - {"task", "params", "timeout"}
+    if unknown:
+        raise ValidationError(f"unknown fields: {sorted(unknown)}", field=sorted(unknown)[0])
+    task = payload.get("task")
+    if not isinstance(task, str) or not task:
+        raise ValidationError("'task' must name a declared task", field="task")
+    params = payload.get("params")
+    if params is None:
+        params = {}
+    if not isinstance(params, dict):
+        raise InvalidParams("'params' must be an object", field="params")
+    timeout = payload.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+        raise InvalidParams("'timeout' must be a number of seconds", field="timeout")
+    return task, params, None if timeout is None else float(timeout)
