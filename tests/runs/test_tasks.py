@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from runstream.config import load_settings
 from runstream.errors import ConfigError, InvalidParams, TaskNotFound
 from runstream.runs.context import RunContext
 from runstream.runs.tasks import ParamSpec, TaskRegistry, TaskSpec
@@ -287,3 +289,39 @@ def test_to_json_never_shows_env() -> None:
     assert "s3cr3t" not in repr(shown)
     assert shown["params"] == {"a": {"type": "string", "required": True}}
     assert shown["command"] == [sys.executable, "{a}"]
+
+
+SPEC_TOML = """
+[server]
+host = "127.0.0.1"
+port = 8787
+backend = "sqlite:///./.runstream/runstream.db"
+
+[tasks.hello]
+command = ["python", "-u", "-c", "import sys; print('hello', sys.argv[1])", "{name}"]
+params = { name = { type = "string", default = "world", max_length = 100 } }
+timeout = 600          # seconds; per-run override allowed up to this
+concurrency = 4        # max simultaneous runs of this task
+grace = 5              # seconds between SIGTERM and SIGKILL
+
+[tasks.summarize]
+callable = "myapp.tasks:summarize"
+"""
+
+
+def test_spec_config_file_loads_through_settings(tmp_path: Path) -> None:
+    path = tmp_path / "runstream.toml"
+    path.write_text(SPEC_TOML)
+    registry = TaskRegistry.from_config(load_settings(path, env={}).tasks)
+    assert registry.names() == ["hello", "summarize"]
+    hello = registry.get("hello")
+    assert hello.build_argv(hello.validate_params({})) == [
+        "python", "-u", "-c", "import sys; print('hello', sys.argv[1])", "world",
+    ]  # fmt: skip
+
+
+def test_config_with_templated_argv_fails_at_load(tmp_path: Path) -> None:
+    path = tmp_path / "runstream.toml"
+    path.write_text('[tasks.bad]\ncommand = ["sh", "-c", "echo {name}"]\nparams = { name = {} }\n')
+    with pytest.raises(ConfigError, match=r"\[tasks.bad\].*whole argv item"):
+        TaskRegistry.from_config(load_settings(path, env={}).tasks)
