@@ -16,7 +16,7 @@ import pytest
 
 from runstream.backends.redis import RedisEventLog
 from runstream.core.model import END_TYPE, Event, NewEvent
-from runstream.errors import BackendUnavailable
+from runstream.errors import BackendUnavailable, ConfigError
 from runstream.runs.context import RunContext
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.redis_dispatch import (
@@ -578,3 +578,17 @@ async def test_a_worker_presumed_dead_cannot_overwrite_the_next_attempt(
     assert [e.data for e in events if e.type == "result"] == ["attempt 2"]
     assert [e.type for e in events].count(END_TYPE) == 1
     assert (await queue.stats()).pending == 0
+
+
+async def test_a_second_live_worker_with_the_same_name_refuses_to_start(
+    store: RedisRunStore, log: RedisEventLog
+) -> None:
+    async with running_worker(store, log, TaskRegistry(), name="unique", lease=0.3):
+        twin = RedisWorker(
+            store, log, TaskRegistry(), options=WorkerOptions(name="unique", lease=0.3)
+        )
+        with pytest.raises(ConfigError, match="another worker named 'unique'"):
+            await twin.run(asyncio.Event())
+    # Once the first one stopped (and released the name), the name is free again.
+    async with running_worker(store, log, TaskRegistry(), name="unique", lease=0.3):
+        pass

@@ -5,6 +5,8 @@ Keys (``P`` = prefix; see also :mod:`runstream.runs.store_redis`)::
     P:runq          stream, consumer group ``workers``; entry fields run=<id> attempt=<n>
     P:{id}:lease    string "<worker>" with a TTL of one lease; alive = the run is being run
     P:runs:stats    hash of cluster-wide counters: lost, retried, dead_lettered, reclaimed
+    P:worker:{name} string "<host>:<pid>:<token>" with a TTL of one lease: the live worker
+                    using this consumer name (names must be unique; see below)
     P:cancel        pub/sub: run ids whose cancellation was requested (wake-up only)
 
 How a run travels:
@@ -34,7 +36,11 @@ How a run travels:
    ``max_deliveries`` times is dead-lettered: ``lost``, no more retries.
 
 Restarting a worker under the same ``--name`` first re-reads its own pending
-entries from ``0`` and settles them the same way.
+entries from ``0`` and settles them the same way; a run it finds still marked
+running by that name is known to be dead, without waiting for the lease. That
+is only true if no other live process uses the name, so a worker holds its
+name like a lease: a second one refuses to start (a dead holder on the same
+host is replaced at once, elsewhere its claim expires after one lease).
 
 Time to detect a dead worker: at most ``lease × JANITOR_IDLE_FACTOR`` after its
 last heartbeat plus one janitor interval (``lease × JANITOR_INTERVAL_FACTOR``),
@@ -63,6 +69,7 @@ from runstream.core.model import NewEvent
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
+    ConfigError,
     IllegalTransition,
     RunNotFound,
     RunstreamError,
@@ -117,6 +124,32 @@ _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+
+_CLAIM_NAME = """
+-- KEYS[1] name key. ARGV[1] our token, ARGV[2] ttl ms, ARGV[3] holder we may replace ('' = none).
+local v = redis.call('GET', KEYS[1])
+if (not v) or v == ARGV[1] or (ARGV[3] ~= '' and v == ARGV[3]) then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ''
+end
+return v
+"""
+
+
+def _pid_gone(holder: str) -> bool:
+    """Whether ``holder`` (``host:pid:token``) names a process on this host that has exited."""
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def default_worker_name() -> str:
@@ -342,8 +375,11 @@ class Janitor:
 
     async def release_lease(self, run_id: str, holder: str) -> None:
         """Delete the run's lease if (and only if) ``holder`` holds it."""
+        await self.release_lease_key(self.keys.lease(run_id), holder)
+
+    async def release_lease_key(self, key: str, holder: str) -> None:
         with redis_errors_translated("release lease"):
-            await self._release(keys=[self.keys.lease(run_id)], args=[holder])
+            await self._release(keys=[key], args=[holder])
 
     async def lease_holder(self, run_id: str) -> str | None:
         with redis_errors_translated("read lease"):
@@ -511,6 +547,8 @@ class RedisWorker:
         self._handlers: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
         self._slots_changed = asyncio.Event()
+        self._token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self._claim_name_script = store.redis.register_script(_CLAIM_NAME)
         self._reader = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool(
                 connection_class=store.redis.connection_pool.connection_class,
@@ -530,7 +568,16 @@ class RedisWorker:
     # -- main loop -------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set, then shut down gracefully (see the class docstring)."""
+        """Work until ``stop`` is set, then shut down gracefully (see the class docstring).
+
+        Raises :class:`ConfigError` at once if another live worker uses this name.
+        """
+        try:
+            await self._claim_name(stop)
+        except BaseException:
+            await self._reader.aclose()
+            await self._reader.connection_pool.aclose()
+            raise
         inner_stop = asyncio.Event()
         helpers = [
             asyncio.create_task(self._heartbeat(inner_stop), name="runstream-heartbeat"),
@@ -554,6 +601,8 @@ class RedisWorker:
             for task in list(self._handlers):
                 task.cancel()
             await self._forget_self()
+            with contextlib.suppress(BackendError):
+                await self.janitor.release_lease_key(self._name_key, self._token)
             await self._reader.aclose()
             await self._reader.connection_pool.aclose()
 
@@ -812,6 +861,42 @@ class RedisWorker:
         with contextlib.suppress(BackendError):
             await self.janitor.release_lease(run_id, self.name)
 
+    # -- the worker's name -----------------------------------------------------------
+
+    @property
+    def _name_key(self) -> str:
+        return f"{self.keys.prefix}:worker:{{{self.name}}}"
+
+    async def _refresh_name(self, replace: str = "") -> str:
+        """Hold the name for one more lease; returns "" or the other holder's token."""
+        with redis_errors_translated("claim worker name"):
+            holder = await self._claim_name_script(
+                keys=[self._name_key], args=[self._token, self.options.lease_ms, replace]
+            )
+        return str(holder)
+
+    async def _claim_name(self, stop: asyncio.Event) -> None:
+        """Make sure no other live worker uses this name (restart recovery relies on it).
+
+        A holder that is a dead process on this host is replaced at once; any
+        other holder must let its claim expire (one lease) first. Raises
+        :class:`ConfigError` if the name stays taken: names must be unique.
+        """
+        deadline = time.monotonic() + 2 * self.options.lease + 1
+        while True:
+            holder = await self._refresh_name()
+            if not holder:
+                return
+            if _pid_gone(holder) and not await self._refresh_name(replace=holder):
+                return
+            if time.monotonic() > deadline or stop.is_set():
+                raise ConfigError(
+                    f"another worker named {self.name!r} is running ({holder}); "
+                    "worker names must be unique"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.options.lease * HEARTBEAT_FACTOR)
+
     # -- restart recovery --------------------------------------------------------
 
     async def _recover_own_pending(self) -> None:
@@ -852,11 +937,17 @@ class RedisWorker:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
-            held = list(self.active.values())
-            if not held or stop.is_set():
+            if stop.is_set():
                 continue
             try:
-                await self._beat(held)
+                holder = await self._refresh_name()
+                if holder:
+                    log.error(
+                        "worker %s: another process (%s) holds this worker name", self.name, holder
+                    )
+                held = list(self.active.values())
+                if held:
+                    await self._beat(held)
             except BackendError as exc:
                 log.warning("worker %s: heartbeat failed (%s)", self.name, exc)
 
