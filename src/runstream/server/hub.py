@@ -55,8 +55,12 @@ from runstream.protocol.sse import encode_event
 
 log = logging.getLogger("runstream.server.hub")
 
-CATCH_UP_PAGE: Final = 1000
+CATCH_UP_PAGE: Final = 2000
 """Events per log read while a subscriber catches up."""
+
+# One encoder for every frame: json.dumps with options builds a new encoder per call,
+# which is most of the cost of encoding a page of history. Same output as encode_data().
+_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 EndCheck = Callable[[str, StreamInfo | None], Awaitable[str | None]]
 """Extra lifecycle check run by the reconciler: given a stream and its state
@@ -71,6 +75,18 @@ EndReason = Literal[
     "backend_error",
     "cancelled",  # the transport went away
 ]
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _encode(value: object) -> str:
+    try:
+        return _JSON.encode(value)
+    except (TypeError, ValueError):
+        return encode_data(value)  # raises the usual ValidationError with a message
 
 
 class Frame:
@@ -102,14 +118,14 @@ class Frame:
         if self._sse is None:
             if self.event is not None:
                 self._sse = encode_event(
-                    encode_data(self.event.data),
+                    _encode(self.event.data),
                     event=self.event.type,
                     id=format_sse_id(self.epoch, self.event.id),
                 )
             else:
                 assert self.reset is not None
                 self._sse = encode_event(
-                    encode_data(self.reset.to_json()),
+                    _encode(self.reset.to_json()),
                     event="reset",
                     id=format_sse_id(self.epoch, self.reset.after),
                 )
@@ -123,7 +139,7 @@ class Frame:
             else:
                 assert self.reset is not None
                 obj = {"type": "reset", "data": self.reset.to_json()}
-            self._ws = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+            self._ws = _encode(obj)
         return self._ws
 
     def __repr__(self) -> str:
@@ -374,11 +390,17 @@ class Subscription:
                 return page
 
     async def _wait_live(self, idle: float | None) -> list[Frame] | None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        # A bare future and one timer: this runs once per delivery per client, and
+        # asyncio.wait() would add a wrapper future and callbacks each time.
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_later(idle, _resolve, waiter) if idle is not None else None
         try:
-            await asyncio.wait((self._waiter,), timeout=idle)
+            await waiter
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
         if self._buf:
             frames = list(self._buf)
             self._buf.clear()

@@ -78,6 +78,8 @@ class Metrics:
         gauge = Gauge("runstream_subscribers", "Subscriptions held by the fan-out hub.", registry=r)
         if subscribers is not None:
             gauge.set_function(subscribers)
+        # Bound children for the per-batch hot path (labels() takes a lock each call).
+        self.delivered = {t: self.events_delivered.labels(t) for t in TRANSPORTS}
         for t in TRANSPORTS:  # make every series visible from the start
             self.open_connections.labels(t)
             self.connections.labels(t)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 from starlette.requests import Request
@@ -68,7 +69,7 @@ def _count_frames(runtime: Runtime, transport: str, frames: list[Frame]) -> None
     resets = sum(1 for f in frames if f.reset is not None)
     if resets:
         m.resets.labels(transport).inc(resets)
-    m.events_delivered.labels(transport).inc(len(frames) - resets)
+    m.delivered[transport].inc(len(frames) - resets)
 
 
 # -- SSE ------------------------------------------------------------------------
@@ -101,26 +102,14 @@ class EventStreamResponse(Response):
         metrics.connections.labels("sse").inc()
         gauge = metrics.open_connections.labels("sse")
         gauge.inc()
-        pump = asyncio.ensure_future(self._pump(send))
-        listen = asyncio.ensure_future(_wait_disconnect(receive))
         try:
-            done, _ = await asyncio.wait(
-                (pump, listen, sub.ended), return_when=asyncio.FIRST_COMPLETED
+            await run_guarded(
+                self._pump(send),
+                sub,
+                lambda: _wait_disconnect(receive),
+                runtime.settings.server.shutdown_grace,
             )
-            if pump not in done and listen not in done:
-                # Ended (end entry, deletion, slow consumer, shutdown): let the pump flush
-                # what it has, but do not wait on a client that does not read.
-                await asyncio.wait(
-                    (pump, listen),
-                    timeout=runtime.settings.server.shutdown_grace,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
         finally:
-            for task in (pump, listen):
-                task.cancel()
-            for task in (pump, listen):
-                with contextlib.suppress(BaseException):
-                    await task
             gauge.dec()
             reason = sub.end_reason if sub.end_reason != "cancelled" else "client_left"
             sub.close()
@@ -143,6 +132,54 @@ class EventStreamResponse(Response):
             await send(_body(b"".join([f.sse() for f in frames])))
             _count_frames(runtime, "sse", frames)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def run_guarded(
+    writer: Coroutine[Any, Any, None],
+    sub: Subscription,
+    client_gone: Callable[[], Coroutine[Any, Any, None]],
+    grace: float,
+) -> None:
+    """Run ``writer`` in the current task until it returns, or cut it short.
+
+    It is cancelled when ``client_gone()`` returns (the client left), or when the
+    subscription ended (end, slow consumer, shutdown) and the writer is still
+    running ``grace`` seconds later (stuck sending to a client that does not
+    read). The writer runs in the caller's task and only one helper task
+    watches the client: a connection costs two tasks, not three.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    state = {"running": True, "cut": False}
+    timer: list[asyncio.TimerHandle] = []
+
+    def cut(*_: object) -> None:
+        if state["running"] and not state["cut"]:
+            state["cut"] = True
+            task.cancel()
+
+    def on_end(_: object) -> None:
+        timer.append(loop.call_later(grace, cut))
+
+    listen = asyncio.ensure_future(client_gone())
+    listen.add_done_callback(cut)
+    sub.ended.add_done_callback(on_end)
+    try:
+        await writer
+    except asyncio.CancelledError:
+        if not state["cut"]:
+            raise
+        task.uncancel()
+    finally:
+        state["running"] = False
+        sub.ended.remove_done_callback(on_end)
+        for handle in timer:
+            handle.cancel()
+        listen.remove_done_callback(cut)
+        listen.cancel()
+        with contextlib.suppress(BaseException):
+            await listen
 
 
 def _body(data: bytes) -> dict[str, Any]:
@@ -263,28 +300,17 @@ async def serve_websocket(runtime: Runtime, websocket: WebSocket, stream: str) -
     metrics.connections.labels("ws").inc()
     gauge = metrics.open_connections.labels("ws")
     gauge.inc()
-    pump = listen = None
     try:
         await websocket.accept()
-        pump = asyncio.ensure_future(_ws_pump(runtime, websocket, sub))
-        listen = asyncio.ensure_future(_ws_listen(websocket))
-        done, _ = await asyncio.wait((pump, listen, sub.ended), return_when=asyncio.FIRST_COMPLETED)
-        if pump not in done and listen not in done:
-            await asyncio.wait(
-                (pump, listen),
-                timeout=runtime.settings.server.shutdown_grace,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+        await run_guarded(
+            _ws_pump(runtime, websocket, sub),
+            sub,
+            lambda: _ws_listen(websocket),
+            runtime.settings.server.shutdown_grace,
+        )
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass
     finally:
-        for task in (pump, listen):
-            if task is not None:
-                task.cancel()
-        for task in (pump, listen):
-            if task is not None:
-                with contextlib.suppress(BaseException):
-                    await task
         gauge.dec()
         reason = sub.end_reason
         sub.close()
