@@ -815,6 +815,15 @@ class RedisWorker:
             # Outcome stored (record final, stream closed): only now may the entry go.
             await self._ack_outcome(held)
             self.completed += 1
+            log.info(
+                "worker %s: run %s (%s, attempt %d) %s%s",
+                self.name,
+                final.id,
+                final.task,
+                final.attempt,
+                final.status,
+                f": {final.error}" if final.error else "",
+            )
         elif not ours and final.attempt == held.attempt and final.status != "lost":
             # Never started by us: a duplicate entry, or cancelled before it started.
             await self.janitor.ack(held.entry_id)
