@@ -286,6 +286,19 @@ async def test_append_fails_fast_while_redis_is_down_then_works_on_same_backend(
     assert (after.epoch, after.first_id) == (before.epoch, 2)
 
 
+async def test_first_command_after_a_quiet_restart_succeeds(private_redis: RedisServer) -> None:
+    # No command runs while Redis is down, so the pool still holds connections the old
+    # server closed; they must be noticed and replaced, not used for the next append.
+    async with RedisEventLog.from_url(fast_url(private_redis)) as backend:
+        await asyncio.gather(*(backend.append(f"s{i}", ev(i)) for i in range(4)))
+        await asyncio.to_thread(private_redis.stop)
+        await asyncio.to_thread(private_redis.start)
+        results = await asyncio.gather(*(backend.append(f"s{i}", ev(i)) for i in range(4)))
+        assert [r.last_id for r in results] == [2, 2, 2, 2]
+        page = await backend.read("s0")
+        assert [e.id for e in page.events] == [1, 2]
+
+
 async def test_unresponsive_server_times_out_with_backend_unavailable() -> None:
     # A socket that accepts connections but never answers: the command must not hang.
     with socket.socket() as listener:

@@ -42,6 +42,7 @@ import redis.exceptions as redis_errors
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.maint_notifications import MaintNotificationsConfig
 from redis.retry import Retry
 
 from runstream.backends import _redis_lua as lua
@@ -237,6 +238,10 @@ class RedisEventLog(EventLog):
             # No silent retries: a timed-out script may have run, and re-running an append
             # would store it twice. Callers see BackendUnavailable and decide.
             "retry": None,
+            # With maintenance notifications on ("auto"), redis-py skips its check for
+            # connections the server closed, so after a Redis restart the first command
+            # on each pooled connection would fail. We need the check more than the hints.
+            "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
         self._redis: aioredis.Redis | RedisCluster
         self._listen_client: aioredis.Redis | RedisCluster
