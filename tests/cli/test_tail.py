@@ -108,9 +108,6 @@ async def test_ls_show_cancel_over_http(runs_server: RunsServer, tmp_path: Path)
     assert json.loads(tailed.out.splitlines()[-1])["data"]["status"] == "cancelled"
     listing = await cli("ls", "--json", "--task", "sleepy", cwd=tmp_path, env=env)
     assert [r["id"] for r in json.loads(listing.out)["runs"]] == [run_id]
-    table = await cli("ls", cwd=tmp_path, env=env)
-    assert run_id in table.out
-    assert "cancelled" in table.out
     shown = await cli("show", run_id, "--json", cwd=tmp_path, env=env)
     assert json.loads(shown.out)["status"] == "cancelled"
 
