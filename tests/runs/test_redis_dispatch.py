@@ -16,7 +16,7 @@ import pytest
 
 from runstream.backends.redis import RedisEventLog
 from runstream.core.model import END_TYPE, Event, NewEvent
-from runstream.errors import BackendUnavailable, ConfigError
+from runstream.errors import ConfigError
 from runstream.runs.context import RunContext
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.redis_dispatch import (
@@ -505,14 +505,6 @@ async def test_a_tasks_concurrency_limit_holds_on_one_worker(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="RedisEventLog's pools keep connections the restarted server closed (redis-py 8 "
-    "skips the stale-connection check while maintenance notifications are 'auto'); the "
-    "first append on each fails. Fix: maint_notifications_config=MaintNotificationsConfig("
-    "enabled=False) on its pools, as RedisRunStore does. Remove this mark then.",
-    raises=BackendUnavailable,
-    strict=True,
-)
 async def test_a_worker_carries_on_after_redis_restarts(private_redis: RedisServer) -> None:
     url = f"{private_redis.url}?prefix=restart"
     store = RedisRunStore.from_url(url)
