@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 import signal
 import socket
@@ -67,6 +68,25 @@ CANCEL_POLL = 0.5
 
 MAX_REASON = 1000
 """Close reasons are limited to this many characters by the EventLog."""
+
+ABANDON_AFTER = 5.0
+"""Seconds a cancelled Python task may take to unwind before it is left behind."""
+
+log = logging.getLogger("runstream.runs")
+
+
+async def _stop_task(task: asyncio.Task[None], run_id: str) -> None:
+    """Cancel ``task`` and wait (bounded) for it to unwind; never raises its errors.
+
+    Waiting with :func:`asyncio.wait` keeps a cancellation of the *caller* intact.
+    """
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,), timeout=ABANDON_AFTER)
+    if not task.done():
+        log.warning("run %s: the Python task ignores cancellation; leaving it behind", run_id)
+    elif not task.cancelled():
+        task.exception()  # retrieved, so asyncio does not report it as never retrieved
 
 
 def new_worker_id() -> str:
@@ -300,17 +320,14 @@ class _Execution:
                 ctx.cancelled.set()
                 # Cooperative first: the task sees ctx.cancelled and may return on its own.
                 await asyncio.wait((body,), timeout=task.grace)
-                if not body.done():
-                    body.cancel()
-                with contextlib.suppress(BaseException):
-                    await body
+                await _stop_task(body, record.id)
                 return self._stop_status()
         finally:
             stopper.cancel()
             if not body.done():
-                body.cancel()
-                with contextlib.suppress(BaseException):
-                    await body
+                await _stop_task(body, record.id)
+        if body.cancelled():
+            return _Outcome("failed", error="the task raised CancelledError by itself")
         error = body.exception()
         if error is None:
             return _Outcome("succeeded")

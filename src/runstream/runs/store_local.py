@@ -328,7 +328,8 @@ class SQLiteRunStore(RunStore):
             if conn is None or executor is None:
                 return
             await asyncio.get_running_loop().run_in_executor(executor, conn.close)
-            executor.shutdown(wait=True)
+            # The close was the thread's last job: it is idle, nothing to wait for.
+            executor.shutdown(wait=False)
 
     async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._conn is None:
