@@ -11,6 +11,7 @@ import redis.asyncio as aioredis
 
 from runstream.errors import (
     BackendUnavailable,
+    ConfigError,
     IllegalTransition,
     RunNotFound,
     ValidationError,
@@ -248,3 +249,8 @@ async def test_pooled_connections_survive_a_redis_restart(private_redis: RedisSe
         assert moved.status == "running"
     finally:
         await store.aclose()
+
+
+def test_cluster_urls_are_refused_with_a_clear_message() -> None:
+    with pytest.raises(ConfigError, match="not supported yet"):
+        RedisRunStore.from_url("redis://127.0.0.1:7000/0?cluster=1")

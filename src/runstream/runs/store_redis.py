@@ -205,6 +205,13 @@ class RedisRunStore(RunStore):
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", options: RedisOptions | None = None):
         self.options = options or RedisOptions()
+        if self.options.cluster:
+            # The keys are laid out for Cluster (one hash tag per run, single-key scripts),
+            # but the store, queue and workers still talk to one endpoint.
+            raise ConfigError(
+                "runs on Redis Cluster (?cluster=1) are not supported yet: use a standalone "
+                "Redis, a primary behind Sentinel, or a Cluster-aware proxy"
+            )
         self.keys = RedisRunKeys(self.options.prefix)
         try:
             self._pool = aioredis.BlockingConnectionPool.from_url(
