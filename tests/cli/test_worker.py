@@ -326,7 +326,7 @@ async def test_a_killed_workers_run_is_retried_on_another_worker(cluster: Cluste
 async def test_a_long_healthy_run_is_not_stolen_by_other_workers(cluster: Cluster) -> None:
     await cluster.spawn("wa")
     await cluster.spawn("wb")
-    record = await cluster.service.create("sleeper", {"seconds": 4 * LEASE})
+    record = await cluster.service.create("sleeper", {"seconds": 3.5 * LEASE})
     events = await cluster.until_end(record.id)
     assert statuses(events) == [("queued", 1), ("running", 1), ("succeeded", 1)]
     assert [e.data["line"] for e in events if e.type == "stdout"][-1] == "woke"

@@ -172,6 +172,7 @@ async def test_queued_run_is_executed_and_acknowledged(
     assert await store.redis.exists(store.keys.lease(record.id)) == 0
 
 
+@pytest.mark.slow
 async def test_two_workers_never_run_the_same_run(
     store: RedisRunStore, log: RedisEventLog, queue: RedisRunQueue
 ) -> None:
@@ -198,6 +199,7 @@ async def test_two_workers_never_run_the_same_run(
     assert len(workers) == 2
 
 
+@pytest.mark.slow
 async def test_a_long_healthy_run_is_never_stolen(
     store: RedisRunStore, log: RedisEventLog, queue: RedisRunQueue
 ) -> None:
@@ -471,6 +473,7 @@ async def test_janitor_alone_settles_stale_entries(
     assert (await store.get(alive.id)).status == "running"  # live lease: left alone
 
 
+@pytest.mark.slow
 async def test_a_tasks_concurrency_limit_holds_on_one_worker(
     store: RedisRunStore, log: RedisEventLog, queue: RedisRunQueue
 ) -> None:
@@ -575,12 +578,13 @@ async def test_a_worker_presumed_dead_cannot_overwrite_the_next_attempt(
 async def test_a_second_live_worker_with_the_same_name_refuses_to_start(
     store: RedisRunStore, log: RedisEventLog
 ) -> None:
-    async with running_worker(store, log, TaskRegistry(), name="unique", lease=0.3):
+    async with running_worker(store, log, TaskRegistry(), name="unique", lease=2):
+        # The twin gives up after two of its own (short) leases.
         twin = RedisWorker(
-            store, log, TaskRegistry(), options=WorkerOptions(name="unique", lease=0.3)
+            store, log, TaskRegistry(), options=WorkerOptions(name="unique", lease=0.1)
         )
         with pytest.raises(ConfigError, match="another worker named 'unique'"):
             await twin.run(asyncio.Event())
     # Once the first one stopped (and released the name), the name is free again.
-    async with running_worker(store, log, TaskRegistry(), name="unique", lease=0.3):
+    async with running_worker(store, log, TaskRegistry(), name="unique", lease=2):
         pass
