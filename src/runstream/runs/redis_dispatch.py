@@ -15,9 +15,10 @@ How a run travels:
    adds an entry. The group is created with ``XGROUP CREATE ... 0 MKSTREAM`` so
    nothing added before it existed is skipped.
 2. A worker takes entries with ``XREADGROUP ... >`` (only as many as it has free
-   slots), sets the lease (``SET ... NX PX``) and moves the run
-   ``queued → running`` with a compare-and-set: of two workers holding entries
-   for one run, exactly one runs it.
+   slots), sets the lease (``SET ... NX PX``) and hands the run to
+   :func:`~runstream.runs.executor.execute_run`, which moves it ``queued →
+   running`` with a compare-and-set: of two workers holding entries for one
+   run, exactly one runs it; its final transition is fenced on (worker, attempt).
 3. While it runs, the worker's heartbeat (every ``lease/3``) renews the lease,
    resets the entry's idle time with ``XCLAIM <self> 0 ... JUSTID`` (which
    does not count as a delivery) and re-reads the run's state: the
