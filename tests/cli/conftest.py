@@ -32,6 +32,7 @@ from tests.server.live import TestServer, make_settings
 
 CLI = (sys.executable, "-m", "runstream.cli.main")
 CLI_TIMEOUT = 45.0
+STOP_TIMEOUT = 20.0
 
 
 def cli_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -157,11 +158,18 @@ class RunsServer:
         self._server, self._task = server, task
 
     async def stop(self) -> None:
+        """Stop as on SIGTERM; a shutdown stuck for STOP_TIMEOUT s is forced and reported."""
         if self._task is None:
             return
-        self._server.should_exit = True
-        await self._task
+        server, task = self._server, self._task
         self._server = self._task = None
+        server.should_exit = True
+        done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+        if not done:
+            server.force_exit = True
+            await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+            raise AssertionError(f"server on port {self.port} took over {STOP_TIMEOUT}s to stop")
+        task.result()
 
     async def restart(self) -> None:
         await self.stop()

@@ -165,14 +165,17 @@ while True:
 """
 
 
-async def test_ctrl_c_cancels_gracefully_and_records_cancelled(
-    tmp_path: Path, env: dict[str, str]
+@pytest.mark.parametrize(
+    ("sig", "reason"), [(signal.SIGINT, "Ctrl-C"), (signal.SIGHUP, "received SIGHUP")]
+)
+async def test_ctrl_c_or_hangup_cancels_gracefully_and_records_cancelled(
+    tmp_path: Path, env: dict[str, str], sig: signal.Signals, reason: str
 ) -> None:
     pgid_file = tmp_path / "pgid"
     proc = await start_cli("run", "--", *py(TRAPPING_CHILD), str(pgid_file), cwd=tmp_path, env=env)
     assert proc.stdout is not None
     await read_until(proc.stdout, b"ready\n")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     result = await finish(proc)
     assert result.code == 130, result.err
     # The child got SIGTERM and its handler ran: a graceful stop, not a kill.
@@ -180,7 +183,7 @@ async def test_ctrl_c_cancels_gracefully_and_records_cancelled(
     assert not group_alive(int(pgid_file.read_text()))
     run = await stored_run(run_id_from(result.stderr), env)
     assert run.status == "cancelled"
-    assert "Ctrl-C" in str(run.error)
+    assert reason in str(run.error)
 
 
 async def test_second_ctrl_c_kills_at_once(tmp_path: Path, env: dict[str, str]) -> None:

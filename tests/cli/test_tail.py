@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from runstream.client._async import AsyncClient
+from runstream.client import AsyncClient
 from tests.cli.conftest import (
     DECLARED_TASKS,
     RunsServer,

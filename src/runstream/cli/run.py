@@ -60,6 +60,7 @@ COMMAND_TASK = "cmd"
 """Task name of runs recorded by ``runstream run -- CMD``."""
 
 _ARGV_KEY = "runstream.run.argv"
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _FOLLOW_END_TIMEOUT = 5.0
 """After the command ended, how long to wait for its end event to be shown."""
 
@@ -222,11 +223,13 @@ async def _run_local(
                 # at once; the executor still records the run as cancelled.
                 executor.cancel()
 
-        def on_sigterm() -> None:
-            control.cancel("cancelled: runstream received SIGTERM")
-
+        # The command runs in its own session, so a signal meant for runstream never
+        # reaches it: SIGTERM (kill) and SIGHUP (terminal closed) stop it gracefully.
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+        for signum in _STOP_SIGNALS:
+            loop.add_signal_handler(
+                signum, control.cancel, f"cancelled: runstream received {signum.name}"
+            )
         try:
             with on_interrupt(on_sigint):
                 try:
@@ -238,7 +241,8 @@ async def _run_local(
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(follower), _FOLLOW_END_TIMEOUT)
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            for signum in _STOP_SIGNALS:
+                loop.remove_signal_handler(signum)
             if not follower.done():
                 follower.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

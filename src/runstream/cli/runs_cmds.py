@@ -36,7 +36,7 @@ from runstream.runs.lifecycle import ALL_STATUSES
 from runstream.runs.store import RunStore
 
 if TYPE_CHECKING:
-    from runstream.client._async import AsyncClient
+    from runstream.client import AsyncClient
 
 __all__ = [
     "backend_option",
@@ -135,7 +135,7 @@ async def local_runs(url: str, *, create: bool = True) -> AsyncIterator[tuple[Ru
 
 def make_client(server: str, token: str | None) -> AsyncClient:
     """The SDK client every server-facing command uses."""
-    from runstream.client._async import AsyncClient
+    from runstream.client import AsyncClient
 
     return AsyncClient(server, token=token)
 

@@ -39,7 +39,7 @@ from runstream.cli.runs_cmds import (
 from runstream.runs.lifecycle import FINISHED
 
 if TYPE_CHECKING:
-    from runstream.client._async import AsyncClient
+    from runstream.client import AsyncClient
 
 __all__ = ["follow_local", "follow_remote", "on_interrupt", "outcome_from_run", "tail"]
 
