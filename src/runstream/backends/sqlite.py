@@ -232,8 +232,8 @@ def _translate(exc: sqlite3.Error, path: str, busy_timeout: float) -> BackendErr
     if "locked" in message or "busy" in message:
         return BackendError(
             f"sqlite database {path!r} stayed locked by another connection for more than "
-            f"busy_timeout={busy_timeout:g}s ({message}); another process holds a long write "
-            "transaction, or raise ?busy_timeout= in the backend URL"
+            f"busy_timeout={busy_timeout:g}s ({message}): another process holds a long write "
+            "transaction; if that is expected, raise ?busy_timeout= in the backend URL"
         )
     if "not a database" in message or "malformed" in message:
         return BackendError(f"sqlite file {path!r} is not a usable runstream database: {message}")
