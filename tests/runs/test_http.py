@@ -287,3 +287,25 @@ async def test_api_only_server_leaves_runs_queued(start_server: StartServer) -> 
         assert (r.status_code, r.json()["status"]) == (202, "cancelled")
         page = (await client.get(f"/v1/runs/{run['id']}/events")).json()
         assert [e["type"] for e in page["events"]] == ["status", "status", "end"]
+
+
+async def test_metrics_count_runs_by_status_and_duration(api: Api) -> None:
+    ok = (await api.client.post("/v1/runs", json={"task": "hello"})).json()
+    async with open_sse(api.client, f"/v1/runs/{ok['id']}/events") as sse:
+        await sse_until_end(sse)
+    assert api.runs.pool is not None
+    await asyncio.wait_for(api.runs.pool.wait_idle(), 20)  # counted after the stream closes
+    await api.client.post("/v1/runs/run-nope/cancel")
+    text = (await api.client.get("/metrics")).text
+    samples = {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("runstream_run")
+    }
+    assert samples['runstream_runs_created_total{task="hello"}'] == 1
+    assert samples['runstream_runs_finished_total{status="succeeded"}'] == 1
+    assert samples['runstream_runs_finished_total{status="failed"}'] == 0
+    assert samples['runstream_run_duration_seconds_count{status="succeeded"}'] == 1
+    assert samples["runstream_runs_running"] == 0
+    assert samples["runstream_runs_queue_depth"] == 0
+    assert samples["runstream_runs_lost_total"] == 0

@@ -38,6 +38,7 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.runs.lifecycle import RunStatus, is_status
+from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RunRecord
 from runstream.runs.service import (
     DEFAULT_SHUTDOWN_GRACE,
@@ -192,7 +193,10 @@ class RunsAPI:
         owns_store = self._store is None
         store = self._store if self._store is not None else open_run_store(url)
         await store.start()
-        service = RunService(self.registry, store, runtime.backend, dispatcher=self._dispatcher)
+        metrics = RunMetrics(runtime.metrics.registry)
+        service = RunService(
+            self.registry, store, runtime.backend, dispatcher=self._dispatcher, metrics=metrics
+        )
         pool: LocalWorkerPool | None = None
         scheme = urlsplit(url).scheme.lower()
         if self._dispatcher is None:
@@ -210,6 +214,7 @@ class RunsAPI:
                     runtime.backend,
                     workers=self.workers,
                     shutdown_grace=self.shutdown_grace,
+                    metrics=metrics,
                 )
                 service.dispatcher = pool
                 await pool.start()

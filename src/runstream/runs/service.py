@@ -51,6 +51,7 @@ from runstream.runs.executor import (
     new_worker_id,
 )
 from runstream.runs.lifecycle import FINISHED, TERMINAL, RunStatus
+from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
@@ -193,12 +194,14 @@ class RunService:
         *,
         dispatcher: Dispatcher | None = None,
         end_check_guard: float = END_CHECK_GUARD,
+        metrics: RunMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.store = store
         self.log = log
         self.dispatcher = dispatcher
         self.end_check_guard = end_check_guard
+        self.metrics = metrics
 
     def tasks(self) -> list[TaskSpec]:
         return list(self.registry)
@@ -227,6 +230,8 @@ class RunService:
             timeout=effective_timeout,
         )
         await self.store.create(record)
+        if self.metrics is not None:
+            self.metrics.created.labels(spec.name).inc()
         await self.log.append(
             record.id, NewEvent("status", {"status": "queued", "attempt": record.attempt})
         )
@@ -337,6 +342,7 @@ class LocalWorkerPool:
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         cancel_poll: float = CANCEL_POLL,
+        metrics: RunMetrics | None = None,
     ) -> None:
         if workers < 1:
             raise ConfigError("a worker pool needs workers >= 1")
@@ -348,6 +354,9 @@ class LocalWorkerPool:
         self.shutdown_grace = shutdown_grace
         self.rescan_interval = rescan_interval
         self.cancel_poll = cancel_poll
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.track_pool(lambda: float(len(self._active)), lambda: float(len(self._pending)))
         self._pending: dict[str, str] = {}  # run id -> task name, in submission order
         self._active: dict[str, _Active] = {}
         self._per_task: Counter[str] = Counter()
@@ -453,6 +462,10 @@ class LocalWorkerPool:
             self.lost_marked += 1
             task = self.registry.get(lost.task) if lost.task in self.registry else None
             settled = await settle_lost(lost, task, self.store, self.log)
+            if self.metrics is not None:
+                self.metrics.lost.inc()
+                if settled.status == "queued":
+                    self.metrics.retried.inc()
             changed.append(settled)
             log.warning("run %s was left running by %s: now %s", lost.id, record.worker,
                         settled.status)  # fmt: skip
@@ -525,7 +538,7 @@ class LocalWorkerPool:
         try:
             record = await self.store.get(run_id)
             if record.status == "queued":
-                await execute_run(
+                final = await execute_run(
                     record,
                     active.task,
                     self.log,
@@ -535,6 +548,8 @@ class LocalWorkerPool:
                     cancel_poll=self.cancel_poll,
                 )
                 self.executed += 1
+                if self.metrics is not None and final.worker == self.worker_id:
+                    self.metrics.observe_finished(final)
         except RunstreamError as exc:
             log.error("run %s could not be executed: %s", run_id, exc)
         except Exception:
