@@ -177,6 +177,7 @@ async def test_a_run_is_created_followed_to_its_end_and_listed() -> None:
     server, task, handle = await start_server(tasks=tasks)
     try:
         async with AsyncClient(server.url) as client:
+            assert "hello" in json.dumps(await client.list_tasks())
             run = await client.create_run("hello", {"name": "sdk"})
             lines: list[str] = []
             statuses: list[str] = []

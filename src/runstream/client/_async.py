@@ -304,6 +304,10 @@ class AsyncClient:
 
     # -- runs --------------------------------------------------------------------------
 
+    async def list_tasks(self) -> Any:
+        """The tasks the server declares (``GET /v1/tasks``)."""
+        return await self._json("GET", "/v1/tasks", what="listing tasks")
+
     async def create_run(
         self,
         task: str,

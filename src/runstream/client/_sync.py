@@ -217,6 +217,9 @@ class Client:
 
     # -- runs --------------------------------------------------------------------------
 
+    def list_tasks(self) -> Any:
+        return self._call(self._async.list_tasks())
+
     def create_run(
         self,
         task: str,
