@@ -260,3 +260,24 @@ async def test_falls_back_to_polling_while_sse_fails_then_returns_to_streaming(
 
 def is_sse(conn: object) -> bool:
     return b"text/event-stream" in getattr(conn, "request", b"").lower()
+
+
+async def test_poll_only_transport_delivers_everything_and_reports_a_410_as_reset(
+    live_server: LiveServer,
+) -> None:
+    async with AsyncClient(live_server.url) as c:
+        await c.publish_many("po", [("tick", i) for i in range(250)])
+
+        async def finish() -> None:
+            await c.publish_many("po", [("tick", i) for i in range(250, 300)])
+            await c.close_stream("po", status="done")
+
+        closing = asyncio.create_task(finish())
+        items = await collect(
+            c, "po", after="0123456789ab:3", transport="poll", poll_limit=100, poll_wait=0.2
+        )
+        await closing
+    assert isinstance(items[0], Reset) and items[0].reason == "epoch_changed"
+    events = [i for i in items if isinstance(i, Event)]
+    assert [e.id for e in events] == list(range(1, 302))
+    assert events[0].time > 1.7e9 and events[-1].is_end and events[-1].data["status"] == "done"

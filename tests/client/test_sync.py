@@ -17,6 +17,7 @@ from runstream.errors import StreamNotFound
 from runstream.server.serve import Server
 
 from .conftest import LiveServer, start_server, stop_server
+from .rawserver import RawServer, http_response
 
 
 @pytest.fixture
@@ -105,3 +106,27 @@ def test_closing_a_sync_follower_early_and_then_the_client(server_url: str) -> N
     assert list(events) == []
     client.close()
     client.close()  # idempotent
+
+
+def test_sync_token_refresh_is_a_plain_function() -> None:
+    async def scenario() -> list[bytes]:
+        def respond(head: bytes, i: int) -> bytes:
+            if b"Bearer fresh" not in head:
+                return http_response(401, b'{"error": {"code": "unauthorized", "message": "x"}}')
+            return http_response(
+                200,
+                b'{"stream": "s", "epoch": "e", "status": "open", '
+                b'"first_id": 1, "last_id": 0, "created_at": null}',
+            )
+
+        async with RawServer(respond) as srv:
+
+            def use() -> None:
+                with Client(srv.url, token="old", token_refresh=lambda: "fresh") as client:
+                    assert client.info("s").epoch == "e"
+
+            await asyncio.to_thread(use)
+            return srv.requests
+
+    requests = asyncio.run(scenario())
+    assert len(requests) == 2 and b"Bearer fresh" in requests[1]
