@@ -566,6 +566,28 @@ async def test_slow_sink_gets_bigger_batches_and_does_not_block_the_child() -> N
     assert wrote_in < 2.0  # the child never waited for the 0.5 s sink calls
 
 
+async def test_busy_event_loop_does_not_split_lines_by_timer() -> None:
+    # A sink that hogs the loop (as building thousands of events does) makes
+    # the unfinished tail of the last read look old. The child was not quiet,
+    # we were busy: the pipe is full, so the timer must not emit partials.
+    code = (
+        "import sys\n"
+        "for block in range(6):\n"
+        "    sys.stdout.write(''.join(f'{block:02d} {i:05d} ' + 'z' * 60 + '\\n'"
+        " for i in range(2000)))\n"
+    )
+    got: list[OutputLine] = []
+
+    async def hogging_sink(batch: Sequence[OutputLine]) -> None:
+        got.extend(batch)
+        time.sleep(0.25)  # noqa: ASYNC251 - deliberately blocks the event loop
+
+    result = await run_process(py(code), sink=hogging_sink, flush_interval=0.05)
+    assert result.exit_code == 0
+    assert not [item for item in got if item.partial]
+    assert len(got) == 12000
+
+
 async def test_backpressure_pauses_the_child_without_dropping_output(tmp_path: Path) -> None:
     marker = tmp_path / "finished-writing"
     code = (
