@@ -28,12 +28,24 @@ end
 APPEND = (
     _NOW
     + """
--- ARGV: new_epoch, channel, name, producer_id ('' = none), producer_seq, max_len ('0' = none),
---       count, entries: "type NUL data_json NUL type NUL data_json ..." (one argument, so a
---       batch costs the client one string, not two per event; neither field can hold a NUL:
---       types are validated and JSON escapes control characters).
+-- ARGV[1]: "new_epoch NUL max_len NUL count NUL producer_seq NUL producer_id" (id last: it
+--          may hold any character; '' = no producer). ARGV[2]: the entries,
+--          "type NUL data_json NUL type NUL data_json ...". Two arguments whatever the batch:
+--          the client packs every argument in Python, so fewer is faster. Neither entry field
+--          can hold a NUL: types are validated and JSON escapes control characters.
 local log, meta, prod = KEYS[1], KEYS[2], KEYS[3]
-local pid, pseq = ARGV[4], ARGV[5]
+local h = ARGV[1]
+local h1 = string.find(h, '\0', 1, true)
+local h2 = string.find(h, '\0', h1 + 1, true)
+local h3 = string.find(h, '\0', h2 + 1, true)
+local h4 = string.find(h, '\0', h3 + 1, true)
+local new_epoch = string.sub(h, 1, h1 - 1)
+local max_len = tonumber(string.sub(h, h1 + 1, h2 - 1))
+local n = tonumber(string.sub(h, h2 + 1, h3 - 1))
+local pseq = string.sub(h, h3 + 1, h4 - 1)
+local pid = string.sub(h, h4 + 1)
+-- The wake-up channel and message follow from the key: "<prefix>:{<name>}:log".
+local prefix, name = string.match(log, '^(.*):{(.*)}:log$')
 local m = redis.call('HMGET', meta, 'epoch', 'status', 'first_id', 'last_id')
 local epoch, first_kept, last = m[1], 0, 0
 local created = 0
@@ -61,13 +73,12 @@ else
   -- No metadata: a new stream, or its history was lost (flushed, failover). Anything left
   -- under the other keys belongs to a history nobody can address any more.
   redis.call('DEL', log, prod)
-  epoch = ARGV[1]
+  epoch = new_epoch
   created = 1
   first_kept, last = 1, 0
   create_meta(meta, epoch, ts)
 end
-local n = tonumber(ARGV[7])
-local blob = ARGV[8]
+local blob = ARGV[2]
 local first = last + 1
 local pos = 1
 for i = 0, n - 1 do
@@ -79,7 +90,6 @@ for i = 0, n - 1 do
 end
 last = last + n
 redis.call('HSET', meta, 'last_id', string.format('%d', last))
-local max_len = tonumber(ARGV[6])
 if max_len > 0 and last - first_kept + 1 > max_len then
   local keep = last - max_len + 1
   redis.call('XTRIM', log, 'MINID', string.format('%d-0', keep))
@@ -88,7 +98,7 @@ end
 if pid ~= '' then
   redis.call('HSET', prod, pid, pseq .. ':' .. string.format('%d:%d', first, last))
 end
-redis.call('PUBLISH', ARGV[2], ARGV[3])
+redis.call('PUBLISH', prefix .. ':wake', name)
 return {'ok', epoch, first, last, created}
 """
 )

@@ -313,13 +313,16 @@ class RedisEventLog(EventLog):
     async def _op(self, what: str) -> AsyncIterator[None]:
         """Run one operation's commands: a free slot, then errors translated."""
         self._check_open()
-        try:
-            async with asyncio.timeout(self.options.pool_timeout or None):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise BackendUnavailable(
-                f"no free redis connection for {what} within {self.options.pool_timeout}s"
-            ) from None
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self.options.pool_timeout or None):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise BackendUnavailable(
+                    f"no free redis connection for {what} within {self.options.pool_timeout}s"
+                ) from None
+        else:
+            await self._slots.acquire()
         try:
             with _translated(what):
                 if not self._ready:
@@ -457,16 +460,19 @@ class RedisEventLog(EventLog):
         for event in events:
             fields.append(event.type)
             fields.append(event.data_json)
-        args: list[str | int | bytes] = [
-            new_epoch(),
-            self._channel,
-            stream,
-            producer.id if producer is not None else "",
-            str(producer.seq) if producer is not None else "0",
-            self.options.max_len,
-            len(events),
-            # One NUL-separated argument (see the script): redis-py packs each argument
-            # in Python, which would otherwise dominate the cost of a large batch.
+        # Two NUL-separated arguments (see the script): redis-py packs each argument in
+        # Python, which would otherwise dominate the cost of an append.
+        header = "\0".join(
+            (
+                new_epoch(),
+                str(self.options.max_len),
+                str(len(events)),
+                str(producer.seq) if producer is not None else "0",
+                producer.id if producer is not None else "",
+            )
+        )
+        args = [
+            header.encode("utf-8", "surrogatepass"),
             "\0".join(fields).encode("utf-8", "surrogatepass"),
         ]
         async with self._op("append"):
