@@ -28,6 +28,7 @@ import pytest
 
 from runstream.backends.redis import RedisEventLog
 from runstream.cli.worker import READY_LINE
+from runstream.config import load_settings
 from runstream.core.model import END_TYPE, Event
 from runstream.runs.model import RunRecord
 from runstream.runs.redis_dispatch import GROUP, RedisRunQueue
@@ -97,13 +98,21 @@ class WorkerProcess:
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    new_line: threading.Condition = field(default_factory=threading.Condition)
 
     def drain(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+            with self.new_line:
+                self.lines.append(line.rstrip("\n"))
+                self.new_line.notify_all()
             if line.startswith(READY_LINE.format(name=self.name)):
                 self.ready.set()
+
+    def wait_for_line(self, text: str, timeout: float = 30) -> bool:
+        """Block until a line of the worker's stderr contains ``text`` (thread-safe)."""
+        with self.new_line:
+            return self.new_line.wait_for(lambda: any(text in line for line in self.lines), timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -137,6 +146,7 @@ class Cluster:
         argv0: list[str] | None = None,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        wait_ready: bool = True,
     ) -> WorkerProcess:
         args = [
             *(argv0 or [PY, "-m", "runstream.cli.main"]),
@@ -170,6 +180,8 @@ class Cluster:
         self.workers.append(worker)
         worker.reader = threading.Thread(target=worker.drain, daemon=True)
         worker.reader.start()
+        if not wait_ready:
+            return worker
         ok = await asyncio.to_thread(worker.ready.wait, 30)
         assert ok, f"worker {name} did not start:\n" + "\n".join(worker.lines)
         return worker
@@ -216,8 +228,6 @@ async def cluster(redis_server: RedisServer, tmp_path: Path) -> AsyncIterator[Cl
     store = RedisRunStore.from_url(url)
     await store.start()
     async with RedisEventLog.from_url(url) as log:
-        from runstream.config import load_settings
-
         registry = TaskRegistry.from_config(load_settings(config, env={}).tasks)
         service = RunService(registry, store, log, dispatcher=RedisRunQueue(store))
         c = Cluster(url, config, tmp_path, store, log, service)
@@ -260,6 +270,32 @@ async def wait_until_running(cluster: Cluster, record: RunRecord) -> RunRecord:
             if item.type == "status" and item.data["status"] == "running":
                 return await cluster.store.get(record.id)
     raise AssertionError("the run never started")
+
+
+@pytest.mark.timeout(90)
+async def test_a_worker_started_before_redis_waits_for_it(
+    private_redis: RedisServer, tmp_path: Path
+) -> None:
+    private_redis.stop()
+    url = f"{private_redis.url}?prefix=early"
+    config = write_config(tmp_path / "runstream.toml")
+    store = RedisRunStore.from_url(url)
+    async with RedisEventLog.from_url(url) as log:
+        registry = TaskRegistry.from_config(load_settings(config, env={}).tasks)
+        service = RunService(registry, store, log, dispatcher=RedisRunQueue(store))
+        cluster = Cluster(url, config, tmp_path, store, log, service)
+        try:
+            worker = await cluster.spawn("early", wait_ready=False)
+            assert await asyncio.to_thread(worker.wait_for_line, "waiting for it")
+            assert worker.proc.poll() is None
+            await asyncio.to_thread(private_redis.start)
+            assert await asyncio.to_thread(worker.ready.wait, 30), worker.lines
+            record = await service.create("sleeper", {"seconds": 0})
+            events = await cluster.until_end(record.id)
+            assert events[-1].data["status"] == "succeeded"
+        finally:
+            cluster.cleanup()
+            await store.aclose()
 
 
 def test_worker_refuses_a_backend_that_is_not_redis(tmp_path: Path) -> None:

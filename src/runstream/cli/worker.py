@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 import click
 
 from runstream.config import load_settings
-from runstream.errors import ConfigError, RunstreamError
+from runstream.errors import BackendError, ConfigError, RunstreamError
 
 if TYPE_CHECKING:
     from runstream.runs.redis_dispatch import WorkerOptions
@@ -175,7 +175,11 @@ async def _work(url: str, registry: TaskRegistry, options: WorkerOptions) -> Non
 
     try:
         async with log:
-            await store.start()
+            try:
+                await store.start()
+            except BackendError as exc:
+                # Not fatal: the worker waits for Redis (e.g. both started by one compose file).
+                logging.getLogger("runstream.worker").warning("%s; waiting for it", exc)
             announcer = asyncio.create_task(announce())
             try:
                 await runner.run(stop)

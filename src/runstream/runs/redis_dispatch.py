@@ -571,14 +571,19 @@ class RedisWorker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set, then shut down gracefully (see the class docstring).
 
-        Raises :class:`ConfigError` at once if another live worker uses this name.
+        Redis being unreachable is waited out (with backoff) at any point, also
+        at start. Raises :class:`ConfigError` if another live worker uses this name.
         """
         try:
-            await self._claim_name(stop)
+            await self._retry_until(stop, lambda: self._claim_name(stop))
         except BaseException:
             await self._reader.aclose()
             await self._reader.connection_pool.aclose()
             raise
+        if stop.is_set():
+            await self._reader.aclose()
+            await self._reader.connection_pool.aclose()
+            return
         inner_stop = asyncio.Event()
         helpers = [
             asyncio.create_task(self._heartbeat(inner_stop), name="runstream-heartbeat"),
@@ -587,7 +592,7 @@ class RedisWorker:
         if self.options.janitor:
             helpers.append(asyncio.create_task(self.janitor.run(inner_stop), name="janitor"))
         try:
-            await self._recover_own_pending()
+            await self._retry_until(stop, self._recover_own_pending)
             self.ready.set()
             await self._read_loop(stop)
             self._stopping.set()
