@@ -129,6 +129,11 @@ async def test_awkward_text_round_trips_through_one_batch(shared: RedisEventLog)
     page = await shared.read("s")
     assert (res.first_id, res.last_id) == (1, 5)
     assert [(e.type, e.data) for e in page.events] == [(i.type, i.data) for i in items]
+    # Producer ids travel in the same packed argument: any character, NUL included.
+    odd = Producer("p\x00:1:2 ü", 10**30)
+    first = await shared.append("s", ev(6), producer=odd)
+    again = await shared.append("s", ev(6), producer=odd)
+    assert (again.duplicate, again.first_id) == (True, first.first_id)
 
 
 async def test_prefixes_isolate_tenants_on_one_server(
