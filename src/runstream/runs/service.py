@@ -83,6 +83,10 @@ its executor is still writing the final status event and closing the stream."""
 
 _SCAN_PAGE = 500
 
+RUN_ID_PREFIX = "run-"
+"""Every run id starts with this (see :func:`runstream.runs.model.new_run_id`); other
+streams are not runs and cost the end check no store lookup."""
+
 _LIVE_WORKERS: set[str] = set()
 """Worker ids of the pools running in this process (a pool in this process is alive
 exactly while it is listed here; other processes are checked by pid)."""
@@ -297,7 +301,7 @@ class RunService:
         with the run's status, so every follower gets the ``end`` event. Only
         if that fails does it return a reason to end the responses directly.
         """
-        if info is None or info.closed:
+        if info is None or info.closed or not stream.startswith(RUN_ID_PREFIX):
             return None
         try:
             record = await self.store.get(stream)
