@@ -121,6 +121,12 @@ def test_sse_unavailable_switches_to_polling_for_good() -> None:
     assert state.on_poll_ok(100.0) == "poll"
 
 
+def test_a_poll_only_follower_never_probes_streaming() -> None:
+    state = ReconnectState(RetryPolicy(probe_interval=1.0), mode="poll", allow_fallback=False)
+    assert state.on_poll_ok(0.0) == "poll"
+    assert state.on_poll_ok(100.0) == "poll"
+
+
 def test_no_fallback_when_disabled() -> None:
     state = ReconnectState(
         RetryPolicy(fallback_after=1, max_attempts=None, max_elapsed=None), allow_fallback=False

@@ -158,7 +158,8 @@ class ReconnectState:
         self.outage_started = None
         if self.next_probe is None:
             self.next_probe = now + self.policy.probe_interval
-        if not self.sse_unavailable and now >= self.next_probe:
+        # Probing is part of the fallback; a poll-only follower never streams.
+        if self.allow_fallback and not self.sse_unavailable and now >= self.next_probe:
             self.mode = "stream"
             self.next_probe = now + self.policy.probe_interval
         return self.mode
