@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -65,7 +65,7 @@ def outcome_from_run(run: dict[str, Any]) -> RunOutcome:
 
 
 @contextlib.contextmanager
-def on_interrupt(callback: Callable[[], None]) -> Any:
+def on_interrupt(callback: Callable[[], None]) -> Iterator[None]:
     """Call ``callback`` on the event loop for each SIGINT (Ctrl-C) while inside the block."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, callback)
@@ -88,6 +88,10 @@ async def follow_remote(
     Returns ``None`` if ``stop`` was set before the end. Raises what the SDK's
     follower raises (:class:`RunNotFound`, :class:`RetriesExhausted`, ...).
     """
+    # One plain request first: an unknown run or an unreachable server fails in
+    # seconds with a clear message, instead of inside the follower's long retry budget
+    # (meant for outages *during* a run).
+    await client.get_run(run_id)
     async with client.follow_run(run_id, after, stop_event=stop) as follower:
         async for item in follower:
             renderer.item(item)
@@ -110,13 +114,16 @@ async def follow_local(
     run_id: str,
     renderer: Renderer,
     *,
-    after: int = 0,
+    after: str | None = None,
     stop: asyncio.Event | None = None,
 ) -> RunOutcome | None:
     """:func:`follow_remote` against the local store of backend ``url`` (no server)."""
+    from runstream.protocol.cursor import parse_position
+
+    position = parse_position(after)
     async with local_runs(url, create=False) as (store, log):
         await store.get(run_id)  # RunNotFound for an unknown id, before waiting on anything
-        follow = log.follow(run_id, after)
+        follow = log.follow(run_id, position)
         stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
         try:
             while True:
@@ -177,9 +184,8 @@ def tail(
         renderer = Renderer(json_mode=as_json, show_status=not quiet, on_broken_pipe=stop.set)
         with on_interrupt(stop.set):
             if backend is not None:
-                offset = int(after) if after and after.isdigit() else 0
                 outcome = await follow_local(
-                    resolve_backend(backend), run_id, renderer, after=offset, stop=stop
+                    resolve_backend(backend), run_id, renderer, after=after, stop=stop
                 )
             else:
                 from runstream.cli.runs_cmds import make_client
