@@ -141,3 +141,15 @@ def test_no_progress_bar_when_not_a_terminal() -> None:
     r.item(ev(1, "progress", {"current": 1, "total": 2}))
     assert err.getvalue() == b""
     assert text.getvalue() == ""
+
+
+def test_a_python_tasks_result_and_items_are_json_lines_on_stdout() -> None:
+    r, out, err, _ = make()
+    r.item(ev(1, "item", {"n": 1}))
+    r.item(ev(2, "result", {"summary": "café", "ok": True}))
+    r.item(ev(3, "custom", {"ignored": True}))  # other types: only in --json
+    assert [json.loads(line) for line in out.getvalue().splitlines()] == [
+        {"n": 1},
+        {"summary": "café", "ok": True},
+    ]
+    assert err.getvalue() == b""

@@ -14,6 +14,8 @@ through :class:`Renderer`, so they look and behave the same:
   only when standard error is a terminal. The bar is cleared before any output
   is written and drawn again once the output is back at the start of a line,
   so it never mixes with the program's text.
+* ``result`` and ``item`` events (a Python task's return value and yielded
+  values) are written to standard output as one JSON document per line.
 * ``status`` events and the end of the run are reported on standard error
   (dim, or coloured for the final line) unless the caller turns that off.
 * With ``json_mode`` every item is written as one JSON object per line on
@@ -91,6 +93,7 @@ _STYLES = {
 _MARKS = {"succeeded": "✔", "cancelled": "■", "queued": "…", "running": "▶"}
 
 _CLEAR_LINE = b"\r\x1b[2K"
+_VALUE_TYPES = frozenset({"result", "item"})
 _PIPE_WIDTH = 250
 
 
@@ -229,6 +232,10 @@ class Renderer:
             self._on_progress(data)
         elif item.type == "status":
             self._on_status(data)
+        elif item.type in _VALUE_TYPES:
+            # A Python task's return value / yielded items are its output: one JSON
+            # document per line on stdout, ready for `| jq`.
+            self._output("stdout", {"line": json.dumps(item.data, ensure_ascii=False)})
 
     def message(self, markup: str) -> None:
         """A line of Rich markup on standard error (the bar is kept out of its way)."""
