@@ -21,6 +21,7 @@ from runstream.runs.context import RunContext
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.redis_dispatch import (
     GROUP,
+    BackgroundJanitor,
     Janitor,
     RedisRunQueue,
     RedisWorker,
@@ -588,3 +589,19 @@ async def test_a_second_live_worker_with_the_same_name_refuses_to_start(
     # Once the first one stopped (and released the name), the name is free again.
     async with running_worker(store, log, TaskRegistry(), name="unique", lease=2):
         pass
+
+
+async def test_a_background_janitor_settles_a_dead_workers_run_without_any_worker(
+    store: RedisRunStore, log: RedisEventLog, queue: RedisRunQueue
+) -> None:
+    """What an API server runs as a backstop when no worker is left alive."""
+    record = await submit(store, log, queue, "t")
+    await claim_as_ghost(store, record, "ghost")
+    janitor = BackgroundJanitor(store, log, lease=0.3)
+    try:
+        events = await until_end(log, record.id)
+    finally:
+        await janitor.aclose()
+        await janitor.aclose()  # idempotent
+    assert events[-1].data["status"] == "lost"
+    assert (await queue.stats()).pending == 0

@@ -91,6 +91,7 @@ from runstream.runs.tasks import TaskRegistry
 __all__ = [
     "DEFAULT_LEASE",
     "DEFAULT_MAX_DELIVERIES",
+    "BackgroundJanitor",
     "Janitor",
     "QueueStats",
     "RedisRunQueue",
@@ -428,6 +429,46 @@ class Janitor:
 
     async def _close(self, run_id: str, status: str, reason: str | None) -> None:
         await self.log.close(run_id, status=status, reason=reason)
+
+
+class BackgroundJanitor:
+    """A :class:`Janitor` sweeping in a task of its own, for API servers (``runstream serve``).
+
+    Every worker already runs one; a server's is a backstop for when no worker
+    is left alive. Start it inside the running loop and ``await aclose()`` on
+    shutdown. Its default lease (30 s) only makes it act later than workers
+    with shorter leases, never earlier: a claim is also checked against the
+    run's lease key, so a healthy run is left alone whatever the setting.
+    """
+
+    def __init__(
+        self,
+        store: RedisRunStore,
+        log: EventLog,
+        *,
+        registry: TaskRegistry | None = None,
+        lease: float = DEFAULT_LEASE,
+        consumer: str | None = None,
+    ) -> None:
+        self.janitor = Janitor(
+            store,
+            log,
+            consumer=consumer or f"janitor-{default_worker_name()}",
+            lease=lease,
+            registry=registry,
+        )
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = asyncio.get_running_loop().create_task(
+            self.janitor.run(self._stop), name="runstream-janitor"
+        )
+
+    async def aclose(self) -> None:
+        """Stop sweeping (a sweep in progress finishes first). Idempotent."""
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        await task
 
 
 async def settle_entry(
