@@ -26,7 +26,6 @@ process's, minus ``RUNSTREAM_*`` variables (they may hold tokens).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import time
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from runstream.cli.render import (
     Renderer,
     RunOutcome,
     error_console,
+    print_error,
     run_command,
 )
 from runstream.cli.runs_cmds import (
@@ -52,6 +52,7 @@ from runstream.cli.runs_cmds import (
 )
 from runstream.cli.tail import follow_remote, on_interrupt, outcome_from_run
 from runstream.errors import ValidationError
+from runstream.runs.model import RunRecord
 from runstream.runs.tasks import DEFAULT_GRACE, TaskSpec
 
 __all__ = ["COMMAND_TASK", "run"]
@@ -177,7 +178,7 @@ async def _run_local(
 ) -> int:
     from runstream.core.model import NewEvent
     from runstream.runs.executor import RunControl, execute_run
-    from runstream.runs.model import RunRecord, new_run_id
+    from runstream.runs.model import new_run_id
 
     spec = _LiteralCommand(name=COMMAND_TASK, command=tuple(argv), grace=grace, inherit_env=True)
     record = RunRecord(
@@ -199,57 +200,63 @@ async def _run_local(
         # SIGPIPE would (gracefully here, and recorded).
         on_broken_pipe=lambda: control.cancel("stopped: the output's reader went away"),
     )
-    async with local_runs(url) as (store, log):
-        await store.create(record)
-        await log.append(record.id, NewEvent("status", {"status": "queued", "attempt": 1}))
-        if not quiet:
-            console.print(f"{record.id}", style="dim", highlight=False)
-        follower = asyncio.create_task(_show(log.follow(record.id), renderer))
-        executor = asyncio.create_task(execute_run(record, spec, log, store, control=control))
-        interrupts = 0
+    executor: asyncio.Task[RunRecord] | None = None
+    interrupts = 0
 
-        def on_sigint() -> None:
-            nonlocal interrupts
-            interrupts += 1
-            if interrupts == 1:
-                control.cancel("cancelled by Ctrl-C")
+    def on_sigint() -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            control.cancel("cancelled by Ctrl-C")
+            if not quiet:
+                renderer.message(
+                    f"[yellow]cancelling (SIGTERM, SIGKILL in {grace:g}s); "
+                    "Ctrl-C again to kill now[/]"
+                )
+        elif executor is not None and not executor.done():
+            # Cancelling the executor's task kills the process group with SIGKILL
+            # at once; the executor still records the run as cancelled.
+            executor.cancel()
+
+    # The command runs in its own session, so a signal meant for runstream never
+    # reaches it: SIGTERM (kill) and SIGHUP (terminal closed) stop it gracefully.
+    loop = asyncio.get_running_loop()
+    for signum in _STOP_SIGNALS:
+        loop.add_signal_handler(
+            signum, control.cancel, f"cancelled: runstream received {signum.name}"
+        )
+    try:
+        with on_interrupt(on_sigint):
+            async with local_runs(url) as (store, log):
+                await store.create(record)
+                await log.append(record.id, NewEvent("status", {"status": "queued", "attempt": 1}))
                 if not quiet:
-                    renderer.message(
-                        f"[yellow]cancelling (SIGTERM, SIGKILL in {grace:g}s); "
-                        "Ctrl-C again to kill now[/]"
-                    )
-            elif not executor.done():
-                # Cancelling the executor's task kills the process group with SIGKILL
-                # at once; the executor still records the run as cancelled.
-                executor.cancel()
-
-        # The command runs in its own session, so a signal meant for runstream never
-        # reaches it: SIGTERM (kill) and SIGHUP (terminal closed) stop it gracefully.
-        loop = asyncio.get_running_loop()
-        for signum in _STOP_SIGNALS:
-            loop.add_signal_handler(
-                signum, control.cancel, f"cancelled: runstream received {signum.name}"
-            )
-        try:
-            with on_interrupt(on_sigint):
+                    console.print(f"{record.id}", style="dim", highlight=False)
+                follower = asyncio.create_task(_show(log.follow(record.id), renderer))
+                executor = asyncio.create_task(
+                    execute_run(record, spec, log, store, control=control)
+                )
                 try:
-                    final = await executor
-                except asyncio.CancelledError:
-                    if not executor.cancelled():
-                        raise
-                    final = await store.get(record.id)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(follower), _FOLLOW_END_TIMEOUT)
-        finally:
-            for signum in _STOP_SIGNALS:
-                loop.remove_signal_handler(signum)
-            if not follower.done():
-                follower.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await follower
-        outcome = renderer.outcome
-        if outcome is None or outcome.status != final.status:
-            outcome = outcome_from_run(final.to_json())
+                    try:
+                        final = await executor
+                    except asyncio.CancelledError:
+                        if not executor.cancelled():
+                            raise
+                        final = await store.get(record.id)
+                    # Let the output catch up with the end of the run.
+                    await asyncio.wait({follower}, timeout=_FOLLOW_END_TIMEOUT)
+                finally:
+                    if not follower.done():
+                        follower.cancel()
+                    await asyncio.wait({follower})
+                if not follower.cancelled() and follower.exception() is not None:
+                    print_error(f"showing the output failed: {follower.exception()}")
+    finally:
+        for signum in _STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+    outcome = renderer.outcome
+    if outcome is None or outcome.status != final.status:
+        outcome = outcome_from_run(final.to_json())
     renderer.finish(outcome)
     if renderer.broken_pipe:
         return EXIT_BROKEN_PIPE
@@ -266,8 +273,6 @@ def _report_local_end(console: Any, run_id: str, outcome: RunOutcome, quiet: boo
     """Say why the command did not simply exit: a shell would be silent about exit codes."""
     if outcome.status == "failed" and outcome.exit_code is None and outcome.signal is None:
         # The program never ran (not found, not executable, ...): always worth saying.
-        from runstream.cli.render import print_error
-
         print_error(outcome.error or "the command failed")
         return
     if quiet or outcome.status in ("succeeded", "failed"):
