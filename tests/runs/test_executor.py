@@ -151,6 +151,13 @@ async def test_env_param_reaches_the_child_unexpanded(log: EventLog, store: RunS
     assert lines(await events(log, final.id)) == ["$(id); $HOME"]
 
 
+async def test_command_knows_its_run_and_attempt(log: EventLog, store: RunStore) -> None:
+    code = "import os; print(os.environ['RUNSTREAM_RUN_ID'], os.environ['RUNSTREAM_ATTEMPT'])"
+    task = TaskSpec.build("t", command=py(code))
+    final = await execute_run(await submit(store, log, task), task, log, store)
+    assert lines(await events(log, final.id)) == [f"{final.id} 1"]
+
+
 async def test_long_and_unterminated_lines_become_partial_events(
     log: EventLog, store: RunStore
 ) -> None:

@@ -285,6 +285,22 @@ def test_worker_alive_checks_this_host_by_pid() -> None:
     assert worker_alive(f"{host}:1:abc")  # pid 1 always exists
 
 
+def alive(pid: int) -> bool:
+    """True unless ``pid`` is gone or a zombie waiting for its reaper."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+async def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} is still alive"
+        await asyncio.sleep(0.02)  # no notification exists for another process's death
+
+
 DEAD_WORKER = textwrap.dedent(
     """
     import asyncio, sys
@@ -361,6 +377,8 @@ async def test_run_left_running_by_a_killed_server_is_lost_or_retried(
                 await pool.start()
                 try:
                     assert pool.lost_marked == 1
+                    # The dead server's command was killed, not left to run (twice, on retry).
+                    await wait_gone(child_pid)
                     if retries == 0:
                         final = await store.get(run_id)
                         assert final.status == "lost"

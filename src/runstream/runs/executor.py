@@ -53,7 +53,9 @@ from runstream.runs.tasks import TaskSpec
 
 __all__ = [
     "APPEND_CHUNK",
+    "ATTEMPT_ENV",
     "CANCEL_POLL",
+    "RUN_ID_ENV",
     "RunControl",
     "describe_exit",
     "execute_run",
@@ -68,6 +70,11 @@ CANCEL_POLL = 0.5
 
 MAX_REASON = 1000
 """Close reasons are limited to this many characters by the EventLog."""
+
+RUN_ID_ENV = "RUNSTREAM_RUN_ID"
+"""Environment variable holding the run id in every command a run starts."""
+ATTEMPT_ENV = "RUNSTREAM_ATTEMPT"
+"""Environment variable holding the attempt number (1 unless the run was retried)."""
 
 ABANDON_AFTER = 5.0
 """Seconds a cancelled Python task may take to unwind before it is left behind."""
@@ -268,6 +275,10 @@ class _Execution:
         task, record = self.task, self.record
         argv = task.build_argv(record.params)
         env = task.build_env(record.params)
+        # Tells the command which run it is, and lets a later process find (and stop)
+        # what a crashed worker left running: see runstream.runs.service.kill_orphans.
+        env[RUN_ID_ENV] = record.id
+        env[ATTEMPT_ENV] = str(record.attempt)
 
         async def sink(batch: Sequence[OutputLine]) -> None:
             events = [NewEvent(line.stream, line.to_data()) for line in batch]

@@ -14,9 +14,10 @@ queued runs at start and every ``rescan_interval`` seconds).
   task; runs start in the order they were submitted, a run waiting for its
   task's limit does not hold up runs of other tasks;
 * on start it marks runs left ``running`` by a dead process (same SQLite
-  file; the worker id names host and pid) as ``lost`` — queued again with the
-  next attempt if the task's ``retries`` allow, else their stream is closed
-  with ``lost`` — then queues every ``queued`` run it finds;
+  file; the worker id names host and pid) as ``lost``, kills what is left of
+  their commands (:func:`kill_orphans`), and queues them again with the next
+  attempt if the task's ``retries`` allow, else closes their stream with
+  ``lost``; then it queues every ``queued`` run it finds;
 * :meth:`~LocalWorkerPool.shutdown` stops taking work, lets running runs
   finish for ``grace`` seconds, then cancels the rest cleanly (each child gets
   SIGTERM, then SIGKILL after its task's grace; the run ends ``cancelled``).
@@ -28,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -46,6 +48,7 @@ from runstream.errors import (
 from runstream.runs.executor import (
     CANCEL_POLL,
     MAX_REASON,
+    RUN_ID_ENV,
     RunControl,
     execute_run,
     new_worker_id,
@@ -62,6 +65,7 @@ __all__ = [
     "Dispatcher",
     "LocalWorkerPool",
     "RunService",
+    "kill_orphans",
     "settle_lost",
     "worker_alive",
 ]
@@ -128,6 +132,44 @@ def worker_alive(worker: str | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def kill_orphans(run_id: str) -> int:
+    """SIGKILL the process groups on this host still running a command of ``run_id``.
+
+    A worker killed with ``kill -9`` cannot stop its children: they run in
+    their own process groups and would go on (and, with a retry, run twice).
+    They are found by the ``RUNSTREAM_RUN_ID`` variable the executor puts in
+    every command's environment (``/proc/<pid>/environ``; Linux, same user).
+    Best effort: a child that cleared its environment is not found. Blocking;
+    returns how many groups were killed.
+    """
+    marker = f"{RUN_ID_ENV}={run_id}".encode()
+    groups: set[int] = set()
+    try:
+        pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                variables = fh.read().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours
+        if marker in variables:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                groups.add(os.getpgid(int(pid)))
+    groups.discard(os.getpgrp())  # never this process's own group
+    killed = 0
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def _same_host(worker: str | None) -> bool:
+    return bool(worker) and str(worker).partition(":")[0] == socket.gethostname()
 
 
 async def _append_status(log_: EventLog, run_id: str, data: dict[str, Any]) -> None:
@@ -464,6 +506,11 @@ class LocalWorkerPool:
             except IllegalTransition:
                 continue
             self.lost_marked += 1
+            if _same_host(record.worker):
+                killed = await asyncio.to_thread(kill_orphans, lost.id)
+                if killed:
+                    log.warning("run %s: killed %d process group(s) its dead worker left",
+                                lost.id, killed)  # fmt: skip
             task = self.registry.get(lost.task) if lost.task in self.registry else None
             settled = await settle_lost(lost, task, self.store, self.log)
             if self.metrics is not None:
