@@ -33,6 +33,7 @@ def serve(
     workers: int | None,
 ) -> None:
     """Serve the HTTP API: streams, SSE/WebSocket/long-poll, /metrics, /openapi.json."""
+    from runstream.app import build_app
     from runstream.server.serve import serve as run_server
 
     try:
@@ -48,6 +49,6 @@ def serve(
         err=True,
     )
     try:
-        run_server(settings)
+        run_server(settings, build_app(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -1,0 +1,30 @@
+"""The whole runstream application: the HTTP service plus the runs layer and the web UI.
+
+:func:`build_app` is what ``runstream serve`` and ``runstream demo`` run; it
+composes the layers that know nothing of each other (``server`` for streams,
+``runs`` for tasks and workers, ``ui`` for the page) in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from runstream.config import Settings
+from runstream.runs.http import RunsAPI
+from runstream.server.app import create_app
+from runstream.ui.routes import router as ui_router
+
+__all__ = ["build_app"]
+
+
+def build_app(settings: Settings, **runs_options: Any) -> FastAPI:
+    """The full app for ``settings``; ``runs_options`` go to :class:`RunsAPI`.
+
+    Raises :class:`~runstream.errors.ConfigError` for an invalid task declaration.
+    """
+    runs = RunsAPI.from_settings(settings, **runs_options)
+    app = create_app(settings, routers=[runs.router, ui_router], on_startup=[runs.startup])
+    app.state.runs = runs
+    return app
