@@ -298,7 +298,7 @@ class RunService:
     ) -> tuple[list[RunRecord], str | None]:
         return await self.store.list(status=status, task=task, limit=limit, cursor=cursor)
 
-    async def cancel(self, run_id: str, reason: str = "cancelled by request") -> RunRecord:
+    async def cancel(self, run_id: str) -> RunRecord:
         """Cancel a run. Idempotent; a finished run is returned unchanged.
 
         A queued run is cancelled at once (its stream closes); a running run
