@@ -202,6 +202,8 @@ class Renderer:
         self.resets: list[Reset] = []
         self.broken_pipe = False
         self._on_broken_pipe = on_broken_pipe
+        self._unflushed: IO[bytes] | None = None
+        self._flush_scheduled = False
 
     # -- feeding ------------------------------------------------------------------
 
@@ -239,6 +241,7 @@ class Renderer:
 
     def message(self, markup: str) -> None:
         """A line of Rich markup on standard error (the bar is kept out of its way)."""
+        self.flush()
         self._hide_bar()
         if not self._at_line_start["stderr"]:
             self.err.write(b"\n")
@@ -254,6 +257,7 @@ class Renderer:
         ``outcome`` defaults to :attr:`outcome`; nothing is printed in JSON
         mode or when ``show_status`` is off.
         """
+        self.flush()
         self._hide_bar()
         for name, stream in (("stdout", self.out), ("stderr", self.err)):
             if not self._at_line_start[name] and not self.json_mode and _isatty(stream):
@@ -326,19 +330,58 @@ class Renderer:
         self._write(self.out, json.dumps(obj, ensure_ascii=False).encode() + b"\n")
 
     def _write(self, stream: IO[bytes], data: bytes) -> bool:
-        """Write and flush; on a closed pipe (``... | head``) stop writing and say so once."""
+        """Write ``data``; on a closed pipe (``... | head``) stop writing and say so once.
+
+        Flushing is deferred to the next turn of the event loop, so a burst of
+        lines costs one system call, yet a line shows as soon as the reader
+        waits for more. Switching between stdout and stderr flushes the other
+        stream first, keeping their interleaving on a shared terminal.
+        """
         if self.broken_pipe:
             return False
         try:
+            if self._unflushed is not None and self._unflushed is not stream:
+                self._unflushed.flush()
+                self._unflushed = None
             stream.write(data)
+        except BrokenPipeError:
+            self._broke(stream)
+            return False
+        if self._unflushed is None:
+            self._unflushed = stream
+            self._flush_soon()
+        return True
+
+    def flush(self) -> None:
+        """Flush what was written and not yet flushed."""
+        stream, self._unflushed = self._unflushed, None
+        if stream is None or self.broken_pipe:
+            return
+        try:
             stream.flush()
         except BrokenPipeError:
-            self.broken_pipe = True
-            _silence(stream)
-            if self._on_broken_pipe is not None:
-                self._on_broken_pipe()
-            return False
-        return True
+            self._broke(stream)
+
+    def _flush_soon(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+    def _broke(self, stream: IO[bytes]) -> None:
+        self.broken_pipe = True
+        self._unflushed = None
+        _silence(stream)
+        if self._on_broken_pipe is not None:
+            self._on_broken_pipe()
 
     def _on_status(self, data: dict[str, Any]) -> None:
         status = str(data.get("status", ""))
@@ -408,6 +451,7 @@ class Renderer:
         line = self.render_bar()
         if not line:
             return
+        self.flush()  # the program's output first, then the bar below it
         self.err.write(_CLEAR_LINE + line.encode("utf-8", "replace"))
         self.err.flush()
         self._bar_visible = True

@@ -34,6 +34,7 @@ from typing import Any
 
 import click
 
+from runstream.backends.base import EventLog
 from runstream.cli.render import (
     EXIT_BROKEN_PIPE,
     EXIT_CANCELLED,
@@ -51,7 +52,7 @@ from runstream.cli.runs_cmds import (
     server_options,
 )
 from runstream.cli.tail import follow_remote, on_interrupt, outcome_from_run
-from runstream.errors import ValidationError
+from runstream.errors import RunstreamError, ValidationError
 from runstream.runs.model import RunRecord
 from runstream.runs.tasks import DEFAULT_GRACE, TaskSpec
 
@@ -63,7 +64,7 @@ COMMAND_TASK = "cmd"
 _ARGV_KEY = "runstream.run.argv"
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 _FOLLOW_END_TIMEOUT = 5.0
-"""After the command ended, how long to wait for its end event to be shown."""
+"""After the command ended with its stream left open, how long to keep showing output."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,8 +244,11 @@ async def _run_local(
                         if not executor.cancelled():
                             raise
                         final = await store.get(record.id)
-                    # Let the output catch up with the end of the run.
-                    await asyncio.wait({follower}, timeout=_FOLLOW_END_TIMEOUT)
+                    # Let the output catch up with the end of the run: all of it once the
+                    # stream is closed (the follower then ends at the end event), else a
+                    # bounded wait (the executor could not close it; its error is known).
+                    closed = await _stream_closed(log, record.id)
+                    await asyncio.wait({follower}, timeout=None if closed else _FOLLOW_END_TIMEOUT)
                 finally:
                     if not follower.done():
                         follower.cancel()
@@ -262,6 +266,13 @@ async def _run_local(
         return EXIT_BROKEN_PIPE
     _report_local_end(console, record.id, outcome, quiet)
     return outcome.process_exit_code
+
+
+async def _stream_closed(log: EventLog, stream: str) -> bool:
+    try:
+        return (await log.info(stream)).closed
+    except RunstreamError:
+        return False
 
 
 async def _show(items: Any, renderer: Renderer) -> None:
