@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +83,14 @@ async def test_unknown_task_and_unknown_run_fail_with_a_message(
     missing = await cli("tail", "run-doesnotexist", "--server", runs_server.url, cwd=tmp_path)
     assert missing.code == 1
     assert "Traceback" not in missing.err
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        nobody = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    started = time.monotonic()
+    unreachable = await cli("run", "lines", "--server", nobody, cwd=tmp_path)
+    assert unreachable.code == 1
+    assert "Is a runstream server running" in unreachable.err
+    assert time.monotonic() - started < 30  # a few quick attempts, not a long silent wait
 
 
 async def test_ctrl_c_on_run_task_cancels_the_run_on_the_server(

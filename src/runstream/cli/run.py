@@ -294,7 +294,14 @@ def _report_local_end(console: Any, run_id: str, outcome: RunOutcome, quiet: boo
 # -- run TASK ------------------------------------------------------------------------------
 
 
-async def _run_remote(
+async def _run_remote(*args: Any) -> int:
+    from runstream.cli.runs_cmds import server_hint
+
+    with server_hint(args[2]):
+        return await _submit_and_follow(*args)
+
+
+async def _submit_and_follow(
     task: str,
     params: dict[str, str],
     server: str,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,12 +45,14 @@ __all__ = [
     "ls",
     "make_client",
     "run_json_duration",
+    "server_hint",
     "server_options",
     "show",
 ]
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8787"
 DEFAULT_LIMIT = 20
+CLI_REQUEST_ATTEMPTS = 3
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -134,10 +136,30 @@ async def local_runs(url: str, *, create: bool = True) -> AsyncIterator[tuple[Ru
 
 
 def make_client(server: str, token: str | None) -> AsyncClient:
-    """The SDK client every server-facing command uses."""
-    from runstream.client import AsyncClient
+    """The SDK client every server-facing command uses.
 
-    return AsyncClient(server, token=token)
+    Single requests give up after a few quick attempts (someone is waiting at
+    a prompt); following a run keeps the SDK's longer budget for outages.
+    """
+    from runstream.client import AsyncClient
+    from runstream.client.policy import RetryPolicy
+
+    retry = RetryPolicy(max_attempts=CLI_REQUEST_ATTEMPTS, max_elapsed=10.0, fallback_after=0)
+    return AsyncClient(server, token=token, retry=retry)
+
+
+@contextlib.contextmanager
+def server_hint(server: str) -> Iterator[None]:
+    """Add what to check to a "could not reach the server" error."""
+    from runstream.errors import RetriesExhausted
+
+    try:
+        yield
+    except RetriesExhausted as exc:
+        raise RetriesExhausted(
+            f"{exc}. Is a runstream server running at {server}? Start one with "
+            "`runstream serve`, or name it with --server / RUNSTREAM_SERVER."
+        ) from exc
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -204,6 +226,8 @@ def _exit_text(run: Mapping[str, Any]) -> str:
 
 _LS_COLUMNS = (("RUN", 30), ("TASK", 4), ("STATUS", 9), ("EXIT", 4), ("CREATED", 14),
                ("DURATION", 8))  # fmt: skip
+
+
 def runs_table(runs: Sequence[Mapping[str, Any]], width: int = 180) -> Table:
     """The ``ls`` table for a terminal ``width`` columns wide.
 
@@ -333,8 +357,9 @@ def ls(
         runs: list[dict[str, Any]]
         next_cursor: str | None
         if server and backend is None:
-            async with make_client(server, token) as client:
-                page = await client.list_runs(status=status, task=task, limit=limit)
+            with server_hint(server):
+                async with make_client(server, token) as client:
+                    page = await client.list_runs(status=status, task=task, limit=limit)
             runs, next_cursor = _page_items(page)
         else:
             url = resolve_backend(backend)
@@ -390,10 +415,11 @@ def show(
     async def main() -> int:
         stream: dict[str, Any] | None = None
         if server and backend is None:
-            async with make_client(server, token) as client:
-                run = await client.get_run(run_id)
-                with contextlib.suppress(StreamNotFound):
-                    stream = (await client.info(run_id)).to_json()
+            with server_hint(server):
+                async with make_client(server, token) as client:
+                    run = await client.get_run(run_id)
+                    with contextlib.suppress(StreamNotFound):
+                        stream = (await client.info(run_id)).to_json()
         else:
             async with local_runs(resolve_backend(backend), create=False) as (store, log):
                 run = (await store.get(run_id)).to_json()
@@ -425,9 +451,10 @@ def cancel(run_id: str, backend: str | None, server: str | None, token: str | No
 
     async def main() -> int:
         if server and backend is None:
-            async with make_client(server, token) as client:
-                await client.cancel_run(run_id)
-                run = await client.get_run(run_id)
+            with server_hint(server):
+                async with make_client(server, token) as client:
+                    await client.cancel_run(run_id)
+                    run = await client.get_run(run_id)
         else:
             from runstream.runs.service import RunService
             from runstream.runs.tasks import TaskRegistry

@@ -188,10 +188,13 @@ def tail(
                     resolve_backend(backend), run_id, renderer, after=after, stop=stop
                 )
             else:
-                from runstream.cli.runs_cmds import make_client
+                from runstream.cli.runs_cmds import make_client, server_hint
 
-                async with make_client(server, token) as client:
-                    outcome = await follow_remote(client, run_id, renderer, after=after, stop=stop)
+                with server_hint(server):
+                    async with make_client(server, token) as client:
+                        outcome = await follow_remote(
+                            client, run_id, renderer, after=after, stop=stop
+                        )
         if renderer.broken_pipe:
             return EXIT_BROKEN_PIPE
         if outcome is None:
