@@ -6,6 +6,7 @@ import asyncio
 import json
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from runstream.config import Token
 from runstream.runs.http import RunsAPI
 from runstream.runs.service import RunService
 from runstream.runs.tasks import TaskRegistry
+from tests.conftest import RedisServer
 from tests.server.conftest import start_server  # noqa: F401 - fixture
 from tests.server.live import LiveServer, SSEReader, StartServer, make_settings, open_sse
 
@@ -309,3 +311,44 @@ async def test_metrics_count_runs_by_status_and_duration(api: Api) -> None:
     assert samples["runstream_runs_running"] == 0
     assert samples["runstream_runs_queue_depth"] == 0
     assert samples["runstream_runs_lost_total"] == 0
+
+
+@pytest.mark.redis
+async def test_redis_server_with_workers_runs_and_cancels(
+    start_server: StartServer,  # noqa: F811 - the fixture imported above
+    redis_server: RedisServer,
+) -> None:
+    url = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}"
+    live, runs = await serve(start_server, url, workers=1)
+    assert runs.pool is None and runs.redis_worker is not None
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+        ok = (await client.post("/v1/runs", json={"task": "hello"})).json()
+        async with open_sse(client, f"/v1/runs/{ok['id']}/events") as sse:
+            messages = await sse_until_end(sse)
+        assert ("stdout", {"line": "hello world"}) in messages
+        assert messages[-1] == ("end", {"status": "succeeded", "reason": None})
+        slow = (await client.post("/v1/runs", json={"task": "sleepy"})).json()
+        async with open_sse(client, f"/v1/runs/{slow['id']}/events") as sse:
+            while (msg := await asyncio.wait_for(sse.next(), 30)) is not None:
+                if msg.event == "stdout":
+                    break
+            assert (await client.post(f"/v1/runs/{slow['id']}/cancel")).status_code == 202
+            rest = await sse_until_end(sse)
+        assert rest[-1][0] == "end"
+        assert (await client.get(f"/v1/runs/{slow['id']}")).json()["status"] == "cancelled"
+
+
+@pytest.mark.redis
+async def test_redis_server_without_workers_only_queues(
+    start_server: StartServer,  # noqa: F811 - the fixture imported above
+    redis_server: RedisServer,
+) -> None:
+    url = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}"
+    runs = RunsAPI(registry(), shutdown_grace=2)  # workers not given: API only on Redis
+    live = await start_server(
+        make_settings(), backend_url=url, routers=[runs.router], on_startup=[runs.startup]
+    )
+    assert runs.pool is None and runs.redis_worker is None
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
+        run = (await client.post("/v1/runs", json={"task": "hello"})).json()
+        assert (await client.get(f"/v1/runs/{run['id']}")).json()["status"] == "queued"

@@ -9,7 +9,8 @@ start-up hook (no server file needs to know about runs)::
 On start-up the hook opens the run store on the app's backend URL, builds the
 :class:`~runstream.runs.service.RunService`, starts the in-process
 :class:`~runstream.runs.service.LocalWorkerPool` for SQLite/memory (unless
-``workers=0``) or uses the Redis queue, and registers the service's
+``workers=0``) or, on Redis, queues runs for ``runstream worker`` processes
+(and runs an in-process Redis worker too when ``workers`` is given), and registers the service's
 :meth:`~runstream.runs.service.RunService.end_check` with the hub, so a run's
 SSE/WS followers end when the run is finished in the registry even if the
 close event was never written. Its cleanup stops the pool (running runs get
@@ -22,6 +23,8 @@ WebSocket code, with the same positions, resets and end.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -39,7 +42,6 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import RunStatus, is_status
 from runstream.runs.metrics import RunMetrics
-from runstream.runs.model import RunRecord
 from runstream.runs.service import (
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_WORKERS,
@@ -63,6 +65,8 @@ from runstream.server.transports import (
 )
 
 __all__ = ["MAX_CREATE_BODY", "RunsAPI"]
+
+log = logging.getLogger("runstream.runs")
 
 MAX_CREATE_BODY = 1024 * 1024
 """Largest ``POST /v1/runs`` body, in bytes (also capped by ``limits.max_body_bytes``)."""
@@ -124,19 +128,6 @@ _CREATE_BODY: dict[str, Any] = {
 }
 
 
-class _RedisQueueDispatcher:
-    """Adapts the Redis run queue to :class:`Dispatcher` (cancel travels through the store)."""
-
-    def __init__(self, queue: Any) -> None:
-        self.queue = queue
-
-    async def submit(self, record: RunRecord) -> None:
-        await self.queue.enqueue(record.id, record.attempt)
-
-    async def cancel(self, record: RunRecord) -> None:
-        return None  # request_cancel already published the notice workers listen to
-
-
 def _validation_response(exc: ValidationError) -> JSONResponse:
     if exc.field is None:
         return error_response(exc.http_status, exc.code, str(exc))
@@ -165,11 +156,14 @@ class RunsAPI:
             raise ConfigError("workers must be >= 0")
         self.registry = registry
         self.workers = DEFAULT_WORKERS if workers is None else workers
+        self._workers_given = workers is not None
         self.shutdown_grace = shutdown_grace
         self._store = store
         self._dispatcher = dispatcher
         self.service: RunService | None = None
         self.pool: LocalWorkerPool | None = None
+        self.redis_worker: Any = None
+        """The in-process Redis worker, when the backend is Redis and ``workers`` was given."""
         self.router = self._build_router()
 
     @classmethod
@@ -198,15 +192,37 @@ class RunsAPI:
             self.registry, store, runtime.backend, dispatcher=self._dispatcher, metrics=metrics
         )
         pool: LocalWorkerPool | None = None
+        redis_worker: Any = None
+        stop_redis = asyncio.Event()
+        redis_task: asyncio.Task[None] | None = None
         scheme = urlsplit(url).scheme.lower()
         if self._dispatcher is None:
             if scheme in ("redis", "rediss"):
-                from runstream.runs.redis_dispatch import RedisRunQueue
+                from runstream.runs.redis_dispatch import RedisRunQueue, RedisWorker, WorkerOptions
                 from runstream.runs.store_redis import RedisRunStore
 
                 if not isinstance(store, RedisRunStore):
                     raise ConfigError(f"a redis backend needs the redis run store, not {store!r}")
-                service.dispatcher = _RedisQueueDispatcher(RedisRunQueue(store))
+                service.dispatcher = RedisRunQueue(store)
+                if self._workers_given and self.workers > 0:
+                    # Asked for explicitly: this server also takes runs from the queue,
+                    # like one `runstream worker --concurrency N` would.
+                    redis_worker = RedisWorker(
+                        store,
+                        runtime.backend,
+                        self.registry,
+                        options=WorkerOptions(
+                            concurrency=self.workers, shutdown_grace=self.shutdown_grace
+                        ),
+                    )
+                    redis_task = asyncio.get_running_loop().create_task(
+                        redis_worker.run(stop_redis), name="runstream-serve-redis-worker"
+                    )
+                else:
+                    log.info(
+                        "redis backend: this server queues runs; start `runstream worker` "
+                        "processes (or serve --workers N) to execute them"
+                    )
             elif self.workers > 0:
                 pool = LocalWorkerPool(
                     self.registry,
@@ -219,12 +235,15 @@ class RunsAPI:
                 service.dispatcher = pool
                 await pool.start()
         runtime.hub.add_end_check(service.end_check)
-        self.service, self.pool = service, pool
+        self.service, self.pool, self.redis_worker = service, pool, redis_worker
 
         async def shutdown() -> None:
             try:
                 if pool is not None:
                     await pool.shutdown()
+                if redis_task is not None:
+                    stop_redis.set()
+                    await redis_task
             finally:
                 if owns_store:
                     await store.aclose()
