@@ -195,6 +195,10 @@ DECLARED_TASKS: dict[str, Any] = {
             "code": {"type": "integer", "default": 0},
         },
     },
+    "progress": {
+        "callable": "runstream.cli.demo:progress_task",
+        "params": {"steps": {"type": "integer"}, "delay": {"type": "number", "default": 0}},
+    },
     "sleepy": {
         "command": py("import time\nprint('started')\ntime.sleep(60)"),
         "grace": 2,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -12,9 +13,11 @@ import pytest
 
 from runstream.client import AsyncClient
 from tests.cli.conftest import (
+    CLI,
     DECLARED_TASKS,
     RunsServer,
     cli,
+    cli_env,
     finish,
     py,
     read_until,
@@ -171,3 +174,49 @@ async def test_local_tail_with_backend_needs_no_server(tmp_path: Path) -> None:
     assert tailed.code == 0, tailed.err
     # Event 1 is "queued", 2 "running", 3 the first line: the rest follows.
     assert tailed.out == "".join(f"\x1b[32mline {i}\x1b[0m\n" for i in range(1, 4))
+
+
+def read_terminal(fd: int) -> bytes:
+    """Everything written to a pseudo-terminal, until its last writer closed it."""
+    import os
+
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side is closed and drained
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+async def test_progress_bar_on_a_terminal_stderr(runs_server: RunsServer, tmp_path: Path) -> None:
+    """stderr on a pseudo-terminal: progress events become a bar, erased before each line."""
+    import os
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *CLI, "run", "progress", "-p", "steps=3", "--server", runs_server.url,
+            cwd=tmp_path, env=cli_env({"COLUMNS": "100", "TERM": "xterm"}),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=terminal,
+        )  # fmt: skip
+        os.close(terminal)
+        terminal = -1
+        # Drain the terminal while the CLI runs, so it can never block on a full buffer.
+        reading = asyncio.ensure_future(asyncio.to_thread(read_terminal, controller))
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 45)
+        err = await asyncio.wait_for(reading, 10)
+    finally:
+        os.close(controller)
+        if terminal >= 0:
+            os.close(terminal)
+    assert proc.returncode == 0, err
+    assert b"chunk 3/3" in stdout
+    assert b'{"chunks": 3}' in stdout
+    assert b"\r\x1b[2K" in err  # the bar is drawn and erased in place
+    assert b"crunching" in err
+    assert b"3/3" in err
+    assert b"succeeded" in err
