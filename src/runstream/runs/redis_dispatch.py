@@ -640,6 +640,10 @@ class RedisWorker:
             await self._drain()
         finally:
             inner_stop.set()
+            # A sweep in progress is let finish (it may be between closing a lost run's
+            # stream and acknowledging its entry); the other helpers just stop.
+            if len(helpers) > 2:
+                await asyncio.wait({helpers[2]}, timeout=self.options.lease)
             for task in helpers:
                 task.cancel()
             for task in helpers:
