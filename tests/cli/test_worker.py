@@ -363,6 +363,28 @@ async def test_a_killed_workers_run_is_retried_on_another_worker(cluster: Cluste
 
 
 @pytest.mark.timeout(90)
+async def test_two_worker_processes_never_run_the_same_run(cluster: Cluster) -> None:
+    await asyncio.gather(cluster.spawn("wa"), cluster.spawn("wb"))
+    queue = RedisRunQueue(cluster.store)
+    records = []
+    for i in range(12):
+        record = await cluster.service.create("count", {"path": str(cluster.tmp / f"c{i}")})
+        await queue.enqueue(record.id)  # a second entry for the same run
+        records.append(record)
+    for record in records:
+        await cluster.until_end(record.id)
+    for i, record in enumerate(records):
+        assert (cluster.tmp / f"c{i}").read_text() == "ran\n"
+        assert (await cluster.store.get(record.id)).status == "succeeded"
+
+    async def drained() -> bool:  # duplicate entries are acknowledged without running
+        stats = await queue.stats()
+        return stats.pending == 0 and stats.waiting == 0
+
+    await wait_until(drained)
+
+
+@pytest.mark.timeout(90)
 async def test_a_long_healthy_run_is_not_stolen_by_other_workers(cluster: Cluster) -> None:
     await cluster.spawn("wa")
     await cluster.spawn("wb")
