@@ -32,6 +32,7 @@ from runstream.errors import (
     HistoryLost,
     HTTPStatusError,
     IllegalTransition,
+    InvalidParams,
     PayloadTooLarge,
     ProtocolError,
     RemoteError,
@@ -47,6 +48,9 @@ from runstream.errors import (
     UsageError,
     ValidationError,
 )
+from runstream.runs.context import RunContext
+from runstream.runs.model import RunRecord
+from runstream.runs.tasks import TaskRegistry, TaskSpec
 
 __all__ = [
     "DEFAULT_BACKEND_URL",
@@ -65,6 +69,7 @@ __all__ = [
     "HTTPStatusError",
     "HistoryLost",
     "IllegalTransition",
+    "InvalidParams",
     "Metrics",
     "NewEvent",
     "Page",
@@ -75,7 +80,9 @@ __all__ = [
     "Reset",
     "RetriesExhausted",
     "RetryPolicy",
+    "RunContext",
     "RunNotFound",
+    "RunRecord",
     "RunstreamError",
     "StaleProducerSeq",
     "StreamClosed",
@@ -85,6 +92,8 @@ __all__ = [
     "StreamTimeout",
     "SyncFollower",
     "TaskNotFound",
+    "TaskRegistry",
+    "TaskSpec",
     "UsageError",
     "ValidationError",
     "Watchdog",

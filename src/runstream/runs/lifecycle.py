@@ -45,7 +45,10 @@ TERMINAL: frozenset[RunStatus] = frozenset({"succeeded", "failed", "cancelled", 
 """Statuses after which nothing more happens. ``lost`` is final only when no retry follows."""
 
 FINISHED: frozenset[RunStatus] = TERMINAL | {"lost"}
-"""Statuses that end the current attempt (the run's stream is closed with them)."""
+"""Statuses that end the current attempt. The run's stream is closed with a
+terminal status, and with ``lost`` only when no retry follows: a retried run
+keeps its stream open and appends ``lost`` then ``queued`` (``{"retry": true}``)
+status events before the next attempt's output."""
 
 
 def is_status(value: str) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runstream.runs.lifecycle import RunStatus
@@ -40,12 +40,17 @@ class RunStore(ABC):
         new: RunStatus,
         *,
         expect: Iterable[RunStatus] | None = None,
+        match: Mapping[str, Any] | None = None,
         **fields: Any,
     ) -> RunRecord:
         """Move the run to ``new`` and set ``fields`` (exit_code, error, worker, ...) atomically.
 
+        ``match`` fences the move: each named field must currently hold the
+        given value (e.g. ``{"worker": me, "attempt": n}``), so a worker that was
+        presumed dead cannot overwrite the outcome of the attempt that replaced it.
+
         Raises :class:`~runstream.errors.IllegalTransition` if the table forbids
-        the move or the current status is not in ``expect``.
+        the move, the current status is not in ``expect`` or ``match`` fails.
         """
 
     @abstractmethod
