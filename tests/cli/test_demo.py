@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.cli.conftest import cli
+from tests.cli.conftest import cli, finish, read_until, start_cli
 
 
 @pytest.mark.timeout(90)
@@ -35,3 +37,21 @@ async def test_demo_once_shows_live_runs_says_where_the_ui_is_and_exits_0(
     runs = json.loads(listing.out)["runs"]
     assert sorted(r["task"] for r in runs) == ["demo-build", "demo-progress"]
     assert page.group(2) in {r["id"] for r in runs}
+
+
+@pytest.mark.timeout(90)
+async def test_demo_serves_the_ui_until_ctrl_c(tmp_path: Path) -> None:
+    proc = await start_cli("demo", "--steps", "1", "--delay", "0", cwd=tmp_path)
+    assert proc.stdout is not None
+    shown = (await read_until(proc.stdout, b"serving until Ctrl-C", timeout=60)).decode()
+    ui = re.search(r"Web UI\s+(http://127\.0\.0\.1:\d+/)", shown)
+    assert ui is not None, shown
+    async with httpx.AsyncClient(timeout=10) as http:
+        page = await http.get(ui.group(1))
+        runs = await http.get(ui.group(1) + "v1/runs")
+    assert page.status_code == 200
+    assert "<title>runstream</title>" in page.text
+    assert len(runs.json()["runs"]) == 2
+    proc.send_signal(signal.SIGINT)
+    result = await finish(proc)
+    assert result.code == 0, result.err

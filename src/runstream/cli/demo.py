@@ -11,7 +11,8 @@ It needs nothing configured. In one process it
 2. submits a run of each through the SDK and shows them live in the
    terminal, exactly as ``runstream run TASK`` would;
 3. says where to look: the UI, the run's page, and the commands to try;
-4. keeps serving until Ctrl-C (``--once`` stops after the tour).
+4. keeps serving until Ctrl-C (``--once`` stops after the tour); that Ctrl-C
+   exits 0, a Ctrl-C during the tour exits 130.
 
 Runs stay in the SQLite file, so ``runstream ls`` shows them afterwards.
 """
@@ -22,15 +23,17 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import signal
 import socket
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.text import Text
 
-from runstream.cli.render import EXIT_ERROR, Renderer, run_command
+from runstream.cli.render import EXIT_CANCELLED, EXIT_ERROR, Renderer, run_command
 from runstream.cli.runs_cmds import backend_option, resolve_backend
 
 __all__ = ["DEMO_PORT", "DEMO_TASKS", "demo", "progress_task"]
@@ -128,19 +131,41 @@ async def _tour(
     from runstream.runs.http import RunsAPI
     from runstream.server.app import create_app
     from runstream.server.serve import Server, make_server
+    from runstream.ui.routes import router as ui_router
 
     sock = _listen(port)
     bound = sock.getsockname()[1]
     settings = Settings().replace(host=DEMO_HOST, port=bound, backend=backend, log_level="warning")
     settings = dataclasses.replace(settings, tasks=DEMO_TASKS)
     runs = RunsAPI.from_settings(settings, shutdown_grace=DEMO_SHUTDOWN_GRACE)
-    app = create_app(settings, routers=[runs.router], on_startup=[runs.startup])
+    app = create_app(settings, routers=[ui_router, runs.router], on_startup=[runs.startup])
     stopping = asyncio.Event()
+
+    interrupted: list[int] = []
 
     class DemoServer(Server):
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             stopping.set()  # Ctrl-C: stop showing the tour at once
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn re-raises a captured Ctrl-C once it has shut down; here Ctrl-C
+            # is the expected way to end the demo, so it only stops the server.
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self._on_signal, signum)
+            try:
+                yield
+            finally:
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.remove_signal_handler(signum)
+
+        def _on_signal(self, signum: int) -> None:
+            interrupted.append(signum)
+            if self.should_exit:
+                self.force_exit = True  # a second Ctrl-C: do not wait for connections
+            self.should_exit = True
 
     server = make_server(app, settings, server_class=DemoServer)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -169,6 +194,8 @@ async def _tour(
         else:
             console.print(Text("serving until Ctrl-C", style="dim"))
         await serving
+        if interrupted and len(shown) < 2:
+            return EXIT_CANCELLED  # stopped in the middle of the tour
         return max(codes) if codes else EXIT_ERROR
     finally:
         if not serving.done():
