@@ -20,6 +20,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
+from typing import Self
 
 from runstream.core.model import (
     END_TYPE,
@@ -110,7 +111,7 @@ class EventLog(ABC):
         """Raise :class:`~runstream.errors.BackendError` if the backend is unreachable."""
         return None
 
-    async def __aenter__(self) -> EventLog:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 
