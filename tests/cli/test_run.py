@@ -62,17 +62,17 @@ async def test_output_goes_to_the_same_streams_in_order(
     assert result.err == "".join(f"err {i}\n" for i in range(200))
 
 
-async def test_exit_code_of_the_command_is_the_cli_exit_code(
+async def test_exit_code_of_the_command_is_the_cli_exit_code_and_argv_is_verbatim(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
-    result = await cli(
-        "run", "--", *py("import sys; print('bye'); sys.exit(3)"), cwd=tmp_path, env=env
-    )
+    code = "import sys; print(sys.argv[1:]); sys.exit(3)"
+    # Braces and dashes reach the command verbatim: no templating, no option parsing.
+    result = await cli("run", "--", *py(code), "{name}", "-x", cwd=tmp_path, env=env)
     assert result.code == 3
-    assert result.out == "bye\n"
+    assert result.out == "['{name}', '-x']\n"
     run = await stored_run(run_id_from(result.stderr), env)
     assert (run.status, run.exit_code, run.task) == ("failed", 3, "cmd")
-    assert run.params["argv"][-1] == "import sys; print('bye'); sys.exit(3)"
+    assert run.params["argv"][-3:] == [code, "{name}", "-x"]
 
 
 @pytest.mark.parametrize(("sig", "expected"), [("TERM", 143), ("KILL", 137)])
@@ -116,12 +116,6 @@ async def test_a_prompt_without_newline_shows_while_the_command_waits(
         proc.send_signal(signal.SIGINT)
         result = await finish(proc)
     assert result.code == 130
-
-
-async def test_braces_in_the_command_reach_it_verbatim(tmp_path: Path, env: dict[str, str]) -> None:
-    code = "import sys; print(sys.argv[1:])"
-    result = await cli("run", "-q", "--", *py(code), "{name}", "-x", cwd=tmp_path, env=env)
-    assert result.out == "['{name}', '-x']\n"
 
 
 async def test_missing_program_exits_127_with_a_message(
