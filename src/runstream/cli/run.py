@@ -92,6 +92,9 @@ class _RunCommand(click.Command):
             args = args[:i]
         return super().parse_args(ctx, args)
 
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return ["[OPTIONS]", "(TASK | -- CMD [ARGS]...)"]
+
 
 def _parse_params(items: Sequence[str]) -> dict[str, str]:
     params: dict[str, str] = {}
