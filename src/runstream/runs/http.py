@@ -195,15 +195,23 @@ class RunsAPI:
         redis_worker: Any = None
         stop_redis = asyncio.Event()
         redis_task: asyncio.Task[None] | None = None
+        janitor: Any = None
         scheme = urlsplit(url).scheme.lower()
         if self._dispatcher is None:
             if scheme in ("redis", "rediss"):
-                from runstream.runs.redis_dispatch import RedisRunQueue, RedisWorker, WorkerOptions
+                from runstream.runs.redis_dispatch import (
+                    BackgroundJanitor,
+                    RedisRunQueue,
+                    RedisWorker,
+                    WorkerOptions,
+                )
                 from runstream.runs.store_redis import RedisRunStore
 
                 if not isinstance(store, RedisRunStore):
                     raise ConfigError(f"a redis backend needs the redis run store, not {store!r}")
                 service.dispatcher = RedisRunQueue(store)
+                # A backstop: reclaims runs of dead workers even when no worker is left alive.
+                janitor = BackgroundJanitor(store, runtime.backend, registry=self.registry)
                 if self._workers_given and self.workers > 0:
                     # Asked for explicitly: this server also takes runs from the queue,
                     # like one `runstream worker --concurrency N` would.
@@ -244,6 +252,8 @@ class RunsAPI:
                 if redis_task is not None:
                     stop_redis.set()
                     await redis_task
+                if janitor is not None:
+                    await janitor.aclose()
             finally:
                 if owns_store:
                     await store.aclose()
