@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/fanout.py                      # 1,000 subscribers, 50 events/s
+    .venv/bin/python bench/fanout.py                      # 1,000 subscribers, 20 events/s
     .venv/bin/python bench/fanout.py --subscribers 200 --rate 20 --duration 5
     .venv/bin/python bench/fanout.py --quick              # small and fast, for a smoke run
 
@@ -295,21 +295,27 @@ def start_server(
                "--port", str(port)]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Server logs go to a file: a pipe nobody reads would block the server once full.
+    log = tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    log.close()
+    proc.log_path = log.name  # type: ignore[attr-defined]
     _wait_http(port, proc)
     return proc, port
 
 
 async def _publish(
     port: int, rate: float, start: float, until: float, pid: int
-) -> tuple[int, float]:
+) -> tuple[int, float, int]:
     """POST one event every 1/rate s, without waiting for earlier POSTs (at most 64 in flight).
 
-    Returns the events published inside [start, until] and the server's CPU seconds then.
+    Returns the events published inside [start, until], the server's CPU seconds
+    then, and how many POSTs failed (error status or no answer within 60 s).
     """
     import httpx
 
     interval = 1.0 / rate
+    failures = [0]
     gate = asyncio.Semaphore(64)
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(
@@ -318,11 +324,14 @@ async def _publish(
 
         async def post(i: int) -> None:
             async with gate:
-                r = await http.post(
-                    f"/v1/streams/{STREAM}/events",
-                    json={"type": "tick", "data": {"t": time.time(), "i": i}},
-                )
-                r.raise_for_status()
+                try:
+                    r = await http.post(
+                        f"/v1/streams/{STREAM}/events",
+                        json={"type": "tick", "data": {"t": time.time(), "i": i}},
+                    )
+                    r.raise_for_status()
+                except httpx.HTTPError:
+                    failures[0] += 1
 
         tasks = []
         next_at = time.monotonic()
@@ -342,7 +351,7 @@ async def _publish(
                 await asyncio.sleep(delay)
         cpu = _cpu_s(pid) - (cpu_start or 0.0)
         await asyncio.gather(*tasks)
-    return in_window, cpu
+    return in_window, cpu, failures[0]
 
 
 def _cpu_s(pid: int) -> float:
@@ -394,6 +403,14 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
     try:
         httpx.post(f"http://127.0.0.1:{port}/v1/streams/{STREAM}/events",
                    json={"type": "hello", "data": {"t": 0, "i": -1}}, timeout=10).raise_for_status()
+        # Resume first, on an idle server: 10,000 missed events, read from the start.
+        stream = f"resume{uuid.uuid4().hex[:6]}"
+        asyncio.run(_prepare_resume(port, stream))
+        resumes, resume_cpu = [], []
+        for _ in range(5):
+            before = _cpu_s(proc.pid)
+            resumes.append(asyncio.run(_resume_once(port, stream, RESUME_EVENTS)))
+            resume_cpu.append((_cpu_s(proc.pid) - before) * 1000)
         time.sleep(0.5)
         rss_before = _rss_kb(proc.pid)
         per = [args.subscribers // args.procs + (1 if i < args.subscribers % args.procs else 0)
@@ -419,7 +436,7 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
             assert w.stdin is not None
             w.stdin.write(f"{start} {end} {args.drain}\n")
             w.stdin.flush()
-        published, cpu_window = asyncio.run(_publish(port, args.rate, start, end, proc.pid))
+        published, cpu_window, publish_failures = asyncio.run(_publish(port, args.rate, start, end, proc.pid))
         latencies: list[float] = []
         for w in workers:
             assert w.stdout is not None
@@ -433,13 +450,6 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
         for w in workers:
             w.wait(timeout=30)
         latencies.sort()
-        stream = f"resume{uuid.uuid4().hex[:6]}"
-        asyncio.run(_prepare_resume(port, stream))
-        resumes, resume_cpu = [], []
-        for _ in range(5):
-            before = _cpu_s(proc.pid)
-            resumes.append(asyncio.run(_resume_once(port, stream, RESUME_EVENTS)))
-            resume_cpu.append((_cpu_s(proc.pid) - before) * 1000)
         def pct(p: float) -> float | None:
             if not latencies:
                 return None
@@ -449,6 +459,7 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
             "connect_s": round(connect_s, 2),
             "errors": errors,
             "published_per_s": round(published / args.duration, 1),
+            "publish_failures": publish_failures,
             "offered_deliveries_per_s": round(connected * published / args.duration, 1),
             "deliveries_per_s": round(len(latencies) / args.duration, 1),
             "server_cpu_share_in_window": round(cpu_window / args.duration, 2),
@@ -472,14 +483,20 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        log_path = Path(proc.log_path)  # type: ignore[attr-defined]
+        text = log_path.read_text(errors="replace")
+        log_path.unlink()
+        errors_logged = text.count("Traceback")
+        if errors_logged:
+            first = text[text.index("Traceback"):][:1500]
+            print(f"{kind} server logged {errors_logged} tracebacks; first:\n{first}",
+                  file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--subscribers", type=int, default=1000)
-    parser.add_argument("--rate", type=float, default=50.0, help="events/s published")
+    parser.add_argument("--rate", type=float, default=20.0, help="events/s published")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--drain", type=float, default=3.0,
@@ -513,6 +530,7 @@ def main() -> None:
                             "load_average_at_start": os.getloadavg()},
             }
             results["runstream"] = run_one("runstream", redis_url, args)
+            print(json.dumps({"runstream": results["runstream"]}), file=sys.stderr)
             if not args.skip_baseline:
                 results["baseline"] = run_one("baseline", redis_url, args)
                 rs, bl = results["runstream"], results["baseline"]

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from runstream.core.model import Page, StreamInfo
-from runstream.errors import RunstreamError, ValidationError
+from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, ValidationError
 from runstream.protocol.cursor import Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
 from runstream.server.errors import error_response
@@ -194,30 +194,53 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 async def open_subscription(
-    runtime: Runtime, stream: str, position: Position, transport: str, *, resumed: bool
-) -> tuple[StreamInfo, Subscription | None]:
-    """Check the stream exists and subscribe; ``None`` if the reader is already at the end.
+    runtime: Runtime,
+    stream: str,
+    position: Position,
+    transport: str,
+    *,
+    resumed: bool,
+    wait_for_create: bool = False,
+) -> tuple[StreamInfo | None, Subscription | None]:
+    """Check the stream exists and subscribe; no subscription if the reader is at the end.
 
+    With ``wait_for_create`` (a run whose stream is not written yet), a missing
+    stream is waited for up to ``create_grace`` instead of answered with 404.
     Raises :class:`StreamNotFound` (404), :class:`TooManySubscribers` (429).
     """
-    info = await runtime.backend.info(stream)
-    if at_end(info, position):
+    info: StreamInfo | None
+    try:
+        info = await runtime.backend.info(stream)
+    except StreamNotFound:
+        if not wait_for_create or position.now:
+            raise
+        info = None
+    if info is not None and at_end(info, position):
         return info, None
-    sub = runtime.hub.subscribe(stream, position, transport=transport, info=info)
+    sub = runtime.hub.subscribe(
+        stream, position, transport=transport, info=info, wait_for_create=wait_for_create
+    )
     if resumed:
         runtime.metrics.resumes.labels(transport).inc()
     return info, sub
 
 
 async def sse_response(
-    runtime: Runtime, stream: str, *, last_event_id: str | None, after: str | None
+    runtime: Runtime,
+    stream: str,
+    *,
+    last_event_id: str | None,
+    after: str | None,
+    wait_for_create: bool = False,
 ) -> Response:
     """The SSE answer for ``stream``: 200 event stream, 204 when already at the end.
 
     Raises runstream errors (the app's handlers turn them into JSON answers).
     """
     position, resumed = start_position(last_event_id, after)
-    _, sub = await open_subscription(runtime, stream, position, "sse", resumed=resumed)
+    _, sub = await open_subscription(
+        runtime, stream, position, "sse", resumed=resumed, wait_for_create=wait_for_create
+    )
     if sub is None:
         return Response(status_code=204)
     return EventStreamResponse(runtime, sub)
@@ -248,7 +271,11 @@ async def long_poll(
     if position.now:
         info = await backend.info(stream)
         offset = info.last_id - 1 if info.closed else info.last_id
-    page = await backend.read(stream, offset, limit, epoch=position.epoch)
+    try:
+        page = await backend.read(stream, offset, limit, epoch=position.epoch)
+    except HistoryLost:
+        runtime.metrics.resets.labels("longpoll").inc()
+        raise
     if page.events or page.closed or wait <= 0 or runtime.shutting_down.is_set():
         return page
     metrics = runtime.metrics
@@ -277,7 +304,9 @@ async def deny_websocket(websocket: WebSocket, status: int, code: str, message: 
         await websocket.close(code=4000 + status, reason=message[:120])
 
 
-async def serve_websocket(runtime: Runtime, websocket: WebSocket, stream: str) -> None:
+async def serve_websocket(
+    runtime: Runtime, websocket: WebSocket, stream: str, *, wait_for_create: bool = False
+) -> None:
     """Serve ``stream`` over an (unaccepted) WebSocket until it ends or the client leaves.
 
     Position from the ``after`` query (or ``Last-Event-ID`` header). One text
@@ -288,7 +317,9 @@ async def serve_websocket(runtime: Runtime, websocket: WebSocket, stream: str) -
         position, resumed = start_position(
             websocket.headers.get("last-event-id"), websocket.query_params.get("after")
         )
-        _, sub = await open_subscription(runtime, stream, position, "ws", resumed=resumed)
+        _, sub = await open_subscription(
+            runtime, stream, position, "ws", resumed=resumed, wait_for_create=wait_for_create
+        )
     except RunstreamError as exc:
         await deny_websocket(websocket, exc.http_status, exc.code, str(exc))
         return
