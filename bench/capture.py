@@ -90,10 +90,12 @@ async def capture_rate(
 ) -> tuple[float, dict[str, Any]]:
     """Lines/s of one capture run into ``log``; checks that every line was stored.
 
-    ``prejson``: the sink passes ``data_json=item.to_data_json()`` so NewEvent
-    skips its generic JSON encoding. ``pipelined``: the sink builds the next
-    chunk of a batch while the previous chunk's append is in flight (appends
-    stay sequential, and the sink still returns only once all are stored).
+    ``prejson``: the sink builds events the way the runs executor does
+    (``NewEvent.trusted`` with ``item.to_data_json()``: no generic JSON encoding,
+    no re-validation of a type that is stdout/stderr by construction).
+    ``pipelined``: the sink builds the next chunk of a batch while the previous
+    chunk's append is in flight (appends stay sequential, and the sink still
+    returns only once all are stored).
     """
     stream = f"bench-capture-{uuid.uuid4().hex[:8]}"
     batches = events = whole_lines = 0
@@ -108,7 +110,7 @@ async def capture_rate(
             part = batch[start : start + APPEND_CHUNK]
             if prejson:
                 chunk = [
-                    NewEvent(item.stream, item.to_data(), data_json=item.to_data_json())
+                    NewEvent.trusted(item.stream, item.to_data(), item.to_data_json())
                     for item in part
                 ]
             else:

@@ -84,3 +84,13 @@ def test_stream_info_json_uses_wire_names() -> None:
     info = StreamInfo("s", "e", "open", 1, 0, 0.0)
     assert info.to_json()["stream"] == "s"
     assert info.to_json()["closed_at"] is None
+
+
+def test_trusted_constructor_equals_the_validated_one() -> None:
+    data = {"line": "héllo \x1b[31mred\x1b[0m", "partial": True}
+    fast = NewEvent.trusted(
+        "stdout", data, '{"line":"héllo \\u001b[31mred\\u001b[0m","partial":true}'
+    )
+    slow = NewEvent("stdout", data)
+    assert fast == slow
+    assert fast.data_json == slow.data_json

@@ -62,10 +62,14 @@ def validate_event_type(type_: str, *, allow_reserved: bool = False) -> str:
     return type_
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+"""Reused: ``json.dumps`` with non-default options builds a new encoder on every call."""
+
+
 def encode_data(data: JSON) -> str:
     """Serialise event data to compact JSON, raising :class:`ValidationError` if impossible."""
     try:
-        return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return _ENCODER.encode(data)
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"event data is not JSON-serialisable: {exc}", field="data") from exc
 
@@ -97,6 +101,21 @@ class NewEvent:
         validate_event_type(self.type)
         if not self.data_json:
             object.__setattr__(self, "data_json", encode_data(self.data))
+
+    @classmethod
+    def trusted(cls, type_: str, data: JSON, data_json: str) -> NewEvent:
+        """Build without validation, for hot paths whose inputs are valid by construction.
+
+        The caller guarantees that ``type_`` passes :func:`validate_event_type`
+        and that ``data_json`` is exactly ``encode_data(data)`` (the subprocess
+        runner's ``stdout``/``stderr`` lines, for instance). Anything built from
+        user input must use the normal constructor.
+        """
+        event = object.__new__(cls)
+        object.__setattr__(event, "type", type_)
+        object.__setattr__(event, "data", data)
+        object.__setattr__(event, "data_json", data_json)
+        return event
 
     @classmethod
     def from_json(cls, obj: object) -> NewEvent:

@@ -281,7 +281,10 @@ class _Execution:
         env[ATTEMPT_ENV] = str(record.attempt)
 
         async def sink(batch: Sequence[OutputLine]) -> None:
-            events = [NewEvent(line.stream, line.to_data()) for line in batch]
+            # Lines are valid events by construction (type stdout/stderr, data_json exact).
+            events = [
+                NewEvent.trusted(line.stream, line.to_data(), line.to_data_json()) for line in batch
+            ]
             for i in range(0, len(events), APPEND_CHUNK):
                 await self.log.append(record.id, events[i : i + APPEND_CHUNK])
 
