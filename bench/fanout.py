@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -86,7 +87,10 @@ def baseline_app(redis_url: str) -> Any:
             for item in items:
                 pipe.xadd(
                     f"bl:{stream}",
-                    {"type": item["type"], "data": json.dumps(item.get("data"), separators=(",", ":"))},
+                    {
+                        "type": item["type"],
+                        "data": json.dumps(item.get("data"), separators=(",", ":")),
+                    },
                 )
             ids = await pipe.execute()
         return {"first_id": ids[0], "last_id": ids[-1]}
@@ -118,8 +122,9 @@ def baseline_app(redis_url: str) -> Any:
 def serve_baseline(port: int, redis_url: str) -> None:
     import uvicorn
 
-    uvicorn.run(baseline_app(redis_url), host="127.0.0.1", port=port, log_level="warning",
-                backlog=4096)
+    uvicorn.run(
+        baseline_app(redis_url), host="127.0.0.1", port=port, log_level="warning", backlog=4096
+    )
 
 
 # -- the load generator (worker processes) ------------------------------------------
@@ -198,22 +203,28 @@ async def _worker_main(port: int, n: int) -> None:
     gate = asyncio.Semaphore(64)
     path = f"/v1/streams/{STREAM}/events?after=now"
     tasks = [
-        asyncio.ensure_future(_subscriber("127.0.0.1", port, path, stats, gate))
-        for _ in range(n)
+        asyncio.ensure_future(_subscriber("127.0.0.1", port, path, stats, gate)) for _ in range(n)
     ]
     loop = asyncio.get_running_loop()
-    try:
+    with contextlib.suppress(TimeoutError):  # report how many did connect
         await asyncio.wait_for(stats.ready.wait(), timeout=180)
-    except TimeoutError:
-        pass
     print(json.dumps({"connected": stats.connected, "errors": stats.errors}), flush=True)
     line = await loop.run_in_executor(None, sys.stdin.readline)  # "<start> <end> <drain>"
     start, end, drain = (float(x) for x in line.split())
     stats.window = (start, end)
     await asyncio.sleep(max(0.0, end - time.time()) + drain)
     lat = stats.latencies
-    print(json.dumps({"connected": stats.connected, "errors": stats.errors,
-                      "deliveries": len(lat), "latencies": lat}), flush=True)
+    print(
+        json.dumps(
+            {
+                "connected": stats.connected,
+                "errors": stats.errors,
+                "deliveries": len(lat),
+                "latencies": lat,
+            }
+        ),
+        flush=True,
+    )
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -258,9 +269,25 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
         raise SystemExit("redis-server is needed (apt-get install redis-server)")
     port = _free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-         "--save", "", "--appendonly", "no", "--maxclients", "20000", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(directory),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--maxclients",
+            "20000",
+            "--daemonize",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     import redis
 
@@ -284,21 +311,30 @@ def start_server(
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     if kind == "runstream":
-        env.update({
-            "RUNSTREAM_LOG_LEVEL": "warning",
-            "RUNSTREAM_MAX_SUBSCRIBERS_PER_STREAM": "100000",
-            "RUNSTREAM_MAX_SUBSCRIBERS": "100000",
-        })
+        env.update(
+            {
+                "RUNSTREAM_LOG_LEVEL": "warning",
+                "RUNSTREAM_MAX_SUBSCRIBERS_PER_STREAM": "100000",
+                "RUNSTREAM_MAX_SUBSCRIBERS": "100000",
+            }
+        )
         if backend == "redis":
             backend = f"{redis_url}?prefix=bench{uuid.uuid4().hex[:8]}"
-        cmd = [sys.executable, "-m", "runstream.cli.main", "serve", "--backend", backend,
-               "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "runstream.cli.main",
+            "serve",
+            "--backend",
+            backend,
+            "--port",
+            str(port),
+        ]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
     # Server logs go to a file: a pipe nobody reads would block the server once full.
-    log = tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    log.close()
+    with tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False) as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     proc.log_path = log.name  # type: ignore[attr-defined]
     _wait_http(port, proc)
     return proc, port
@@ -369,14 +405,15 @@ async def _resume_once(port: int, stream: str, expect: int) -> float:
     seen = 0
     rest = b""
     while seen < expect:
-        chunk = await reader.read(1 << 18)
+        chunk = await asyncio.wait_for(reader.read(1 << 18), timeout=60)
         if not chunk:
             break
         data = rest + chunk
         cut = data.rfind(b"\n") + 1
         rest = data[cut:]
-        # sse-starlette ends lines with CRLF, runstream with LF.
-        seen += data.count(b"\nevent: r\n", 0, cut) + data.count(b"\nevent: r\r\n", 0, cut)
+        # Whole lines only (an event line never straddles ``cut``); sse-starlette ends
+        # lines with CRLF, runstream with LF.
+        seen += data.count(b"event: r\n", 0, cut) + data.count(b"event: r\r\n", 0, cut)
     took = time.perf_counter() - start
     writer.close()
     if seen < expect:
@@ -389,8 +426,9 @@ async def _prepare_resume(port: int, stream: str) -> None:
 
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
         for b in range(RESUME_EVENTS // 1000):
-            body = [{"type": "r", "data": {"i": b * 1000 + i, "pad": "x" * 100}}
-                    for i in range(1000)]
+            body = [
+                {"type": "r", "data": {"i": b * 1000 + i, "pad": "x" * 100}} for i in range(1000)
+            ]
             r = await http.post(f"/v1/streams/{stream}/events", json=body)
             r.raise_for_status()
 
@@ -401,26 +439,27 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
     proc, port = start_server(kind, redis_url, args.runstream_backend)
     workers: list[subprocess.Popen[str]] = []
     try:
-        httpx.post(f"http://127.0.0.1:{port}/v1/streams/{STREAM}/events",
-                   json={"type": "hello", "data": {"t": 0, "i": -1}}, timeout=10).raise_for_status()
-        # Resume first, on an idle server: 10,000 missed events, read from the start.
-        stream = f"resume{uuid.uuid4().hex[:6]}"
-        asyncio.run(_prepare_resume(port, stream))
-        resumes, resume_cpu = [], []
-        for _ in range(5):
-            before = _cpu_s(proc.pid)
-            resumes.append(asyncio.run(_resume_once(port, stream, RESUME_EVENTS)))
-            resume_cpu.append((_cpu_s(proc.pid) - before) * 1000)
+        httpx.post(
+            f"http://127.0.0.1:{port}/v1/streams/{STREAM}/events",
+            json={"type": "hello", "data": {"t": 0, "i": -1}},
+            timeout=10,
+        ).raise_for_status()
         time.sleep(0.5)
         rss_before = _rss_kb(proc.pid)
-        per = [args.subscribers // args.procs + (1 if i < args.subscribers % args.procs else 0)
-               for i in range(args.procs)]
+        per = [
+            args.subscribers // args.procs + (1 if i < args.subscribers % args.procs else 0)
+            for i in range(args.procs)
+        ]
         t_connect = time.monotonic()
         for n in per:
-            workers.append(subprocess.Popen(
-                [sys.executable, __file__, "--worker", str(port), str(n)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            ))
+            workers.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--worker", str(port), str(n)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
         connected = errors = 0
         for w in workers:
             assert w.stdout is not None
@@ -436,7 +475,9 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
             assert w.stdin is not None
             w.stdin.write(f"{start} {end} {args.drain}\n")
             w.stdin.flush()
-        published, cpu_window, publish_failures = asyncio.run(_publish(port, args.rate, start, end, proc.pid))
+        published, cpu_window, publish_failures = asyncio.run(
+            _publish(port, args.rate, start, end, proc.pid)
+        )
         latencies: list[float] = []
         for w in workers:
             assert w.stdout is not None
@@ -450,10 +491,12 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
         for w in workers:
             w.wait(timeout=30)
         latencies.sort()
+
         def pct(p: float) -> float | None:
             if not latencies:
                 return None
             return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 2)
+
         return {
             "subscribers_connected": connected,
             "connect_s": round(connect_s, 2),
@@ -466,31 +509,55 @@ def run_one(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, An
             "server_cpu_ms_per_1k_deliveries": round(cpu_window * 1e6 / max(1, len(latencies)), 1),
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": pct(1.0)},
             "memory_per_idle_subscriber_kb": round((rss_idle - rss_before) / max(1, connected), 2),
-            "server_rss_mb": {"before": round(rss_before / 1024, 1),
-                              "idle_subscribers": round(rss_idle / 1024, 1)},
-            "resume_10k_ms": {"median": round(statistics.median(resumes), 1),
-                              "min": round(min(resumes), 1),
-                              "server_cpu_median": round(statistics.median(resume_cpu), 1)},
+            "server_rss_mb": {
+                "before": round(rss_before / 1024, 1),
+                "idle_subscribers": round(rss_idle / 1024, 1),
+            },
+            "resume_10k_ms": run_resume(kind, redis_url, args),
         }
     finally:
         for w in workers:
             if w.poll() is None:
                 w.kill()
                 w.wait()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log_path = Path(proc.log_path)  # type: ignore[attr-defined]
-        text = log_path.read_text(errors="replace")
-        log_path.unlink()
-        errors_logged = text.count("Traceback")
-        if errors_logged:
-            first = text[text.index("Traceback"):][:1500]
-            print(f"{kind} server logged {errors_logged} tracebacks; first:\n{first}",
-                  file=sys.stderr)
+        stop_server(kind, proc)
+
+
+def run_resume(kind: str, redis_url: str, args: argparse.Namespace) -> dict[str, float]:
+    """On a fresh server: 10,000 missed events read from the start, 5 times."""
+    proc, port = start_server(kind, redis_url, args.runstream_backend)
+    try:
+        stream = f"resume{uuid.uuid4().hex[:6]}"
+        asyncio.run(_prepare_resume(port, stream))
+        resumes, resume_cpu = [], []
+        for _ in range(5):
+            before = _cpu_s(proc.pid)
+            resumes.append(asyncio.run(_resume_once(port, stream, RESUME_EVENTS)))
+            resume_cpu.append((_cpu_s(proc.pid) - before) * 1000)
+        return {
+            "median": round(statistics.median(resumes), 1),
+            "min": round(min(resumes), 1),
+            "server_cpu_ms_median": round(statistics.median(resume_cpu), 1),
+        }
+    finally:
+        stop_server(kind, proc)
+
+
+def stop_server(kind: str, proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then report any traceback the server logged (to stderr)."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log_path = Path(proc.log_path)  # type: ignore[attr-defined]
+    text = log_path.read_text(errors="replace")
+    log_path.unlink()
+    errors_logged = text.count("Traceback")
+    if errors_logged:
+        first = text[text.index("Traceback") :][:1500]
+        print(f"{kind} server logged {errors_logged} tracebacks; first:\n{first}", file=sys.stderr)
 
 
 def main() -> None:
@@ -499,12 +566,19 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="events/s published")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--drain", type=float, default=3.0,
-                        help="seconds after the window for late deliveries of in-window events")
+    parser.add_argument(
+        "--drain",
+        type=float,
+        default=3.0,
+        help="seconds after the window for late deliveries of in-window events",
+    )
     parser.add_argument("--procs", type=int, default=2, help="load generator processes")
     parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--runstream-backend", default="redis",
-                        help="'redis' (the same redis-server as the baseline) or a backend URL")
+    parser.add_argument(
+        "--runstream-backend",
+        default="redis",
+        help="'redis' (the same redis-server as the baseline) or a backend URL",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -523,11 +597,18 @@ def main() -> None:
         try:
             results: dict[str, Any] = {
                 "bench": "fanout",
-                "config": {"subscribers": args.subscribers, "rate": args.rate,
-                           "duration_s": args.duration, "warmup_s": args.warmup,
-                           "load_generator_procs": args.procs},
-                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                            "load_average_at_start": os.getloadavg()},
+                "config": {
+                    "subscribers": args.subscribers,
+                    "rate": args.rate,
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "load_generator_procs": args.procs,
+                },
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "load_average_at_start": os.getloadavg(),
+                },
             }
             results["runstream"] = run_one("runstream", redis_url, args)
             print(json.dumps({"runstream": results["runstream"]}), file=sys.stderr)
@@ -536,9 +617,11 @@ def main() -> None:
                 rs, bl = results["runstream"], results["baseline"]
                 results["comparison"] = {
                     "deliveries_ratio": round(rs["deliveries_per_s"] / bl["deliveries_per_s"], 2)
-                    if bl["deliveries_per_s"] else None,
+                    if bl["deliveries_per_s"]
+                    else None,
                     "p99_ratio": round(rs["latency_ms"]["p99"] / bl["latency_ms"]["p99"], 3)
-                    if rs["latency_ms"]["p99"] and bl["latency_ms"]["p99"] else None,
+                    if rs["latency_ms"]["p99"] and bl["latency_ms"]["p99"]
+                    else None,
                 }
         finally:
             redis_proc.terminate()
