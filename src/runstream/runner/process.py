@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 from runstream.errors import ValidationError
+from runstream.runner.guard import guarded_argv, resolve_executable
 from runstream.runner.lines import DEFAULT_MAX_LINE, LineSplitter, OutputLine
 
 __all__ = [
@@ -429,20 +430,31 @@ async def run_process(
     capture = _Capture(
         sink, max_line=max_line, flush_interval=flush_interval, max_buffer=max_buffer
     )
+    child_env = dict(env) if env is not None else default_env()
+    problem = resolve_executable(args[0], child_env, cwd)
+    if problem is not None:
+        return ProcessResult("failed_to_start", None, None, problem, None, loop.time() - started)
+    # The guard (see runner.guard) kills the group if this process dies: it watches
+    # the read end of a pipe whose only write end we hold until the run is over.
+    guard_r, guard_w = os.pipe()
     try:
         transport, _ = await loop.subprocess_exec(
             lambda: capture,
-            *args,
+            *guarded_argv(args, guard_r, grace),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=dict(env) if env is not None else default_env(),
+            env=child_env,
             cwd=cwd,
             start_new_session=True,
+            pass_fds=(guard_r,),
         )
     except OSError as exc:
+        os.close(guard_w)
         error = _start_error(exc, args[0], cwd)
         return ProcessResult("failed_to_start", None, None, error, None, loop.time() - started)
+    finally:
+        os.close(guard_r)
     supervisor = _Supervisor(capture, transport, started)
     try:
         return await supervisor.run(
@@ -451,6 +463,7 @@ async def run_process(
     finally:
         capture.cancel_timers()
         transport.close()
+        os.close(guard_w)
 
 
 class _Supervisor:
