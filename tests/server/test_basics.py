@@ -141,7 +141,12 @@ async def test_service_endpoints(client: httpx.AsyncClient) -> None:
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert "/v1/streams/{stream}/events" in (await client.get("/openapi.json")).json()["paths"]
     await publish(client, "m", 3)
+    await client.post("/v1/streams/m/close")
+    await client.get("/v1/streams/m/events", headers={"Accept": "text/event-stream"})
     metrics = (await client.get("/metrics")).text
+    assert 'route="/v1/streams/{stream}/events",status="200"' in metrics
+    assert 'runstream_events_delivered_total{transport="sse"} 4.0' in metrics
+    assert 'runstream_stream_ends_total{reason="end",transport="sse"} 1.0' in metrics
     assert "runstream_events_appended_total 3.0" in metrics
     assert 'runstream_http_request_duration_seconds_count{method="POST"' in metrics
     root = await client.get("/")

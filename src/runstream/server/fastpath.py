@@ -23,6 +23,7 @@ from runstream.core.model import validate_stream_name
 from runstream.errors import RunstreamError
 from runstream.server.auth import check_access
 from runstream.server.errors import error_response, runstream_error_response
+from runstream.server.metrics import ROUTE_KEY
 from runstream.server.runtime import Runtime
 from runstream.server.transports import SSE_MEDIA_TYPE, sse_response
 
@@ -50,6 +51,7 @@ class SSEFastPath:
         if SSE_MEDIA_TYPE not in conn.headers.get("accept", "").lower():
             await self.app(scope, receive, send)
             return
+        scope[ROUTE_KEY] = "/v1/streams/{stream}/events"
         response: Response
         try:
             denied = check_access(conn, "read")

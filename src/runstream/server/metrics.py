@@ -22,6 +22,8 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TRANSPORTS = ("sse", "ws", "longpoll")
+ROUTE_KEY = "runstream.route"
+"""Scope key naming the route template for requests served outside the router."""
 
 
 class Metrics:
@@ -108,7 +110,7 @@ class LatencyMiddleware:
         async def timed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 route: Any = scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
+                path = getattr(route, "path", None) or scope.get(ROUTE_KEY) or "unmatched"
                 self.metrics.latency.labels(
                     scope.get("method", ""), path, str(message["status"])
                 ).observe(time.perf_counter() - start)
