@@ -1,4 +1,4 @@
-"""Service endpoints: ``/healthz``, ``/readyz``, ``/metrics`` and the placeholder ``/``."""
+"""Service endpoints: ``/healthz``, ``/readyz``, ``/metrics``, and a ``/`` for apps built without the UI."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ router = APIRouter(tags=["service"])
 _PLACEHOLDER = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>runstream</title></head>
 <body><h1>runstream</h1>
-<p>The web UI is not part of this build yet. The API is served under <code>/v1</code>:
+<p>This app was built without the web UI (<code>runstream serve</code> includes it;
+see <code>runstream.app.build_app</code>). The API is served under <code>/v1</code>:
 see <a href="/docs">/docs</a> (<a href="/openapi.json">/openapi.json</a>) and
 <a href="/metrics">/metrics</a>.</p></body></html>
 """
