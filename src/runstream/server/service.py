@@ -1,4 +1,4 @@
-"""Service endpoints: ``/healthz``, ``/readyz``, ``/metrics``, and a ``/`` for apps built without the UI."""
+"""Service endpoints: ``/healthz``, ``/readyz``, ``/metrics``; ``/`` when built without the UI."""
 
 from __future__ import annotations
 
