@@ -79,6 +79,16 @@ def chaos_seconds() -> float:
     return float(os.environ.get(SECONDS_ENV, DEFAULT_SECONDS))
 
 
+def chaos_deadline() -> float:
+    """Budget for one subscriber to reach the end: grows with the size (100,000: 200 s)."""
+    return max(DEADLINE, chaos_events() / 500)
+
+
+def chaos_timeout() -> int:
+    """pytest timeout for one scenario at the configured size."""
+    return int(max(240, 2 * chaos_deadline()))
+
+
 # -- the proxy ------------------------------------------------------------------------
 
 
@@ -321,8 +331,8 @@ class Subscriber:
     async def run(self) -> None:
         raise NotImplementedError
 
-    async def run_until_end(self, within: float = DEADLINE) -> None:
-        async with asyncio.timeout(within):
+    async def run_until_end(self, within: float | None = None) -> None:
+        async with asyncio.timeout(within if within is not None else chaos_deadline()):
             await self.run()
         assert self.done
 

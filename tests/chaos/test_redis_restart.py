@@ -15,7 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Publisher, ServeProcess, assert_clean, stream_scenario
+from tests.chaos.harness import (
+    Publisher,
+    ServeProcess,
+    assert_clean,
+    chaos_timeout,
+    stream_scenario,
+)
 from tests.conftest import RedisServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
@@ -23,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.redis]
 OUTAGE_S = 0.5
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(chaos_timeout())
 async def test_redis_kill_and_restart_lose_duplicate_or_reorder_no_acknowledged_event(
     private_redis: RedisServer, tmp_path: Path
 ) -> None:

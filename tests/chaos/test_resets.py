@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import ServeProcess, assert_clean, stream_scenario
+from tests.chaos.harness import ServeProcess, assert_clean, chaos_timeout, stream_scenario
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(chaos_timeout())
 @pytest.mark.parametrize("backend", ["memory", "sqlite"])
 async def test_connection_resets_lose_duplicate_or_reorder_no_acknowledged_event(
     backend: str, tmp_path: Path

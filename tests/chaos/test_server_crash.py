@@ -15,14 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.harness import Publisher, ServeProcess, assert_clean, stream_scenario
+from tests.chaos.harness import (
+    Publisher,
+    ServeProcess,
+    assert_clean,
+    chaos_timeout,
+    stream_scenario,
+)
 
 pytestmark = pytest.mark.slow
 
 KILL_AT = (0.3, 0.65)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(chaos_timeout())
 async def test_server_kill_9_and_restart_lose_duplicate_or_reorder_no_acknowledged_event(
     tmp_path: Path,
 ) -> None:
