@@ -45,6 +45,9 @@ PY = sys.executable
 
 FANOUT_FULL = (10, 100, 1000)
 FANOUT_QUICK = (10, 100)
+STRESS_RATE = 100
+"""Events/s of the stress series (the targets' rate is fanout.py's default, 20)."""
+STRESS_FULL = (100, 1000)
 
 
 @dataclass
@@ -96,6 +99,9 @@ def jobs_for(quick: bool) -> list[Job]:
         if quick:
             args += ["--duration", "3", "--warmup", "1"]
         jobs.append(Job(f"fanout_{n}", args, 900))
+    for n in () if quick else STRESS_FULL:
+        args = [script("fanout.py"), "--subscribers", str(n), "--rate", str(STRESS_RATE)]
+        jobs.append(Job(f"fanout_{n}_stress", args, 900))
     return jobs
 
 
@@ -367,16 +373,75 @@ def table_codec(job: Job) -> Table:
     return t
 
 
-def fanout_results(jobs: Sequence[Job]) -> list[tuple[int, dict[str, Any]]]:
+def fanout_results(
+    jobs: Sequence[Job], *, stress: bool = False
+) -> list[tuple[int, dict[str, Any]]]:
     out = []
     for job in jobs:
-        if job.name.startswith("fanout_") and job.result:
+        if is_fanout(job, stress=stress) and job.result:
             out.append((int(job.name.split("_")[1]), job.result))
     return sorted(out)
 
 
+def fanout_rate(jobs: Sequence[Job], stress: bool) -> float:
+    for _, res in fanout_results(jobs, stress=stress):
+        return float(dig(res, "config", "rate") or 0)
+    return 0.0
+
+
+def is_fanout(job: Job, *, stress: bool) -> bool:
+    return job.name.startswith("fanout_") and job.name.endswith("_stress") == stress
+
+
+def table_fanout_stress(jobs: Sequence[Job]) -> Table:
+    fan = [j for j in jobs if is_fanout(j, stress=True)]
+    t = Table(
+        f"Fan-out under stress: {STRESS_RATE} events/s on one stream",
+        command="; ".join(j.command for j in fan),
+    )
+    t.note = (
+        "The same bench at five times the rate, to find where each server stops keeping up. "
+        "On this 2-core machine the load generator's two processes share the CPUs with the "
+        "server under test, so the ceiling is partly the generator's. No target."
+    )
+    errors = [f"{j.name}: {j.error}" for j in fan if j.error]
+    if errors:
+        t.error = "; ".join(errors)
+    for n, res in fanout_results(jobs, stress=True):
+        rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
+        rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
+        offered = fmt(rs.get("offered_deliveries_per_s"))
+        t.rows.append(
+            Row(
+                f"{n} subscribers: deliveries/s (offered {offered})",
+                rs_d,
+                bl_d,
+                round(rs_d / bl_d, 2) if rs_d and bl_d else None,
+            )
+        )
+        p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
+        t.rows.append(
+            Row(
+                f"{n} subscribers: end-to-end p50 / p99",
+                f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
+                f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
+                round(p99 / bp99, 3) if p99 and bp99 else None,
+                unit="ms",
+            )
+        )
+        t.rows.append(
+            Row(
+                f"{n} subscribers: server CPU share in the window",
+                rs.get("server_cpu_share_in_window"),
+                bl.get("server_cpu_share_in_window"),
+                unit="cores",
+            )
+        )
+    return t
+
+
 def table_fanout(jobs: Sequence[Job]) -> Table:
-    fan = [j for j in jobs if j.name.startswith("fanout_")]
+    fan = [j for j in jobs if is_fanout(j, stress=False)]
     t = Table(
         "Fan-out: N SSE subscribers on one stream (Redis)",
         command="; ".join(j.command for j in fan),
@@ -386,9 +451,10 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
         "raw-asyncio load generator in the same run. Baseline: FastAPI + sse-starlette + one "
         "`XREAD BLOCK` loop per subscriber. Targets (issue 4), at 1,000 subscribers: deliveries/s "
         "≥ 10× the baseline's, p99 ≤ 1/5 of the baseline's; memory per idle subscriber < 20 KB; "
-        "resume of 10,000 missed events < 200 ms. When the baseline delivers everything offered, "
-        "10× its deliveries/s is more than was offered; the deliveries row then compares "
-        "against what was offered."
+        "resume of 10,000 missed events < 200 ms. At the targets' rate (20 events/s) the "
+        "baseline, too, delivers nearly everything offered (only late), so 10× its deliveries/s "
+        "is more than was offered; the deliveries row then passes only if runstream delivered "
+        "≥ 99 % of what was offered. The stress table below shows the throughput gap."
     )
     errors = [f"{j.name}: {j.error}" for j in fan if j.error]
     if errors:
@@ -409,7 +475,7 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
                 rs_d,
                 bl_d,
                 round(rs_d / bl_d, 2) if rs_d and bl_d else None,
-                "≥ 10× baseline (or all offered)" if target_deliv else "",
+                "≥ 10× baseline, or ≥ 99 % of offered" if target_deliv else "",
                 ok_deliv,
                 "",
             )
@@ -438,7 +504,7 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
                 "KB",
             )
         )
-        if n == max(x for x, _ in fanout_results(jobs)):
+        if n == max(x for x, _ in fanout_results(jobs)):  # resume: once, from the largest run
             res_ms, bres_ms = dig(rs, "resume_10k_ms", "median"), dig(bl, "resume_10k_ms", "median")
             t.rows.append(
                 Row(
@@ -463,28 +529,42 @@ def plot_fanout(jobs: Sequence[Job], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = fanout_results(jobs)
-    if not data:
+    series = [
+        (f"{fanout_rate(jobs, False):g} ev/s", fanout_results(jobs), "-"),
+        (f"{STRESS_RATE} ev/s", fanout_results(jobs, stress=True), ":"),
+    ]
+    if not series[0][1]:
         return False
-    ns = [n for n, _ in data]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for side, label, style in (
-        ("runstream", "runstream", "o-"),
-        ("baseline", "FastAPI + sse-starlette + XREAD", "s--"),
-    ):
-        d = [dig(r, side, "deliveries_per_s") for _, r in data]
-        p = [dig(r, side, "latency_ms", "p99") for _, r in data]
-        if any(v is not None for v in d):
-            ax1.plot(ns, [v or 0 for v in d], style, label=label)
-        if any(v is not None for v in p):
-            ax2.plot(ns, [v if v is not None else float("nan") for v in p], style, label=label)
-    offered = [dig(r, "runstream", "offered_deliveries_per_s") for _, r in data]
-    ax1.plot(ns, [v or 0 for v in offered], ":", color="grey", label="offered")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for rate_label, data, line in series:
+        if not data:
+            continue
+        ns = [n for n, _ in data]
+        for side, label, marker, color in (
+            ("runstream", "runstream", "o", "tab:blue"),
+            ("baseline", "FastAPI + sse-starlette + XREAD", "s", "tab:orange"),
+        ):
+            d = [dig(r, side, "deliveries_per_s") for _, r in data]
+            p = [dig(r, side, "latency_ms", "p99") for _, r in data]
+            style = {"marker": marker, "linestyle": line, "color": color}
+            name = f"{label}, {rate_label}"
+            if any(v is not None for v in d):
+                ax1.plot(ns, [v or float("nan") for v in d], label=name, **style)
+            if any(v is not None for v in p):
+                ax2.plot(ns, [v or float("nan") for v in p], label=name, **style)
+        offered = [dig(r, "runstream", "offered_deliveries_per_s") for _, r in data]
+        ax1.plot(
+            ns,
+            [v or float("nan") for v in offered],
+            line,
+            color="grey",
+            label=f"offered, {rate_label}",
+        )
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_xlabel("SSE subscribers on one stream")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     ax1.set_yscale("log")
     ax1.set_ylabel("deliveries / s")
     ax1.set_title("Throughput")
@@ -638,8 +718,10 @@ def write_doc(
         ("sse_codec", table_codec),
     ]
     tables: list[Table] = []
-    if any(j.name.startswith("fanout_") for j in jobs):
+    if any(is_fanout(j, stress=False) for j in jobs):
         tables.append(table_fanout(jobs))
+    if any(is_fanout(j, stress=True) for j in jobs):
+        tables.append(table_fanout_stress(jobs))
     for name, build in builders:
         job = by_name.get(name)
         if job is None:
@@ -685,6 +767,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="every bench at its quick size")
     parser.add_argument("--only", action="append", default=[], help="run only these (prefix match)")
     parser.add_argument("--no-doc", action="store_true", help="print the results, write nothing")
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="run nothing: rebuild the page from the last run's test-artifacts/bench/*.json",
+    )
     args = parser.parse_args()
     started = dt.datetime.now(dt.UTC)
     info = machine()
@@ -695,18 +782,23 @@ def main() -> None:
     ]
     RAW.mkdir(parents=True, exist_ok=True)
     for job in jobs:
+        raw = RAW / f"{job.name}.json"
+        if args.render_only:
+            if raw.exists():
+                kept = json.loads(raw.read_text())
+                job.result, job.error = kept["result"], kept["error"]
+                job.seconds = kept["seconds"]
+            else:
+                job.error = "not in the last run"
+            continue
         run_job(job)
-        (RAW / f"{job.name}.json").write_text(
-            json.dumps(
-                {
-                    "command": job.command,
-                    "seconds": round(job.seconds, 1),
-                    "error": job.error,
-                    "result": job.result,
-                },
-                indent=2,
-            )
-        )
+        kept = {
+            "command": job.command,
+            "seconds": round(job.seconds, 1),
+            "error": job.error,
+            "result": job.result,
+        }
+        raw.write_text(json.dumps(kept, indent=2))
     if args.no_doc:
         print(json.dumps({j.name: j.result or j.error for j in jobs}, indent=2))
         return
