@@ -150,4 +150,4 @@ async def test_service_endpoints(client: httpx.AsyncClient) -> None:
     assert "runstream_events_appended_total 3.0" in metrics
     assert 'runstream_http_request_duration_seconds_count{method="POST"' in metrics
     root = await client.get("/")
-    assert root.status_code == 200 and "web UI is not part of this build" in root.text
+    assert root.status_code == 200 and "built without the web UI" in root.text
