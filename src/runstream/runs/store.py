@@ -6,8 +6,25 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from runstream.errors import ValidationError
 from runstream.runs.lifecycle import RunStatus
 from runstream.runs.model import RunRecord
+
+
+def encode_cursor(created_at: float, run_id: str) -> str:
+    """The runs-list cursor after the run ``run_id`` created at ``created_at``."""
+    return f"{created_at!r}|{run_id}"
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Parse a cursor from :func:`encode_cursor`; :class:`ValidationError` if malformed."""
+    score, sep, run_id = cursor.partition("|")
+    try:
+        if not sep or not run_id:
+            raise ValueError(cursor)
+        return float(score), run_id
+    except ValueError:
+        raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
 
 
 class RunStore(ABC):

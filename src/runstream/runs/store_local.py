@@ -35,7 +35,7 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RunStore
+from runstream.runs.store import RunStore, decode_cursor, encode_cursor
 
 __all__ = ["MemoryRunStore", "SQLiteRunStore"]
 
@@ -86,21 +86,6 @@ def _check_list_args(status: str | None, limit: int) -> None:
         raise ValidationError(f"unknown run status {status!r}", field="status")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
         raise ValidationError(f"limit must be 1-{MAX_LIST_LIMIT}", field="limit")
-
-
-def encode_cursor(record: RunRecord) -> str:
-    return f"{record.created_at!r}|{record.id}"
-
-
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Parse a cursor from :func:`encode_cursor`; :class:`ValidationError` if malformed."""
-    score, sep, run_id = cursor.partition("|")
-    try:
-        if not sep or not run_id:
-            raise ValueError(cursor)
-        return float(score), run_id
-    except ValueError:
-        raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
 
 
 class MemoryRunStore(RunStore):
@@ -174,7 +159,7 @@ class MemoryRunStore(RunStore):
             if task is not None and record.task != task:
                 continue
             if len(page) == limit:
-                return page, encode_cursor(page[-1])
+                return page, encode_cursor(page[-1].created_at, page[-1].id)
             page.append(record)
         return page, None
 
@@ -453,5 +438,5 @@ class SQLiteRunStore(RunStore):
         rows = await self._run(query)
         if len(rows) > limit:
             page = rows[:limit]
-            return page, encode_cursor(page[-1])
+            return page, encode_cursor(page[-1].created_at, page[-1].id)
         return rows, None

@@ -42,7 +42,7 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import TRANSITIONS, RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RunStore
+from runstream.runs.store import RunStore, decode_cursor, encode_cursor
 
 __all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
 
@@ -181,16 +181,6 @@ def _allowed_from(new: RunStatus, expect: Iterable[RunStatus] | None) -> list[Ru
         wanted = set(expect)
         sources = [s for s in sources if s in wanted]
     return sources
-
-
-def _parse_cursor(cursor: str) -> tuple[float, str]:
-    score, sep, run_id = cursor.partition("|")
-    try:
-        if not sep or not run_id:
-            raise ValueError(cursor)
-        return float(score), run_id
-    except ValueError:
-        raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
 
 
 class RedisRunStore(RunStore):
@@ -348,7 +338,7 @@ class RedisRunStore(RunStore):
             return [], None
         if status is not None and not is_status(status):
             raise ValidationError(f"unknown run status {status!r}", field="status")
-        after = _parse_cursor(cursor) if cursor is not None else None
+        after = decode_cursor(cursor) if cursor is not None else None
         max_score: str = "+inf" if after is None else repr(after[0])
         offset = 0
         page: list[RunRecord] = []
@@ -383,7 +373,7 @@ class RedisRunStore(RunStore):
                     continue
                 page.append(record)
                 if len(page) == limit:
-                    return page, f"{score!r}|{rid}"
+                    return page, encode_cursor(score, rid)
 
     async def fence_state(self, run_id: str) -> tuple[RunStatus | None, str | None, int, bool]:
         """``(status, worker, attempt, cancel_requested)`` in one round trip.
