@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import threading
 from collections import defaultdict
@@ -94,6 +95,7 @@ async def test_events_with_the_same_key_are_handled_in_order_others_in_parallel(
     running = 0
     peak = 0
     rng = random.Random(3)
+    overlapped = asyncio.Event()
     async with AsyncClient(live_server.url) as client:
 
         @client.on("job", key=lambda ev: ev.data["k"])
@@ -101,6 +103,12 @@ async def test_events_with_the_same_key_are_handled_in_order_others_in_parallel(
             nonlocal running, peak
             running += 1
             peak = max(peak, running)
+            if running > 1:
+                overlapped.set()
+            # Hold the first handler until another key's handler runs beside it (bounded: a
+            # pool that runs handlers one at a time would stay at peak 1 and fail below).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(overlapped.wait(), 1.0)
             await asyncio.sleep(rng.uniform(0, 0.02))
             seen[ev.data["k"]].append(ev.data["n"])
             running -= 1
