@@ -249,6 +249,21 @@ async def test_reader_that_missed_the_close_still_learns_it(log: EventLog) -> No
     assert page.closed and page.events == ()
 
 
+async def test_info_many_answers_for_every_stream_asked(log: EventLog) -> None:
+    await log.append("open", [ev(1), ev(2)])
+    await log.append("done", ev(1))
+    await log.close("done", "succeeded")
+    found = await log.info_many(["open", "missing", "done"])
+    assert set(found) == {"open", "missing", "done"}
+    assert found["missing"] is None
+    assert found["open"] == await log.info("open")
+    assert found["done"] == await log.info("done")
+    assert found["done"] is not None and found["done"].closed
+    assert await log.info_many([]) == {}
+    many = [f"m{i}" for i in range(1200)]  # more than one request's worth on Redis
+    assert all(v is None for v in (await log.info_many(many)).values())
+
+
 async def test_close_is_idempotent(log: EventLog) -> None:
     await log.append("s", ev(1))
     first = await log.close("s", "succeeded")

@@ -324,3 +324,46 @@ async def test_now_starts_at_the_tail_fixed_on_entry(log: YieldingLog, hub: Hub)
     frames: Sequence[Frame] = await collect(sub, 5)
     assert [f.id for f in frames] == [5]
     sub.close()
+
+
+class CountingLog(MemoryEventLog):
+    """Counts the state lookups the reconciler makes: batched, or one stream at a time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single: list[str] = []
+        self.batches: list[list[str]] = []
+        self._batching = False
+
+    async def info(self, stream: str) -> StreamInfo:
+        if not self._batching:
+            self.single.append(stream)
+        return await super().info(stream)
+
+    async def info_many(self, streams: Sequence[str]) -> dict[str, StreamInfo | None]:
+        self.batches.append(list(streams))
+        self._batching = True  # the default implementation reads one by one
+        try:
+            return await super().info_many(streams)
+        finally:
+            self._batching = False
+
+
+async def test_reconciliation_reads_every_followed_stream_in_one_batch() -> None:
+    async with CountingLog() as log:
+        log.safety_poll = 3600
+        hub = Hub(log, HubLimits(reconcile_interval=3600))
+        names = [f"s{i}" for i in range(50)]
+        for name in names:
+            await log.append(name, events(1))
+        subs = [hub.subscribe(name, Position(1), transport="test") for name in names]
+        for sub in subs:
+            assert await sub.get(idle=0.01) == []
+        await log.close("s7")
+        log.single.clear()
+        await hub.reconcile()
+        assert len(log.batches) == 1 and sorted(log.batches[0]) == sorted(names)
+        assert log.single == []
+        for sub in subs:
+            sub.close()
+        await hub.close()

@@ -201,3 +201,28 @@ def test_serve_refuses_a_public_bind_without_a_token() -> None:
     )
     assert out.returncode != 0
     assert "refusing to listen on '0.0.0.0' without an access token" in out.stderr
+
+
+def test_a_serving_process_settles_its_heap_once_started() -> None:
+    # In a child: freezing changes the collector for the whole process.
+    code = """
+import asyncio, gc
+from runstream.config import load_settings
+from runstream.server.app import create_app
+from runstream.server.serve import GC_THRESHOLDS, Server, make_server
+
+class Probe(Server):
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        print(self.settle_heap, gc.get_freeze_count() > 0, gc.get_threshold() == GC_THRESHOLDS)
+        self.should_exit = True
+
+settings = load_settings(env={}, backend="memory://", port=0)
+for settle in (False, True):
+    app = create_app(settings)
+    asyncio.run(make_server(app, settings, server_class=Probe, settle=settle).serve())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert out.stdout.splitlines() == ["False False False", "True True True"], out.stderr

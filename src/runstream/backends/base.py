@@ -39,10 +39,16 @@ from runstream.protocol.cursor import NOW, Position, check_position
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10_000
 FOLLOW_BATCH = 1000
-SAFETY_POLL_SECONDS = 1.0
+SAFETY_POLL_SECONDS = 10.0
 """Followers re-read state at least this often even without a wake-up, so a
-close or delete that no notification reported (another process, a restored
-snapshot, a failover) is still noticed."""
+close or delete that no notification reported is still noticed.
+
+Wake-ups are not expected to go missing: appends in this process notify
+directly, the SQLite backend's probe notices commits of other processes, and
+the Redis backend wakes every follower whenever its pub/sub subscription is
+(re)established. This is the backstop behind those, so it is long: each
+waiting follower costs one read per period, which for a server following
+thousands of quiet streams is the whole of its idle load."""
 
 
 class Notifier:
@@ -148,6 +154,20 @@ class EventLog(ABC):
     @abstractmethod
     async def info(self, stream: str) -> StreamInfo:
         """State of ``stream``; :class:`StreamNotFound` if it does not exist."""
+
+    async def info_many(self, streams: Sequence[str]) -> dict[str, StreamInfo | None]:
+        """State of each of ``streams`` (``None`` for one that does not exist).
+
+        For periodic checks over many streams at once; backends with a network
+        round trip per call answer all of them in a few requests.
+        """
+        found: dict[str, StreamInfo | None] = {}
+        for stream in streams:
+            try:
+                found[stream] = await self.info(stream)
+            except StreamNotFound:
+                found[stream] = None
+        return found
 
     @abstractmethod
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:

@@ -56,6 +56,7 @@ from runstream.core.model import (
     StreamInfo,
     encode_data,
     new_epoch,
+    validate_stream_name,
 )
 from runstream.errors import (
     BackendError,
@@ -84,6 +85,8 @@ FOLLOW_RECOVERY_WAIT = 10.0
 """Longest a follower waits for the wake-up reader to reconnect before probing Redis itself."""
 LISTEN_POLL_SECONDS = 1.0
 """How long the pub/sub reader waits for a message before checking its state again."""
+INFO_MANY_CHUNK = 100
+"""Streams per pipelined request in :meth:`RedisEventLog.info_many`."""
 LISTEN_HEALTH_SECONDS = 10
 """Idle time after which the pub/sub connection is checked with a PING."""
 
@@ -553,6 +556,21 @@ class RedisEventLog(EventLog):
         # A zero-length read: many followers starting at once share one request.
         info, _ = await self._shared_read(stream, 0, 0)
         return info
+
+    async def info_many(self, streams: Sequence[str]) -> dict[str, StreamInfo | None]:
+        self._check_open()
+        found: dict[str, StreamInfo | None] = {}
+        for start in range(0, len(streams), INFO_MANY_CHUNK):
+            names = streams[start : start + INFO_MANY_CHUNK]
+            for name in names:
+                validate_stream_name(name)
+            async with self._op("info"), self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hgetall(self.keys(name)[1])
+                metas: list[dict[str, str]] = await pipe.execute()
+            for name, meta in zip(names, metas, strict=True):
+                found[name] = _as_info(name, meta) if meta else None
+        return found
 
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
         self._check_open()

@@ -609,17 +609,20 @@ class Hub:
 
     async def reconcile(self) -> None:
         """Compare every followed stream with its state; end what should have ended."""
-        for feed in list(self._feeds.values()):
+        feeds = [feed for feed in self._feeds.values() if not feed.done]
+        if not feeds:
+            return
+        try:
+            # One batched read for every followed stream (thousands of quiet streams
+            # must not cost thousands of round trips per pass).
+            infos = await self.backend.info_many([feed.stream for feed in feeds])
+        except RunstreamError as exc:
+            log.warning("reconciliation could not read stream states: %s", exc)
+            return
+        for feed in feeds:
             if feed.done:
                 continue
-            info: StreamInfo | None
-            try:
-                info = await self.backend.info(feed.stream)
-            except StreamNotFound:
-                info = None
-            except RunstreamError as exc:
-                log.warning("reconciliation could not read %r: %s", feed.stream, exc)
-                continue
+            info = infos.get(feed.stream)
             if info is None:
                 fresh = time.monotonic() - feed.created < self.limits.create_grace
                 if feed.seen or not fresh:
