@@ -45,9 +45,14 @@ PY = sys.executable
 
 FANOUT_FULL = (10, 100, 1000)
 FANOUT_QUICK = (10, 100)
-STRESS_RATE = 100
-"""Events/s of the stress series (the targets' rate is fanout.py's default, 20)."""
+STRESS_RATE = 500
+"""Events/s of the stress series: more than the baseline can fan out to 1,000 subscribers,
+so deliveries/s there is each server's capacity (fanout.py's default rate is 20)."""
 STRESS_FULL = (100, 1000)
+STREAMS = 1000
+STREAMS_RATE = 200
+"""The many-streams series: STREAMS streams with one subscriber each, STREAMS_RATE events/s
+spread over them."""
 
 
 @dataclass
@@ -94,14 +99,23 @@ def jobs_for(quick: bool) -> list[Job]:
         ),
         Job("worker_failover", [script("worker_failover.py"), *q], 900),
     ]
-    for n in FANOUT_QUICK if quick else FANOUT_FULL:
+    sizes = FANOUT_QUICK if quick else FANOUT_FULL
+    for n in sizes:
         args = [script("fanout.py"), "--subscribers", str(n)]
         if quick:
             args += ["--duration", "3", "--warmup", "1"]
+        if n != max(sizes):  # resume is measured once, in the largest run
+            args.append("--no-resume")
         jobs.append(Job(f"fanout_{n}", args, 900))
     for n in () if quick else STRESS_FULL:
         args = [script("fanout.py"), "--subscribers", str(n), "--rate", str(STRESS_RATE)]
-        jobs.append(Job(f"fanout_{n}_stress", args, 900))
+        jobs.append(Job(f"fanout_{n}_stress", [*args, "--no-resume"], 900))
+    streams = 100 if quick else STREAMS
+    args = [script("fanout.py"), "--subscribers", str(streams), "--streams", str(streams)]
+    args += ["--rate", str(STREAMS_RATE), "--no-resume"]
+    if quick:
+        args += ["--duration", "3", "--warmup", "1"]
+    jobs.append(Job("fanout_streams", args, 900))
     return jobs
 
 
@@ -390,7 +404,10 @@ def fanout_rate(jobs: Sequence[Job], stress: bool) -> float:
 
 
 def is_fanout(job: Job, *, stress: bool) -> bool:
-    return job.name.startswith("fanout_") and job.name.endswith("_stress") == stress
+    """One-stream fan-out jobs (``fanout_<n>``, ``fanout_<n>_stress``)."""
+    if job.name == "fanout_streams" or not job.name.startswith("fanout_"):
+        return False
+    return job.name.endswith("_stress") == stress
 
 
 def table_fanout_stress(jobs: Sequence[Job]) -> Table:
@@ -400,9 +417,14 @@ def table_fanout_stress(jobs: Sequence[Job]) -> Table:
         command="; ".join(j.command for j in fan),
     )
     t.note = (
-        "The same bench at five times the rate, to find where each server stops keeping up. "
-        "On this 2-core machine the load generator's two processes share the CPUs with the "
-        "server under test, so the ceiling is partly the generator's. No target."
+        f"The same bench with events published at {STRESS_RATE}/s (one POST each), more than "
+        "the baseline can fan out, so deliveries/s is each server's capacity on this machine. "
+        "Targets (issue 4), at 1,000 subscribers: deliveries/s ≥ 10× the baseline's with p99 "
+        "≤ 1/5 of the baseline's. The offered figure is per server: the publisher keeps at "
+        "most 64 POSTs in flight, so a server that answers POSTs late is offered less. The "
+        "load generator counts every event on every connection and times every event on every "
+        "k-th connection (about 100 of them); its own CPU share is listed so a generator "
+        "bottleneck would show."
     )
     errors = [f"{j.name}: {j.error}" for j in fan if j.error]
     if errors:
@@ -410,13 +432,16 @@ def table_fanout_stress(jobs: Sequence[Job]) -> Table:
     for n, res in fanout_results(jobs, stress=True):
         rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
         rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
-        offered = fmt(rs.get("offered_deliveries_per_s"))
+        target = n == 1000
         t.rows.append(
             Row(
-                f"{n} subscribers: deliveries/s (offered {offered})",
+                f"{n} subscribers: deliveries/s (offered {fmt(rs.get('offered_deliveries_per_s'))}"
+                f" / {fmt(bl.get('offered_deliveries_per_s'))})",
                 rs_d,
                 bl_d,
                 round(rs_d / bl_d, 2) if rs_d and bl_d else None,
+                "≥ 10× baseline" if target else "",
+                (rs_d >= 10 * bl_d) if target and rs_d is not None and bl_d else None,
             )
         )
         p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
@@ -426,17 +451,73 @@ def table_fanout_stress(jobs: Sequence[Job]) -> Table:
                 f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
                 f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
                 round(p99 / bp99, 3) if p99 and bp99 else None,
-                unit="ms",
+                "p99 ≤ 1/5 of baseline" if target else "",
+                (p99 <= bp99 / 5) if target and p99 and bp99 else None,
+                "ms",
             )
         )
         t.rows.append(
             Row(
-                f"{n} subscribers: server CPU share in the window",
-                rs.get("server_cpu_share_in_window"),
-                bl.get("server_cpu_share_in_window"),
+                f"{n} subscribers: CPU share of server / load generator",
+                f"{fmt(rs.get('server_cpu_share_in_window'))} / "
+                f"{fmt(rs.get('load_generator_cpu_share_in_window'))}",
+                f"{fmt(bl.get('server_cpu_share_in_window'))} / "
+                f"{fmt(bl.get('load_generator_cpu_share_in_window'))}",
                 unit="cores",
             )
         )
+    return t
+
+
+def table_fanout_streams(job: Job) -> Table:
+    res = job.result or {}
+    streams = dig(res, "config", "streams") or STREAMS
+    rate = dig(res, "config", "rate") or STREAMS_RATE
+    t = Table(
+        f"Many streams: {streams:,} streams × 1 SSE subscriber each (Redis)", command=job.command
+    )
+    t.note = (
+        f"{rate:g} events/s in all, round robin over the streams (one POST each); the same "
+        "servers and load generator as above. Here nothing is shared between subscribers, so "
+        "this measures the cost of many quiet streams: one reader each, their wake-ups, the "
+        "periodic reconciliation, keepalives. No target."
+    )
+    rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
+    rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
+    t.rows.append(
+        Row(
+            f"deliveries/s (offered {fmt(rs.get('offered_deliveries_per_s'))})",
+            rs_d,
+            bl_d,
+            round(rs_d / bl_d, 2) if rs_d and bl_d else None,
+        )
+    )
+    p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
+    t.rows.append(
+        Row(
+            "end-to-end p50 / p99",
+            f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
+            f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
+            round(p99 / bp99, 3) if p99 and bp99 else None,
+            unit="ms",
+        )
+    )
+    t.rows.append(
+        Row(
+            "server CPU share in the window",
+            rs.get("server_cpu_share_in_window"),
+            bl.get("server_cpu_share_in_window"),
+            unit="cores",
+        )
+    )
+    t.rows.append(
+        Row(
+            "memory per idle subscriber (with its stream's reader)",
+            rs.get("memory_per_idle_subscriber_kb"),
+            bl.get("memory_per_idle_subscriber_kb"),
+            unit="KB",
+        )
+    )
     return t
 
 
@@ -449,12 +530,10 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
     t.note = (
         "Both servers are separate processes on the same private redis-server, driven by the same "
         "raw-asyncio load generator in the same run. Baseline: FastAPI + sse-starlette + one "
-        "`XREAD BLOCK` loop per subscriber. Targets (issue 4), at 1,000 subscribers: deliveries/s "
-        "≥ 10× the baseline's, p99 ≤ 1/5 of the baseline's; memory per idle subscriber < 20 KB; "
-        "resume of 10,000 missed events < 200 ms. At the targets' rate (20 events/s) the "
-        "baseline, too, delivers nearly everything offered (only late), so 10× its deliveries/s "
-        "is more than was offered; the deliveries row then passes only if runstream delivered "
-        "≥ 99 % of what was offered. The stress table below shows the throughput gap."
+        "`XREAD BLOCK` loop per subscriber. A moderate rate (20 events/s), which the baseline "
+        "too delivers, only late; the throughput targets are in the stress table below. Targets "
+        "(issue 4) here: at 1,000 subscribers p99 ≤ 1/5 of the baseline's; memory per idle "
+        "subscriber < 20 KB; resume of 10,000 missed events < 200 ms."
     )
     errors = [f"{j.name}: {j.error}" for j in fan if j.error]
     if errors:
@@ -462,22 +541,13 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
     for n, res in fanout_results(jobs):
         rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
         offered = rs.get("offered_deliveries_per_s")
-        target_deliv = n == 1000
         rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
-        ok_deliv = None
-        if target_deliv and rs_d is not None and bl_d:
-            ok_deliv = (
-                rs_d >= min(10 * bl_d, 0.99 * (offered or 0)) if offered else rs_d >= 10 * bl_d
-            )
         t.rows.append(
             Row(
                 f"{n} subscribers: deliveries/s (offered {fmt(offered)})",
                 rs_d,
                 bl_d,
                 round(rs_d / bl_d, 2) if rs_d and bl_d else None,
-                "≥ 10× baseline, or ≥ 99 % of offered" if target_deliv else "",
-                ok_deliv,
-                "",
             )
         )
         p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
@@ -716,6 +786,7 @@ def write_doc(
         ("capture", table_capture),
         ("worker_failover", table_failover),
         ("sse_codec", table_codec),
+        ("fanout_streams", table_fanout_streams),
     ]
     tables: list[Table] = []
     if any(is_fanout(j, stress=False) for j in jobs):
