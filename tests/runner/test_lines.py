@@ -11,7 +11,15 @@ from hypothesis import strategies as st
 
 from runstream.core.model import encode_data
 from runstream.errors import ValidationError
-from runstream.runner.lines import LineSplitter, OutputLine, parse_level
+from runstream.runner.lines import (
+    DEFAULT_MAX_LINE,
+    LineSplitter,
+    OutputBatch,
+    OutputLine,
+    StreamName,
+    encode_runs,
+    parse_level,
+)
 
 
 def texts(items: list[OutputLine]) -> list[str]:
@@ -368,3 +376,143 @@ def test_level_is_set_on_lines_and_only_on_the_first_piece() -> None:
         ("plain", None),
         ("[warn] x", "warning"),
     ]
+
+
+# -- batches: the same records, cheaper -------------------------------------------------
+
+# Pieces of output that exercise every rule: line ends of each kind, "\r" segments
+# (alone, doubled, at column 0, before "\n"), level prefixes, ANSI codes, quotes and
+# backslashes for the JSON, control characters, multi-byte and invalid UTF-8, long runs.
+TRICKY = [
+    b"plain line\n",
+    b"crlf line\r\n",
+    b"\r",
+    b"\n",
+    b"progress 10%\r",
+    b"progress 20%\rprogress 30%\r",
+    b"ERROR: failed\n",
+    b"[warn] careful\n",
+    b"INFO  ready\n",
+    b"2024-05-01 12:00:00,123 ERROR boom\n",
+    b"\x1b[31mcritical: red\x1b[0m\n",
+    b'say "hi" \\ back\\slash\n',
+    b"tab\there\x00nul\x07bell\x7f\n",
+    "h\u00e9llo \u20ac \U0001f600\n".encode(),
+    b"\xe2\x82",  # half of a euro sign
+    b"\xac done\n",
+    b"invalid \xff\xfe bytes\n",
+    b"x" * 70,
+    b"y" * 150 + b"\n",
+    b"no newline at the end",
+]
+
+
+def feed_both(
+    chunks: list[bytes], flushes: list[bool], max_line: int
+) -> tuple[list[OutputLine], OutputBatch]:
+    """Feed the same chunks to two splitters, one through feed(), one through feed_batch()."""
+    plain = LineSplitter("stderr", max_line=max_line)
+    batched = LineSplitter("stderr", max_line=max_line)
+    records: list[OutputLine] = []
+    batch = OutputBatch()
+    for i, chunk in enumerate(chunks):
+        records += plain.feed(chunk)
+        batch.extend(batched.feed_batch(chunk))
+        if i < len(flushes) and flushes[i]:
+            records += plain.flush()
+            batch.extend(OutputBatch(batched.flush()))
+    records += plain.close()
+    batch.extend(OutputBatch(batched.close()))
+    return records, batch
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pieces=st.lists(st.sampled_from(TRICKY), max_size=40),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=20),
+    flushes=st.lists(st.booleans(), max_size=21),
+    max_line=st.sampled_from([4, 16, 64, DEFAULT_MAX_LINE]),
+)
+def test_feed_batch_gives_the_records_feed_gives(
+    pieces: list[bytes], cuts: list[int], flushes: list[bool], max_line: int
+) -> None:
+    data = b"".join(pieces)
+    bounds = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    records, batch = feed_both(chunks, flushes, max_line)
+    assert list(batch) == records
+    assert len(batch) == len(records)
+    assert [batch[i] for i in range(len(batch))] == records
+    # The encoded data is each record's to_data_json, in order.
+    encoded = [text for _, run in encode_runs(batch) for text in run]
+    assert encoded == [item.to_data_json() for item in records]
+    assert encoded == [encode_data(item.to_data()) for item in records]
+
+
+def test_feed_batch_keeps_levels_flags_and_progress_collapsing() -> None:
+    # Default max_line: every line after the first takes the bulk path.
+    splitter = LineSplitter("stdout")
+    batch = splitter.feed_batch(b"a\nERROR: x\n[info] y\n\nplain\n0%\r50%\r100%\rdone\nrest")
+    assert list(batch) == [
+        OutputLine("stdout", "a"),
+        OutputLine("stdout", "ERROR: x", level="error"),
+        OutputLine("stdout", "[info] y", level="info"),
+        OutputLine("stdout", ""),
+        OutputLine("stdout", "plain"),
+        OutputLine("stdout", "100%", cr=True),
+        OutputLine("stdout", "done"),
+    ]
+    assert list(OutputBatch(splitter.close())) == [OutputLine("stdout", "rest")]
+    # A line too long for max_line is cut into partial pieces.
+    splitter = LineSplitter("stdout", max_line=8)
+    assert list(splitter.feed_batch(b"ok\nWARN: 12345678901\nok\n")) == [
+        OutputLine("stdout", "ok"),
+        OutputLine("stdout", "WARN: 12", partial=True, level="warning"),
+        OutputLine("stdout", "34567890", partial=True),
+        OutputLine("stdout", "1"),
+        OutputLine("stdout", "ok"),
+    ]
+
+
+def test_output_batch_is_a_read_only_sequence_of_records() -> None:
+    records = [
+        OutputLine("stdout", "one"),
+        OutputLine("stdout", "two", partial=True),
+        OutputLine("stderr", "err", level="error"),
+        OutputLine("stdout", "three"),
+    ]
+    batch = OutputBatch(records[:2])
+    batch.extend(OutputBatch(records[2:]))
+    assert len(batch) == 4 and bool(batch)
+    assert list(batch) == records
+    assert batch[0] == records[0] and batch[-1] == records[-1] and batch[2] == records[2]
+    assert batch[1:3] == records[1:3]
+    assert batch[::-1] == records[::-1]
+    assert list(reversed(batch)) == records[::-1]
+    assert records[2] in batch and batch.index(records[3]) == 3
+    with pytest.raises(IndexError):
+        batch[4]
+    with pytest.raises(IndexError):
+        batch[-5]
+    empty = OutputBatch()
+    assert len(empty) == 0 and not empty and list(empty) == []
+    assert list(encode_runs(empty)) == []
+    assert "4 records" in repr(batch)
+
+
+def test_encode_runs_groups_consecutive_records_of_one_stream() -> None:
+    records = [
+        OutputLine("stdout", "a"),
+        OutputLine("stdout", 'b "quoted"', cr=True),
+        OutputLine("stderr", "c", partial=True),
+        OutputLine("stdout", "d", level="info"),
+        OutputLine("stdout", "e"),
+    ]
+    expected: list[tuple[StreamName, list[str]]] = [
+        ("stdout", ['{"line":"a"}', '{"line":"b \\"quoted\\"","cr":true}']),
+        ("stderr", ['{"line":"c","partial":true}']),
+        ("stdout", ['{"line":"d","level":"info"}', '{"line":"e"}']),
+    ]
+    assert list(encode_runs(records)) == expected
+    assert list(encode_runs(OutputBatch(records))) == expected
+    assert list(encode_runs([])) == []

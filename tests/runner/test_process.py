@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runstream.errors import ValidationError
-from runstream.runner.lines import OutputLine
+from runstream.runner.lines import OutputBatch, OutputLine, encode_runs
 from runstream.runner.process import ProcessResult, default_env, run_process
 
 PY = sys.executable
@@ -138,6 +138,39 @@ async def test_one_mib_line_without_newline_is_captured_whole_in_partial_pieces(
     assert all(item.partial for item in pieces[:-1])
     assert not pieces[-1].partial
     assert all(len(item.line) <= 64 * 1024 for item in pieces)
+
+
+async def test_sink_gets_output_batches_whose_encoding_matches_the_records() -> None:
+    code = (
+        "import sys\n"
+        "for i in range(3000):\n"
+        "    print(f'line {i}')\n"
+        "    if i % 500 == 0: print(f'ERROR: {i} \"quoted\"', file=sys.stderr)\n"
+        "sys.stdout.write('0%\\r50%\\r100%\\rno newline')\n"
+    )
+    batches: list[Sequence[OutputLine]] = []
+
+    async def sink(batch: Sequence[OutputLine]) -> None:
+        batches.append(batch)
+
+    result = await run_process(py(code), sink=sink)
+    assert result.exit_code == 0
+    assert batches and all(isinstance(batch, OutputBatch) for batch in batches)
+    records = [item for batch in batches for item in batch]
+    stdout = [item for item in records if item.stream == "stdout"]
+    assert [item.line for item in stdout[:3000]] == [f"line {i}" for i in range(3000)]
+    assert stdout[3000:] == [
+        OutputLine("stdout", "100%", cr=True),
+        OutputLine("stdout", "no newline"),
+    ]
+    stderr = [item for item in records if item.stream == "stderr"]
+    assert [(item.line, item.level) for item in stderr] == [
+        (f'ERROR: {i} "quoted"', "error") for i in range(0, 3000, 500)
+    ]
+    encoded = [
+        (stream, text) for batch in batches for stream, run in encode_runs(batch) for text in run
+    ]
+    assert encoded == [(item.stream, item.to_data_json()) for item in records]
 
 
 async def test_order_is_kept_within_each_stream() -> None:

@@ -27,6 +27,13 @@ Rules it implements:
   visible at once; the rest of the line follows in later records.
 * ANSI escape sequences are kept as they are.
 
+For throughput, :meth:`LineSplitter.feed_batch` returns the same records as
+:meth:`~LineSplitter.feed` in an :class:`OutputBatch`, a compact sequence
+that creates an :class:`OutputLine` only when one is looked at, and
+:func:`encode_runs` turns records into event data JSON in bulk. A child
+printing hundreds of thousands of lines per second then costs a few string
+operations per line, not several Python objects.
+
 Apart from overwritten ``"\\r"`` segments nothing is dropped: concatenating a
 record with ``partial=True`` and the records that follow it, up to the first
 one without ``partial``, reproduces the line exactly. A record that ends a
@@ -35,19 +42,23 @@ line whose pieces were already emitted can have an empty ``line``.
 
 from __future__ import annotations
 
+import bisect
 import codecs
-import json
+import json.encoder
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
+from typing import Literal, TypeAlias, overload
 
 from runstream.errors import ValidationError
 
 __all__ = [
     "DEFAULT_MAX_LINE",
     "LineSplitter",
+    "OutputBatch",
     "OutputLine",
     "StreamName",
+    "encode_runs",
     "parse_level",
 ]
 
@@ -59,9 +70,10 @@ DEFAULT_MAX_LINE = 64 * 1024
 _MIN_MAX_LINE = 4
 """A piece must have room for the longest UTF-8 character."""
 
-# JSONEncoder.encode has a fast path for a lone str. The text has no lone
+# What JSONEncoder(ensure_ascii=False) uses for every str (its encode() of a lone
+# str returns exactly this), without the method call. The text has no lone
 # surrogates (it comes from a UTF-8 decoder), so ensure_ascii=False is exact.
-_json_str = json.JSONEncoder(ensure_ascii=False).encode
+_json_str = json.encoder.encode_basestring
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +175,168 @@ def parse_level(line: str) -> str | None:
     return _LEVEL_NAMES[word.lower()]
 
 
+# -- batches ------------------------------------------------------------------
+
+
+class _Run:
+    """Records of one stream, in order: a text per record, full records only where needed.
+
+    Record ``i`` is ``special[i]`` if present, else a plain line:
+    ``OutputLine(stream, texts[i])`` (no flag set, no level).
+    """
+
+    __slots__ = ("special", "stream", "texts")
+
+    def __init__(self, stream: StreamName) -> None:
+        self.stream: StreamName = stream
+        self.texts: list[str] = []
+        self.special: dict[int, OutputLine] = {}
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def append(self, record: OutputLine) -> None:
+        if record.partial or record.cr or record.level is not None:
+            self.special[len(self.texts)] = record
+        self.texts.append(record.line)
+
+    def extend_plain(self, lines: list[str]) -> None:
+        """Add whole lines that fit ``max_line``; those starting with a log level get it."""
+        start = len(self.texts)
+        self.texts += lines
+        stream, level_chars = self.stream, _LEVEL_FIRST_CHARS
+        for i, line in enumerate(lines):
+            if line[:1] in level_chars:
+                level = parse_level(line)
+                if level is not None:
+                    self.special[start + i] = OutputLine(stream, line, False, False, level)
+
+    def ends_with(self, record: OutputLine) -> bool:
+        """True if ``record`` (a record with a flag set) is the last one, the very object."""
+        return self.special.get(len(self.texts) - 1) is record
+
+    def replace_last(self, record: OutputLine) -> None:
+        self.texts[-1] = record.line
+        self.special[len(self.texts) - 1] = record
+
+    def record(self, i: int) -> OutputLine:
+        found = self.special.get(i)
+        return found if found is not None else OutputLine(self.stream, self.texts[i])
+
+    def records(self) -> list[OutputLine]:
+        return [self.record(i) for i in range(len(self.texts))]
+
+    def data_json(self) -> list[str]:
+        """:meth:`OutputLine.to_data_json` of every record, in order."""
+        out = ['{"line":' + _json_str(text) + "}" for text in self.texts]
+        for i, record in self.special.items():
+            out[i] = record.to_data_json()
+        return out
+
+
+class OutputBatch(Sequence[OutputLine]):
+    """Output records in order (of one or both streams), stored compactly.
+
+    A read-only sequence of :class:`OutputLine`: indexing and iteration create
+    the records on demand, equal to those :meth:`LineSplitter.feed` returns.
+    Plain lines (no flag, no level) are kept as bare strings, so a batch of
+    many lines costs little until each record is looked at, and
+    :func:`encode_runs` encodes it without creating any.
+
+    :func:`~runstream.runner.process.run_process` hands its sink batches of
+    this type. It is built with :meth:`extend` (by whoever gathers records)
+    and must not be changed once handed on.
+    """
+
+    __slots__ = ("_len", "_runs", "_starts")
+
+    def __init__(self, records: Iterable[OutputLine] = ()) -> None:
+        self._runs: list[_Run] = []
+        self._starts: list[int] = []  # index of each run's first record
+        self._len = 0
+        run: _Run | None = None
+        for record in records:
+            if run is None or record.stream != run.stream:
+                run = _Run(record.stream)
+                self._add(run)
+            run.append(record)
+            self._len += 1
+
+    @classmethod
+    def _of(cls, run: _Run) -> OutputBatch:
+        batch = cls()
+        if run.texts:
+            batch._add(run)
+            batch._len = len(run.texts)
+        return batch
+
+    def _add(self, run: _Run) -> None:
+        self._runs.append(run)
+        self._starts.append(self._len)
+
+    def extend(self, other: OutputBatch) -> None:
+        """Append the records of ``other`` (which must not change afterwards)."""
+        for run in other._runs:
+            self._add(run)
+            self._len += len(run.texts)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, index: int) -> OutputLine: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[OutputLine]: ...
+
+    def __getitem__(self, index: int | slice) -> OutputLine | list[OutputLine]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._len))]
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError("OutputBatch index out of range")
+        k = bisect.bisect_right(self._starts, index) - 1
+        return self._runs[k].record(index - self._starts[k])
+
+    def __iter__(self) -> Iterator[OutputLine]:
+        for run in self._runs:
+            special, stream = run.special, run.stream
+            for i, text in enumerate(run.texts):
+                found = special.get(i)
+                yield found if found is not None else OutputLine(stream, text)
+
+    def __repr__(self) -> str:
+        return f"<OutputBatch of {self._len} records>"
+
+
+def encode_runs(records: Sequence[OutputLine]) -> Iterator[tuple[StreamName, list[str]]]:
+    """The records' :meth:`~OutputLine.to_data_json`, in order, a run of one stream at a time.
+
+    Yields ``(stream, [data_json, ...])`` for runs of consecutive records of
+    one stream; concatenating the lists gives one string per record. Two
+    consecutive runs may have the same stream. Each run is encoded only when
+    it is reached, so a consumer can interleave the encoding with other work.
+    Works for any sequence of records; for an :class:`OutputBatch` it encodes
+    plain lines in bulk without creating their records, several times cheaper
+    than calling ``to_data_json`` on each.
+    """
+    if isinstance(records, OutputBatch):
+        for run in records._runs:
+            yield run.stream, run.data_json()
+        return
+    stream: StreamName | None = None
+    data: list[str] = []
+    for record in records:
+        if record.stream != stream:
+            if stream is not None:
+                yield stream, data
+            stream, data = record.stream, []
+        data.append(record.to_data_json())
+    if stream is not None:
+        yield stream, data
+
+
 # -- splitting ----------------------------------------------------------------
 
 _LINE_END_RE = re.compile(r"(\r\n|\r|\n)")
@@ -176,9 +350,9 @@ def _utf8_len(text: str) -> int:
 class LineSplitter:
     """Split one output stream into :class:`OutputLine` records (sans I/O).
 
-    The caller must call :meth:`feed` with each chunk in order, may call
-    :meth:`flush` at any time (typically from a timer), and must call
-    :meth:`close` once at end of file to get the last line; after
+    The caller must call :meth:`feed` (or :meth:`feed_batch`) with each chunk
+    in order, may call :meth:`flush` at any time (typically from a timer), and
+    must call :meth:`close` once at end of file to get the last line; after
     :meth:`close` the splitter is reset and could start a new stream.
     Records returned by successive calls are in stream order.
 
@@ -221,8 +395,15 @@ class LineSplitter:
 
     def feed(self, chunk: bytes) -> list[OutputLine]:
         """Decode ``chunk`` and return the records it completes (possibly none)."""
+        return self._feed(chunk).records()
+
+    def feed_batch(self, chunk: bytes) -> OutputBatch:
+        """Like :meth:`feed`, but the records come as an :class:`OutputBatch` (cheaper)."""
+        return OutputBatch._of(self._feed(chunk))
+
+    def _feed(self, chunk: bytes) -> _Run:
         self._collapsible = None
-        out: list[OutputLine] = []
+        out = _Run(self.stream)
         self._process(self._decoder.decode(chunk), out)
         return out
 
@@ -247,7 +428,7 @@ class LineSplitter:
         An unfinished character at the end becomes U+FFFD.
         """
         self._collapsible = None
-        out: list[OutputLine] = []
+        out = _Run(self.stream)
         self._process(self._decoder.decode(b"", True), out)
         if self._held_cr:
             self._held_cr = False
@@ -255,7 +436,7 @@ class LineSplitter:
         elif self._buf or self._started:
             self._segment(out, self._take_buf(), cr=False)
         self._decoder.reset()
-        return out
+        return out.records()
 
     # -- internals -------------------------------------------------------------
 
@@ -265,7 +446,7 @@ class LineSplitter:
         self._buf_bytes = 0
         return text
 
-    def _process(self, text: str, out: list[OutputLine]) -> None:
+    def _process(self, text: str, out: _Run) -> None:
         if self._held_cr:
             text = "\r" + text
             self._held_cr = False
@@ -291,14 +472,12 @@ class LineSplitter:
                 if self._buf:
                     first = self._take_buf() + first
                 self._segment(out, first, cr=False)
+                del lines[0]
                 # Fast path: whole lines that surely fit, the bulk of any real output.
-                stream, quarter = self.stream, self.max_line // 4
-                append, level_chars = out.append, _LEVEL_FIRST_CHARS
-                for line in lines[1:]:
-                    if len(line) <= quarter:
-                        level = parse_level(line) if line[:1] in level_chars else None
-                        append(OutputLine(stream, line, False, False, level))
-                    else:
+                if lines and max(map(len, lines)) <= self.max_line // 4:
+                    out.extend_plain(lines)
+                else:
+                    for line in lines:
                         self._segment(out, line, cr=False)
         if tail:
             self._buf.append(tail)
@@ -306,7 +485,7 @@ class LineSplitter:
             if self._buf_bytes > self.max_line:
                 self._emit_overflow(out)
 
-    def _segment(self, out: list[OutputLine], text: str, *, cr: bool) -> None:
+    def _segment(self, out: _Run, text: str, *, cr: bool) -> None:
         """Emit the end of the current line or ``"\\r"`` segment, whose text is ``text``."""
         started = self._started
         self._started = False
@@ -321,8 +500,8 @@ class LineSplitter:
             if not text:
                 return  # a "\r" at column 0 overwrites nothing and shows nothing
             item = OutputLine(self.stream, text, False, True, parse_level(text))
-            if out and out[-1] is self._collapsible:
-                out[-1] = item  # a terminal would overwrite the previous one anyway
+            if self._collapsible is not None and out.ends_with(self._collapsible):
+                out.replace_last(item)  # a terminal would overwrite the previous one anyway
             else:
                 out.append(item)
             self._collapsible = item
@@ -336,7 +515,7 @@ class LineSplitter:
             started = True
         out.append(OutputLine(self.stream, last, False, cr, None))
 
-    def _emit_overflow(self, out: list[OutputLine]) -> None:
+    def _emit_overflow(self, out: _Run) -> None:
         """The unfinished line outgrew ``max_line``: emit full pieces, keep the rest."""
         pieces = self._split_long(self._take_buf())
         rest = pieces.pop()

@@ -5,8 +5,10 @@
 stdout/stderr on pipes, reads both pipes concurrently, splits them into
 :class:`~runstream.runner.lines.OutputLine` records and awaits
 ``sink(batch)`` from one writer task with everything gathered since the
-previous call. It returns a :class:`ProcessResult` once the child has exited,
-its output is drained and the sink has seen every record.
+previous call (an :class:`~runstream.runner.lines.OutputBatch`: a sequence of
+records that :func:`~runstream.runner.lines.encode_runs` encodes cheaply). It
+returns a :class:`ProcessResult` once the child has exited, its output is
+drained and the sink has seen every record.
 
 Stopping: a ``timeout`` and the ``cancel`` event share one path. SIGTERM goes
 to the whole process group, and SIGKILL follows after ``grace`` seconds if the
@@ -34,7 +36,7 @@ from typing import Any, Literal, TypeAlias
 
 from runstream.errors import ValidationError
 from runstream.runner.guard import guarded_argv, resolve_executable
-from runstream.runner.lines import DEFAULT_MAX_LINE, LineSplitter, OutputLine
+from runstream.runner.lines import DEFAULT_MAX_LINE, LineSplitter, OutputBatch, OutputLine
 
 __all__ = [
     "DEFAULT_DRAIN_TIMEOUT",
@@ -49,6 +51,8 @@ __all__ = [
 ]
 
 Sink: TypeAlias = Callable[[Sequence[OutputLine]], Awaitable[None]]
+"""Awaited with each batch of records; :func:`run_process` passes an
+:class:`~runstream.runner.lines.OutputBatch`."""
 Outcome: TypeAlias = Literal["exited", "timed_out", "cancelled", "failed_to_start"]
 
 DEFAULT_GRACE = 5.0
@@ -202,7 +206,7 @@ class _Capture(asyncio.SubprocessProtocol):
         self.exited: asyncio.Future[None] = self._loop.create_future()
         self.pipes_closed: asyncio.Future[None] = self._loop.create_future()
         # Output waiting for the sink, and the bytes it came from (for backpressure).
-        self._out: list[OutputLine] = []
+        self._out = OutputBatch()
         self._queued_bytes = 0
         self._sinking_bytes = 0
         self.paused = False
@@ -217,7 +221,7 @@ class _Capture(asyncio.SubprocessProtocol):
 
     def pipe_data_received(self, fd: int, data: bytes) -> None:
         splitter = self._splitters[fd]
-        lines = splitter.feed(data)
+        lines = splitter.feed_batch(data)
         self._queued_bytes += len(data)
         self._received[fd] += 1
         now = self._last_data[fd] = self._loop.time()
@@ -276,7 +280,7 @@ class _Capture(asyncio.SubprocessProtocol):
             if self._pending_since[fd] is not None:
                 self._arm(fd, self._flush_interval)
             return
-        self._push(self._splitters[fd].flush())
+        self._push(OutputBatch(self._splitters[fd].flush()))
         self._pending_since[fd] = None
 
     def _pipe_readable(self, fd: int) -> bool:
@@ -292,7 +296,7 @@ class _Capture(asyncio.SubprocessProtocol):
         except OSError:
             return False
 
-    def _push(self, lines: list[OutputLine]) -> None:
+    def _push(self, lines: OutputBatch) -> None:
         if lines:
             self._out.extend(lines)
             self._wake.set()
@@ -304,7 +308,7 @@ class _Capture(asyncio.SubprocessProtocol):
         timer = self._timers.pop(fd, None)
         if timer is not None:
             timer.cancel()
-        self._push(self._splitters[fd].close())
+        self._push(OutputBatch(self._splitters[fd].close()))
         if not self._open_fds and not self.pipes_closed.done():
             self.pipes_closed.set_result(None)
 
@@ -351,7 +355,7 @@ class _Capture(asyncio.SubprocessProtocol):
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch, self._out = self._out, []
+            batch, self._out = self._out, OutputBatch()
             self._sinking_bytes, self._queued_bytes = self._queued_bytes, 0
             await self._sink(batch)
             self._sinking_bytes = 0
@@ -381,7 +385,8 @@ async def run_process(
     stdin on ``/dev/null``, ``env`` as its whole environment (default:
     :func:`default_env`) and ``cwd`` as working directory.
 
-    ``sink`` is awaited with batches of records, never concurrently with
+    ``sink`` is awaited with batches of records (each an
+    :class:`~runstream.runner.lines.OutputBatch`), never concurrently with
     itself, in order within each stream. While it runs, output keeps being
     read and gathered into the next batch, so a slow sink gets bigger batches
     and does not slow the child down until ``max_buffer`` bytes are waiting;
