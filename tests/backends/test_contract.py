@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 
 from runstream.backends import EventLog, open_backend
-from runstream.core.model import END_TYPE, Event, NewEvent, Producer, Reset, StreamInfo
+from runstream.core.model import (
+    END_TYPE,
+    EncodedEvents,
+    Event,
+    NewEvent,
+    Producer,
+    Reset,
+    StreamInfo,
+    encode_data,
+)
 from runstream.errors import (
     HistoryLost,
     StaleProducerSeq,
@@ -167,6 +176,110 @@ async def test_reserved_and_invalid_types_are_rejected(log: EventLog) -> None:
             await log.append("s", NewEvent(bad, 1))
     with pytest.raises(ValidationError):
         await log.append("s", [])
+
+
+# -- encoded appends (the bulk path of command output) ---------------------------
+
+# Data whose JSON has every kind of escape and non-ASCII text a line can carry.
+TRICKY_DATA: list[object] = [
+    {"line": "plain"},
+    {"line": 'quote " backslash \\ slash / \\"', "partial": True},
+    {"line": "\x00 nul \x07 bell \t tab \x1b[31m ansi \x7f del", "cr": True},
+    {"line": "héllo € 😀 \u2028 \u2029 \ufffd", "level": "error"},
+    {"line": ""},
+    {"line": "x" * 5000},
+    {"n": [1, 2.5, None, True, {"k": "v"}]},
+    "a bare string",
+    None,
+]
+
+
+def encoded_runs(items: list[tuple[str, object]]) -> list[EncodedEvents]:
+    """``items`` as EncodedEvents, consecutive items of one type in one run."""
+    runs: list[tuple[str, list[str]]] = []
+    for type_, data in items:
+        if not runs or runs[-1][0] != type_:
+            runs.append((type_, []))
+        runs[-1][1].append(encode_data(data))
+    return [EncodedEvents(type_, data_json) for type_, data_json in runs]
+
+
+async def test_encoded_append_stores_what_the_equivalent_events_would(log: EventLog) -> None:
+    items = [("stdout", d) for d in TRICKY_DATA] + [("stderr", d) for d in TRICKY_DATA[:4]]
+    items += [("stdout", {"line": f"l{i}"}) for i in range(1500)]
+    await log.append("plain", ev(0))
+    await log.append("fast", ev(0))
+    expected = await log.append("plain", [NewEvent(t, d) for t, d in items])
+    result = await log.append_encoded("fast", encoded_runs(items))
+    assert (result.first_id, result.last_id, result.duplicate) == (2, len(items) + 1, False)
+    assert (result.first_id, result.last_id) == (expected.first_id, expected.last_id)
+    assert result.epoch == (await log.info("fast")).epoch
+    plain = (await log.read("plain", limit=10_000)).events
+    fast = (await log.read("fast", limit=10_000)).events
+    assert [(e.id, e.type, e.data) for e in fast] == [(e.id, e.type, e.data) for e in plain]
+    assert [(e.type, e.data) for e in fast[1:]] == items
+
+
+async def test_encoded_appends_interleave_with_others_contiguously(log: EventLog) -> None:
+    async def encoded(w: int) -> tuple[int, int]:
+        data = [encode_data({"w": w, "k": k}) for k in range(50)]
+        res = await log.append_encoded(
+            "s", [EncodedEvents("a", data[:20]), EncodedEvents("b", data[20:])]
+        )
+        return res.first_id, res.last_id
+
+    async def plain(w: int) -> tuple[int, int]:
+        res = await log.append("s", [NewEvent("c", {"w": w, "k": k}) for k in range(50)])
+        return res.first_id, res.last_id
+
+    ranges = await asyncio.gather(*(encoded(w) if w % 2 else plain(w) for w in range(8)))
+    by_id = {e.id: (e.type, e.data) for e in (await log.read("s", limit=1000)).events}
+    assert sorted(by_id) == list(range(1, 401))
+    for w, (first, last) in enumerate(ranges):
+        types = ["a"] * 20 + ["b"] * 30 if w % 2 else ["c"] * 50
+        expected = [(t, {"w": w, "k": k}) for k, t in enumerate(types)]
+        assert [by_id[i] for i in range(first, last + 1)] == expected
+
+
+async def test_encoded_append_wakes_followers(log: EventLog) -> None:
+    await log.append("s", ev(1))
+    it = log.follow("s")
+    assert ids(await take(it, 1)) == [1]
+    await log.append_encoded("s", [EncodedEvents("stdout", ['{"line":"a"}', '{"line":"b"}'])])
+    got = await take(it, 2)
+    assert [(e.id, e.data) for e in got if isinstance(e, Event)] == [
+        (2, {"line": "a"}),
+        (3, {"line": "b"}),
+    ]
+    await it.aclose()  # type: ignore[attr-defined]
+
+
+async def test_encoded_append_to_closed_stream_stores_nothing(log: EventLog) -> None:
+    await log.append("s", ev(1))
+    await log.close("s")
+    with pytest.raises(StreamClosed):
+        await log.append_encoded("s", [EncodedEvents("stdout", ['{"line":"x"}'])])
+    assert (await log.info("s")).last_id == 2
+
+
+async def test_encoded_append_rejects_what_append_rejects(log: EventLog) -> None:
+    one = EncodedEvents("stdout", ['{"line":"x"}'])
+    with pytest.raises(ValidationError):
+        await log.append_encoded("a b", [one])
+    with pytest.raises(ValidationError):
+        await log.append_encoded("s", [])
+    with pytest.raises(ValidationError):
+        await log.append_encoded("s", [EncodedEvents("stdout", [])])
+    with pytest.raises(ValidationError):
+        await log.append_encoded("s", [NewEvent("stdout", 1)])  # type: ignore[list-item]
+    for bad in ("end", "reset", "", "x" * 101, "a\nb"):
+        with pytest.raises(ValidationError):
+            EncodedEvents(bad, ['{"line":"x"}'])
+    with pytest.raises(StreamNotFound):
+        await log.info("s")
+    # Empty runs next to others are skipped.
+    res = await log.append_encoded("s", [EncodedEvents("x", []), one])
+    assert (res.first_id, res.last_id) == (1, 1)
 
 
 # -- idempotent producers --------------------------------------------------------

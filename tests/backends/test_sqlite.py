@@ -22,8 +22,13 @@ from pathlib import Path
 import pytest
 
 from runstream.backends import open_backend
-from runstream.backends.sqlite import SCHEMA_VERSION, SQLiteEventLog
-from runstream.core.model import NewEvent, Producer
+from runstream.backends.sqlite import (
+    _JSON_EACH_PROBE,
+    SCHEMA_VERSION,
+    SQLiteEventLog,
+    _has_json_each,
+)
+from runstream.core.model import EncodedEvents, NewEvent, Producer, encode_data
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
@@ -571,6 +576,76 @@ async def test_stored_data_is_the_encoded_json_text(log: SQLiteEventLog) -> None
         raw.close()
     assert text == '{"b":[1,2.5,null],"a":"é"}'
     assert json.loads(text) == (await log.read("s")).events[0].data
+
+
+@pytest.mark.parametrize("json_each", [True, False], ids=["json_each", "row_by_row"])
+async def test_encoded_append_stores_the_same_rows_byte_for_byte(
+    log: SQLiteEventLog, json_each: bool
+) -> None:
+    if json_each and not log.json_each:
+        pytest.skip("this SQLite has no json_each")
+    log.json_each = json_each
+    items: list[tuple[str, object]] = [
+        ("stdout", {"line": 'a "quoted" \\ back\\slash', "partial": True}),
+        ("stdout", {"line": "\x00\x01\x1f \t \x7f \x1b[0m", "cr": True}),
+        ("stderr", {"line": "é € 😀 \u2028 \ufffd", "level": "warning"}),
+        ("stderr", {"line": ""}),
+        ("stdout", {"line": "y" * 70_000}),
+        ("stdout", [1, 2.5, None, {"k": "\\u0000"}]),
+    ]
+    await log.append("plain", [NewEvent(t, d) for t, d in items])
+    before = log.commits
+    await log.append_encoded(
+        "fast",
+        [
+            EncodedEvents("stdout", [encode_data(d) for _, d in items[:2]]),
+            EncodedEvents("stderr", [encode_data(d) for _, d in items[2:4]]),
+            EncodedEvents("stdout", [encode_data(d) for _, d in items[4:]]),
+        ],
+    )
+    assert log.commits - before == 1  # one transaction for the whole append
+    raw = sqlite3.connect(log.path)
+    try:
+        rows = raw.execute(
+            "SELECT stream, id, type, data FROM stream_events ORDER BY stream, id"
+        ).fetchall()
+    finally:
+        raw.close()
+    fast = [row[1:] for row in rows if row[0] == "fast"]
+    plain = [row[1:] for row in rows if row[0] == "plain"]
+    assert fast == plain
+    assert [data for _, _, data in fast] == [encode_data(d) for _, d in items]
+
+
+class _ProbeConn:
+    """Stands in for a connection in the json_each probe."""
+
+    def __init__(self, rows: list[tuple[str]] | None) -> None:
+        self.rows = rows
+
+    def execute(self, sql: str, params: tuple[str]) -> _ProbeConn:
+        if self.rows is None:
+            raise sqlite3.OperationalError("no such table: json_each")
+        return self
+
+    def fetchall(self) -> list[tuple[str]]:
+        assert self.rows is not None
+        return self.rows
+
+
+def test_json_each_probe_needs_exact_decoding() -> None:
+    conn = sqlite3.connect(":memory:")
+    try:
+        has = _has_json_each(conn)
+    finally:
+        conn.close()
+    if sqlite3.sqlite_version_info >= (3, 38, 0):
+        assert has  # the JSON functions are built in since 3.38
+    array, text = _JSON_EACH_PROBE
+    assert json.loads(array) == [text]
+    assert _has_json_each(_ProbeConn([(text,)])) is True  # type: ignore[arg-type]
+    assert _has_json_each(_ProbeConn(None)) is False  # type: ignore[arg-type]
+    assert _has_json_each(_ProbeConn([(text[:-1],)])) is False  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("stored", ["{not json", "1,2"])

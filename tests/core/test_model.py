@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from runstream.core.model import (
     END_TYPE,
+    EncodedEvents,
     Event,
     NewEvent,
     Producer,
@@ -84,6 +85,16 @@ def test_stream_info_json_uses_wire_names() -> None:
     info = StreamInfo("s", "e", "open", 1, 0, 0.0)
     assert info.to_json()["stream"] == "s"
     assert info.to_json()["closed_at"] is None
+
+
+def test_encoded_events_validate_their_type_and_are_frozen() -> None:
+    run = EncodedEvents("stdout", ['{"line":"a"}', '{"line":"b"}'])
+    assert (run.type, list(run.data_json)) == ("stdout", ['{"line":"a"}', '{"line":"b"}'])
+    for bad in ("end", "reset", "", "x" * 101, "a\rb"):
+        with pytest.raises(ValidationError):
+            EncodedEvents(bad, [])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.type = "stderr"  # type: ignore[misc]
 
 
 def test_trusted_constructor_equals_the_validated_one() -> None:

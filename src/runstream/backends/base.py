@@ -17,6 +17,7 @@ iteration. There is no "``$``" to re-resolve.
 from __future__ import annotations
 
 import asyncio
+import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
@@ -25,6 +26,7 @@ from typing import Self
 from runstream.core.model import (
     END_TYPE,
     AppendResult,
+    EncodedEvents,
     Event,
     NewEvent,
     Page,
@@ -143,6 +145,25 @@ class EventLog(ABC):
         wake local followers (``self.notifier.notify``) after the data is durable.
         """
 
+    async def _append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
+        """Store the events of ``runs`` (none empty) atomically, as :meth:`_append` would.
+
+        The default builds the equivalent :class:`NewEvent` list (decoding
+        each data JSON) and calls :meth:`_append` without a producer; a
+        backend overrides it when it can store the encoded data directly.
+        """
+        events: list[NewEvent] = []
+        for run in runs:
+            for data_json in run.data_json:
+                try:
+                    data = json.loads(data_json)
+                except (TypeError, ValueError) as exc:
+                    raise ValidationError(
+                        f"encoded event data is not JSON: {exc}", field="data"
+                    ) from exc
+                events.append(NewEvent.trusted(run.type, data, data_json))
+        return await self._append(stream, events, None)
+
     @abstractmethod
     async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
         """Return the stream's state and up to ``limit`` events with ``id > after``.
@@ -222,6 +243,26 @@ class EventLog(ABC):
             if not isinstance(item, NewEvent):
                 raise ValidationError("events must be NewEvent instances", field="events")
         return await self._append(stream, batch, producer)
+
+    async def append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
+        """Append pre-encoded events atomically, in order; the fast path for bulk output.
+
+        Stores exactly what :meth:`append` of the equivalent
+        :meth:`NewEvent.trusted` events would (same ids, types, data and
+        errors), but a backend can skip building one object per event: the
+        runs executor appends a command's output this way. Empty runs are
+        ignored; at least one event is needed. No producer: use
+        :meth:`append` for idempotent retries.
+        """
+        validate_stream_name(stream)
+        batch = list(runs)
+        for item in batch:
+            if not isinstance(item, EncodedEvents):
+                raise ValidationError("runs must be EncodedEvents instances", field="events")
+        batch = [item for item in batch if item.data_json]
+        if not batch:
+            raise ValidationError("an append needs at least one event", field="events")
+        return await self._append_encoded(stream, batch)
 
     async def close(
         self, stream: str, status: str | None = None, reason: str | None = None

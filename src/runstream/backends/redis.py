@@ -49,6 +49,7 @@ from runstream.backends import _redis_lua as lua
 from runstream.backends.base import EventLog
 from runstream.core.model import (
     AppendResult,
+    EncodedEvents,
     Event,
     NewEvent,
     Producer,
@@ -458,25 +459,40 @@ class RedisEventLog(EventLog):
     async def _append(
         self, stream: str, events: Sequence[NewEvent], producer: Producer | None
     ) -> AppendResult:
-        self._check_open()
         fields: list[str] = []
         for event in events:
             fields.append(event.type)
             fields.append(event.data_json)
+        return await self._append_fields(stream, len(events), "\0".join(fields), producer)
+
+    async def _append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
+        # The same fields as _append (type, data, ... joined by NUL), built a run at a time.
+        parts = [run.type + "\0" + ("\0" + run.type + "\0").join(run.data_json) for run in runs]
+        count = sum(len(run.data_json) for run in runs)
+        return await self._append_fields(stream, count, "\0".join(parts), None)
+
+    async def _append_fields(
+        self, stream: str, count: int, fields: str, producer: Producer | None
+    ) -> AppendResult:
+        """Append ``count`` events given as type, data, type, data... joined by NUL characters.
+
+        Neither a validated type nor JSON text can contain a NUL.
+        """
+        self._check_open()
         # Two NUL-separated arguments (see the script): redis-py packs each argument in
         # Python, which would otherwise dominate the cost of an append.
         header = "\0".join(
             (
                 new_epoch(),
                 str(self.options.max_len),
-                str(len(events)),
+                str(count),
                 str(producer.seq) if producer is not None else "0",
                 producer.id if producer is not None else "",
             )
         )
         args = [
             header.encode("utf-8", "surrogatepass"),
-            "\0".join(fields).encode("utf-8", "surrogatepass"),
+            fields.encode("utf-8", "surrogatepass"),
         ]
         async with self._op("append"):
             reply = await self._append_script(keys=self.keys(stream), args=args)

@@ -11,6 +11,14 @@ Layout of the work:
   An append is acknowledged only after its commit returned, so it survives a
   ``kill -9`` of the process (the WAL is in the OS page cache; with the default
   ``synchronous=full`` it is also on disk).
+* **Encoded appends** (:meth:`~runstream.backends.base.EventLog.append_encoded`,
+  how a command's output arrives) insert each run of events with one
+  ``INSERT ... SELECT ... FROM json_each(?)``: SQLite builds the rows from one
+  JSON array of their data texts with the GIL released throughout. Row by row
+  (``executemany``), the writer needs the GIL back after every row, and while
+  the event loop thread is busy (splitting the next output) each of those
+  hand-offs can wait up to a whole switch interval. Without ``json_each``
+  (SQLite built without JSON), rows are inserted one by one.
 * **Readers** use their own connections from a small thread pool. The file is in
   WAL mode, so readers never block the writer and each read is one snapshot.
 * **Other processes** may share the file (a CLI run next to a server). Their
@@ -44,6 +52,7 @@ from runstream.backends.base import EventLog
 from runstream.core.model import (
     END_TYPE,
     AppendResult,
+    EncodedEvents,
     Event,
     NewEvent,
     Producer,
@@ -147,6 +156,19 @@ _INFO_COLUMNS = (
 )
 _SELECT_STREAM = f"SELECT sid, {_INFO_COLUMNS} FROM streams WHERE name = ?"
 _INSERT_EVENT = "INSERT INTO events (key, type, data, time) VALUES (?, ?, ?, ?)"
+# One statement for a whole run of encoded events: their data texts travel as one
+# JSON array of strings, and SQLite inserts the rows without coming back to Python.
+_INSERT_EVENTS_JSON = (
+    "INSERT INTO events (key, type, data, time) "
+    "SELECT ?1 + j.key, ?2, j.value, ?3 FROM json_each(?4) AS j"
+)
+_JSON_EACH_PROBE = ('["\\"\\\\é😀"]', '"\\é😀')
+"""A JSON array and the text ``json_each`` must give for its element."""
+
+_encode_text_array = json.JSONEncoder(
+    ensure_ascii=False, separators=(",", ":"), check_circular=False
+).encode
+"""Encodes a list of str as a JSON array; non-ASCII stays as it is (UTF-8 for SQLite)."""
 
 
 def _base(sid: int) -> int:
@@ -276,6 +298,9 @@ class SQLiteEventLog(EventLog):
         self.poll_interval = poll_interval
         self.readers = readers
         self.commits = 0
+        self.json_each = False
+        """Whether this SQLite has ``json_each`` (checked by :meth:`start`): encoded
+        appends insert a run in one statement; without it, row by row."""
         self._state: Literal["new", "running", "closed"] = "new"
         self._start_lock = asyncio.Lock()
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
@@ -403,6 +428,7 @@ class SQLiteEventLog(EventLog):
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            self.json_each = _has_json_each(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise self._error(exc) from exc
@@ -742,6 +768,46 @@ class SQLiteEventLog(EventLog):
             )
         return AppendResult(stream, info.epoch, first_id, last_id)
 
+    def _op_append_encoded(
+        self,
+        conn: sqlite3.Connection,
+        stream: str,
+        runs: Sequence[tuple[str, Sequence[str], str | None]],
+    ) -> AppendResult:
+        """Like :meth:`_op_append` (no producer) for ``(type, data texts, JSON array of them)``.
+
+        The array is ``None`` when SQLite has no ``json_each``: rows are then
+        inserted one by one, as :meth:`_op_append` does.
+        """
+        found = self._row(conn, stream)
+        if found is not None:
+            sid, info = found
+            if info.closed:
+                raise StreamClosed(stream)
+        else:
+            sid, info = self._create(conn, stream)
+        t = now()
+        first_id = info.last_id + 1
+        last_id = first_id + sum(len(datas) for _, datas, _ in runs) - 1
+        if last_id > MAX_EVENT_ID:
+            raise BackendError(
+                f"stream {stream!r} would exceed the sqlite backend's limit of "
+                f"{MAX_EVENT_ID} events; start a new stream"
+            )
+        key = _base(sid) + first_id
+        for type_, datas, array in runs:
+            if array is None:
+                conn.executemany(
+                    _INSERT_EVENT, [(key + i, type_, d, t) for i, d in enumerate(datas)]
+                )
+            else:
+                stored = conn.execute(_INSERT_EVENTS_JSON, (key, type_, t, array)).rowcount
+                if stored != len(datas):  # cannot happen with a well-formed array
+                    raise BackendError(f"sqlite stored {stored} of {len(datas)} encoded events")
+            key += len(datas)
+        conn.execute("UPDATE streams SET last_id = ? WHERE sid = ?", (last_id, sid))
+        return AppendResult(stream, info.epoch, first_id, last_id)
+
     def _op_close(
         self, conn: sqlite3.Connection, stream: str, status: str | None, reason: str | None
     ) -> StreamInfo:
@@ -827,6 +893,20 @@ class SQLiteEventLog(EventLog):
         return await self._write(
             stream, lambda conn: self._op_append(conn, stream, batch, producer)
         )
+
+    async def _append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
+        await self._ensure_running()
+        # Encoded here, on the caller's thread: the writer thread then holds the GIL
+        # only briefly per run and SQLite inserts the rows while others run Python.
+        parts = [
+            (
+                run.type,
+                run.data_json,
+                _encode_text_array(_as_list(run.data_json)) if self.json_each else None,
+            )
+            for run in runs
+        ]
+        return await self._write(stream, lambda conn: self._op_append_encoded(conn, stream, parts))
 
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
         return await self._write(stream, lambda conn: self._op_close(conn, stream, status, reason))
@@ -1010,6 +1090,20 @@ class SQLiteEventLog(EventLog):
         if len(self._seen) > 4 * max(len(watched), 1000):
             self._seen = {s: self._seen[s] for s in watched}
         return changed
+
+
+def _has_json_each(conn: sqlite3.Connection) -> bool:
+    """True if ``json_each`` exists and decodes a string exactly (escapes, non-ASCII)."""
+    array, text = _JSON_EACH_PROBE
+    try:
+        rows = conn.execute("SELECT value FROM json_each(?)", (array,)).fetchall()
+    except sqlite3.Error:
+        return False
+    return rows == [(text,)]
+
+
+def _as_list(items: Sequence[str]) -> list[str] | tuple[str, ...]:
+    return items if isinstance(items, (list, tuple)) else list(items)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
@@ -128,6 +128,28 @@ class NewEvent:
         if "type" not in obj:
             raise ValidationError("event is missing 'type'", field="type")
         return cls(type=obj["type"], data=obj.get("data"))
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvents:
+    """Events of one type whose data is already encoded: the bulk form of trusted events.
+
+    Appending it (:meth:`~runstream.backends.base.EventLog.append_encoded`)
+    stores exactly what appending
+    ``[NewEvent.trusted(type, json.loads(j), j) for j in data_json]`` would,
+    without building an object per event. The type is validated here, once;
+    like :meth:`NewEvent.trusted`, the caller guarantees that each string in
+    ``data_json`` is what :func:`encode_data` gives for the event's data (the
+    subprocess runner's line records, through
+    :func:`runstream.runner.lines.encode_runs`). The sequence is not copied:
+    do not change it afterwards.
+    """
+
+    type: str
+    data_json: Sequence[str]
+
+    def __post_init__(self) -> None:
+        validate_event_type(self.type)
 
 
 @dataclass(frozen=True, slots=True)
