@@ -6,7 +6,7 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,11 @@ import pytest
 from runstream.backends.base import EventLog
 from runstream.backends.memory import MemoryEventLog
 from runstream.backends.sqlite import SQLiteEventLog
-from runstream.core.model import END_TYPE, Event, NewEvent
+from runstream.core.model import END_TYPE, AppendResult, EncodedEvents, Event, NewEvent
+from runstream.errors import BackendError
+from runstream.runner.lines import LineSplitter, OutputBatch, OutputLine
 from runstream.runs.context import RunContext
-from runstream.runs.executor import RunControl, execute_run
+from runstream.runs.executor import APPEND_CHUNK, RunControl, execute_run, output_sink
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.store import RunStore
 from runstream.runs.store_local import MemoryRunStore, SQLiteRunStore
@@ -186,6 +188,82 @@ async def test_many_lines_are_batched_into_the_log_in_order(tmp_path: Path) -> N
             assert log.commits < 5000 / 10  # batched, not one transaction per line
         finally:
             await store.aclose()
+
+
+# -- the output sink ------------------------------------------------------------------------
+
+OUTPUT = (
+    b"plain\r\nERROR: failed\n[warn] w\n\n"
+    b'quote " back\\slash \x00\x1b[1m\n'
+    b"0%\r50%\r100%\r\n"
+    + "héllo € 😀 \xff".encode()
+    + b"\xff\n"
+    + b"z" * 40
+    + b"\n"
+    + b"".join(b"line %d\n" % i for i in range(30))
+    + b"no newline"
+)
+
+
+def output_batch() -> OutputBatch:
+    """Tricky stdout and stderr output, interleaved, as run_process would hand it over."""
+    out, err = LineSplitter("stdout", max_line=16), LineSplitter("stderr")
+    batch = OutputBatch()
+    for start in range(0, len(OUTPUT), 37):
+        batch.extend(out.feed_batch(OUTPUT[start : start + 37]))
+        batch.extend(err.feed_batch(OUTPUT[start : start + 37]))
+    batch.extend(OutputBatch(out.close()))
+    batch.extend(OutputBatch(err.close()))
+    return batch
+
+
+class CountingLog(MemoryEventLog):
+    """Records the size of every encoded append; fails the one numbered ``fail_at``."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.fail_at = fail_at
+
+    async def _append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
+        self.sizes.append(sum(len(run.data_json) for run in runs))
+        if len(self.sizes) == self.fail_at:
+            raise BackendError("disk full")
+        return await super()._append_encoded(stream, runs)
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+@pytest.mark.parametrize("chunk", [1, 7, APPEND_CHUNK])
+async def test_output_sink_stores_what_an_event_per_record_would(
+    tmp_path: Path, backend: str, chunk: int
+) -> None:
+    batch = output_batch()
+    records = list(batch)
+    assert {r.stream for r in records} == {"stdout", "stderr"}
+    assert any(r.partial for r in records) and any(r.cr for r in records)
+    assert any(r.level for r in records)
+    log: EventLog = MemoryEventLog() if backend == "memory" else SQLiteEventLog(tmp_path / "x.db")
+    async with log:
+        await output_sink(log, "fast", chunk=chunk)(batch)
+        await output_sink(log, "from-list", chunk=chunk)(records)  # any sequence works
+        await log.append("plain", [NewEvent(r.stream, r.to_data()) for r in records])
+        expected = [(e.id, e.type, e.data) for e in await events(log, "plain")]
+        assert [(e.id, e.type, e.data) for e in await events(log, "fast")] == expected
+        assert [(e.id, e.type, e.data) for e in await events(log, "from-list")] == expected
+
+
+async def test_output_sink_appends_in_chunks_and_stops_at_a_failed_one() -> None:
+    records = [OutputLine("stdout" if i % 700 < 400 else "stderr", f"l{i}") for i in range(2500)]
+    async with CountingLog() as log:
+        await output_sink(log, "s", chunk=1000)(OutputBatch(records))
+        assert log.sizes == [1000, 1000, 500]
+        stored = await events(log, "s")
+        assert [(e.type, e.data["line"]) for e in stored] == [(r.stream, r.line) for r in records]
+    async with CountingLog(fail_at=2) as log:
+        with pytest.raises(BackendError):
+            await output_sink(log, "s", chunk=1000)(OutputBatch(records))
+        assert log.sizes == [1000, 1000]  # the third chunk was never sent
+        assert (await log.info("s")).last_id == 1000
 
 
 async def test_timeout_ends_in_timed_out(log: EventLog, store: RunStore) -> None:
