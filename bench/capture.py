@@ -10,20 +10,22 @@ Usage::
 
 A Python child writes ``--lines`` lines of 80 bytes (79 characters and a
 newline) to stdout in chunks of 10,000 lines. :func:`run_process` captures
-them; the sink appends each batch to one stream in chunks of at most 5,000
-events, as ``stdout`` events with ``OutputLine.to_data()`` as data. The
-capture rate counts from starting the child to ``run_process`` returning, so
-it includes the last append.
+them into one stream through the runs executor's own sink,
+:func:`runstream.runs.executor.output_sink` (the code path of every command
+run): ``stdout`` events with ``OutputLine.to_data()`` as data, appended in
+chunks of ``executor.APPEND_CHUNK`` events with ``EventLog.append_encoded``.
+The capture rate counts from starting the child to ``run_process``
+returning, so it includes the last append; the stored events are checked.
 
 The baseline, measured in the same run, is plain ``sqlite3``: ``executemany``
 of the same rows (stream, id, type, JSON data, time) into a fresh file with
 the backend's pragmas (WAL, the backend's ``synchronous``), 5,000 rows per
 transaction, one commit each, rows prepared before the clock starts.
 
-Two more captures (skip with ``--no-prejson``) use a sink that passes
-``data_json=item.to_data_json()``, so ``NewEvent`` skips its generic JSON
-encoding, once as is and once pipelined (building chunk k+1 while chunk k is
-being appended). ``--no-breakdown`` skips timing each stage separately.
+One more capture (skip with ``--no-variants``) uses a sink written on the
+public API only: ``log.append`` of ``NewEvent(item.stream, item.to_data())``
+for each record, in the same chunks (``capture_newevent_*``).
+``--no-breakdown`` skips timing each stage separately, in this process.
 
 Prints one JSON object: ``{"lines", "capture_lines_per_s",
 "raw_sqlite_rows_per_s", "ratio", ...}``.
@@ -51,12 +53,13 @@ from pathlib import Path
 from typing import Any
 
 from runstream.backends import EventLog, open_backend
-from runstream.core.model import NewEvent, now
-from runstream.runner.lines import LineSplitter, OutputLine
-from runstream.runner.process import run_process
+from runstream.core.model import EncodedEvents, NewEvent, now
+from runstream.runner.lines import LineSplitter, OutputBatch, OutputLine, encode_runs
+from runstream.runner.process import Sink, run_process
+from runstream.runs.executor import APPEND_CHUNK, output_sink
 
-APPEND_CHUNK = 5000
-"""Most events per append, in the capture sink and in the baseline's transactions."""
+RAW_CHUNK = 5000
+"""Rows per transaction in the baseline."""
 
 LINE_BYTES = 80
 
@@ -85,64 +88,73 @@ def rate(count: int, seconds: float) -> float:
     return round(count / seconds, 1) if seconds > 0 else float("inf")
 
 
+def newevent_sink(log: EventLog, stream: str) -> Sink:
+    """A sink on the public API only: a ``NewEvent`` per record, ``log.append`` per chunk."""
+
+    async def sink(batch: Sequence[OutputLine]) -> None:
+        events = [NewEvent(item.stream, item.to_data()) for item in batch]
+        for start in range(0, len(events), APPEND_CHUNK):
+            await log.append(stream, events[start : start + APPEND_CHUNK])
+
+    return sink
+
+
 async def capture_rate(
-    log: EventLog, lines: int, *, prejson: bool = False, pipelined: bool = False
+    log: EventLog, lines: int, *, variant: str = "executor"
 ) -> tuple[float, dict[str, Any]]:
     """Lines/s of one capture run into ``log``; checks that every line was stored.
 
-    ``prejson``: the sink builds events the way the runs executor does
-    (``NewEvent.trusted`` with ``item.to_data_json()``: no generic JSON encoding,
-    no re-validation of a type that is stdout/stderr by construction).
-    ``pipelined``: the sink builds the next chunk of a batch while the previous
-    chunk's append is in flight (appends stay sequential, and the sink still
-    returns only once all are stored).
+    ``variant``: ``"executor"`` captures through the runs executor's
+    :func:`output_sink`; ``"newevent"`` through :func:`newevent_sink`.
     """
     stream = f"bench-capture-{uuid.uuid4().hex[:8]}"
-    batches = events = whole_lines = 0
+    batches = events = 0
+    inner = output_sink(log, stream) if variant == "executor" else newevent_sink(log, stream)
 
     async def sink(batch: Sequence[OutputLine]) -> None:
-        nonlocal batches, events, whole_lines
+        nonlocal batches, events
         batches += 1
         events += len(batch)
-        whole_lines += sum(not item.partial for item in batch)
-        in_flight: asyncio.Future[Any] | None = None
-        for start in range(0, len(batch), APPEND_CHUNK):
-            part = batch[start : start + APPEND_CHUNK]
-            if prejson:
-                chunk = [
-                    NewEvent.trusted(item.stream, item.to_data(), item.to_data_json())
-                    for item in part
-                ]
-            else:
-                chunk = [NewEvent(item.stream, item.to_data()) for item in part]
-            if not pipelined:
-                await log.append(stream, chunk)
-                continue
-            if in_flight is not None:
-                await in_flight
-            in_flight = asyncio.ensure_future(log.append(stream, chunk))
-        if in_flight is not None:
-            await in_flight
+        await inner(batch)
 
     t0 = time.perf_counter()
     result = await run_process([sys.executable, "-c", CHILD, str(lines)], sink=sink)
     elapsed = time.perf_counter() - t0
     if result.exit_code != 0:
         raise SystemExit(f"child failed: {result}")
-    # A line may legitimately arrive in partial pieces (timer flush under load),
-    # so count whole lines as the sink saw them and events as the log stored them.
-    info = await log.info(stream)
-    if whole_lines != lines or info.last_id != events:
-        raise SystemExit(f"{whole_lines} lines in {events} events, {info.last_id} stored")
-    page = await log.read(stream, after=events - 1, limit=1)
-    if page.events[0].data != {"line": child_line(lines - 1)}:
-        raise SystemExit(f"last event is {page.events[0]!r}")
+    await check_stored(log, stream, lines, events)
     details = {"sink_calls": batches, "events": events, "seconds": round(elapsed, 3)}
     return rate(lines, elapsed), details
 
 
+async def check_stored(log: EventLog, stream: str, lines: int, events: int) -> None:
+    """Every line the child printed is in ``stream``, in order, as ``stdout`` events.
+
+    A line may legitimately arrive in ``partial`` pieces (a timer flush under
+    load): pieces are joined before comparing.
+    """
+    info = await log.info(stream)
+    if info.last_id != events:
+        raise SystemExit(f"the sink got {events} records, {info.last_id} events stored")
+    after, line, pieces = 0, 0, ""
+    while after < events:
+        page = await log.read(stream, after=after, limit=10_000)
+        for event in page.events:
+            data = event.data
+            if event.type != "stdout" or set(data) - {"line", "partial"}:
+                raise SystemExit(f"unexpected event {event!r}")
+            pieces += data["line"]
+            if not data.get("partial"):
+                if pieces != child_line(line):
+                    raise SystemExit(f"line {line} stored as {pieces!r}")
+                line, pieces = line + 1, ""
+        after = page.next_after
+    if line != lines or pieces:
+        raise SystemExit(f"{line} whole lines stored, {lines} printed")
+
+
 def raw_sqlite_rate(path: Path, lines: int, synchronous: str) -> float:
-    """Rows/s of plain ``executemany`` of the same rows, 5,000 per committed transaction."""
+    """Rows/s of plain ``executemany`` of the same rows, ``RAW_CHUNK`` per committed transaction."""
     conn = sqlite3.connect(path, isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -157,11 +169,11 @@ def raw_sqlite_rate(path: Path, lines: int, synchronous: str) -> float:
             for i in range(lines)
         ]
         t0 = time.perf_counter()
-        for start in range(0, lines, APPEND_CHUNK):
+        for start in range(0, lines, RAW_CHUNK):
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany(
                 "INSERT INTO events (stream, id, type, data, time) VALUES (?, ?, ?, ?, ?)",
-                rows[start : start + APPEND_CHUNK],
+                rows[start : start + RAW_CHUNK],
             )
             conn.execute("COMMIT")
         return rate(lines, time.perf_counter() - t0)
@@ -172,47 +184,51 @@ def raw_sqlite_rate(path: Path, lines: int, synchronous: str) -> float:
 async def breakdown(log: EventLog, lines: int) -> dict[str, float]:
     """Microseconds per line of each stage, measured separately in this process.
 
-    ``split``: LineSplitter over the child's bytes in 256 KiB reads;
-    ``to_event``: ``NewEvent(l.stream, l.to_data())`` as in the sink;
-    ``to_event_cached_encoder``: the same with the JSON encoded by one reused
-    ``JSONEncoder`` (what ``core.model.encode_data`` could do);
-    ``to_event_prejson``: with ``data_json=item.to_data_json()``;
-    ``append``: appending the prepared events, 5,000 per call.
+    The executor's path: ``split`` (``LineSplitter.feed_batch`` over the
+    child's bytes in 256 KiB reads), ``encode`` (``encode_runs`` of those
+    batches and their ``EncodedEvents`` chunks), ``append`` (``append_encoded``,
+    ``APPEND_CHUNK`` events per call). For comparison, the public API's path:
+    ``split_records`` (``LineSplitter.feed``: an ``OutputLine`` per line),
+    ``to_event`` (``NewEvent(l.stream, l.to_data())``), ``append_events``
+    (``log.append`` of those, ``APPEND_CHUNK`` per call).
     """
     pad = b"abcdefghijklmnopqrstuvwxyz0123456789" * 2
     data = b"".join(b"line %09d %s\n" % (i, pad[:64]) for i in range(lines))
-    splitter = LineSplitter("stdout")
+    reads = [data[start : start + 256 * 1024] for start in range(0, len(data), 256 * 1024)]
+    times: dict[str, float] = {}
+
     t0 = time.perf_counter()
-    out: list[OutputLine] = []
-    for start in range(0, len(data), 256 * 1024):
-        out += splitter.feed(data[start : start + 256 * 1024])
-    out += splitter.close()
+    splitter = LineSplitter("stdout")
+    batches = [splitter.feed_batch(chunk) for chunk in reads]
+    batches.append(OutputBatch(splitter.close()))
     t1 = time.perf_counter()
-    events = [NewEvent(item.stream, item.to_data()) for item in out]
+    chunks: list[list[EncodedEvents]] = []
+    for batch in batches:
+        for type_, data_json in encode_runs(batch):
+            for start in range(0, len(data_json), APPEND_CHUNK):
+                chunks.append([EncodedEvents(type_, data_json[start : start + APPEND_CHUNK])])
     t2 = time.perf_counter()
-    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    for item in out:
-        value = item.to_data()
-        NewEvent(item.stream, value, data_json=encoder.encode(value))
+    stream = f"bench-encoded-{uuid.uuid4().hex[:8]}"
+    for chunk in chunks:
+        await log.append_encoded(stream, chunk)
     t3 = time.perf_counter()
-    for item in out:
-        NewEvent(item.stream, item.to_data(), data_json=item.to_data_json())
-    t3b = time.perf_counter()
+    times.update(split=t1 - t0, encode=t2 - t1, append=t3 - t2)
+
+    t0 = time.perf_counter()
+    splitter = LineSplitter("stdout")
+    records: list[OutputLine] = []
+    for read in reads:
+        records += splitter.feed(read)
+    records += splitter.close()
+    t1 = time.perf_counter()
+    events = [NewEvent(item.stream, item.to_data()) for item in records]
+    t2 = time.perf_counter()
     stream = f"bench-append-{uuid.uuid4().hex[:8]}"
     for start in range(0, len(events), APPEND_CHUNK):
         await log.append(stream, events[start : start + APPEND_CHUNK])
-    t4 = time.perf_counter()
-
-    def per_line(seconds: float) -> float:
-        return round(seconds / lines * 1e6, 3)
-
-    return {
-        "split": per_line(t1 - t0),
-        "to_event": per_line(t2 - t1),
-        "to_event_cached_encoder": per_line(t3 - t2),
-        "to_event_prejson": per_line(t3b - t3),
-        "append": per_line(t4 - t3b),
-    }
+    t3 = time.perf_counter()
+    times.update(split_records=t1 - t0, to_event=t2 - t1, append_events=t3 - t2)
+    return {name: round(seconds / lines * 1e6, 3) for name, seconds in times.items()}
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,8 +237,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         log = open_backend(url)
         synchronous = str(getattr(log, "synchronous", "full")).upper()
         capture_rates: list[float] = []
-        prejson_rates: list[float] = []
-        pipelined_rates: list[float] = []
+        newevent_rates: list[float] = []
         raw_rates: list[float] = []
         details: dict[str, Any] = {}
         profile_text = ""
@@ -241,10 +256,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     pstats.Stats(profiler, stream=buf).sort_stats("tottime").print_stats(15)
                     profile_text = buf.getvalue()
                 capture_rates.append(value)
-                if args.prejson:
-                    prejson_rates.append((await capture_rate(log, args.lines, prejson=True))[0])
-                    pipelined = await capture_rate(log, args.lines, prejson=True, pipelined=True)
-                    pipelined_rates.append(pipelined[0])
+                if args.variants:
+                    newevent_rates.append(
+                        (await capture_rate(log, args.lines, variant="newevent"))[0]
+                    )
             stages = await breakdown(log, args.lines) if args.breakdown else {}
         capture, raw = statistics.median(capture_rates), statistics.median(raw_rates)
         report: dict[str, Any] = {
@@ -254,26 +269,31 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "ratio": round(capture / raw, 3),
             "backend": url.replace(tmp, "<tmp>"),
             "synchronous": synchronous.lower(),
+            "append_chunk": APPEND_CHUNK,
+            "raw_chunk": RAW_CHUNK,
             **(
                 {
-                    "capture_prejson_lines_per_s": statistics.median(prejson_rates),
-                    "ratio_prejson": round(statistics.median(prejson_rates) / raw, 3),
-                    "capture_prejson_pipelined_lines_per_s": statistics.median(pipelined_rates),
-                    "ratio_prejson_pipelined": round(statistics.median(pipelined_rates) / raw, 3),
+                    "capture_newevent_lines_per_s": statistics.median(newevent_rates),
+                    "ratio_newevent": round(statistics.median(newevent_rates) / raw, 3),
                 }
-                if prejson_rates
+                if newevent_rates
                 else {}
             ),
             "reps": args.reps,
             "capture_runs": capture_rates,
             "raw_runs": raw_rates,
+            **({"newevent_runs": newevent_rates} if newevent_rates else {}),
             "last_capture": details,
             "us_per_line": {
                 "capture": round(1e6 / capture, 3),
                 "raw_sqlite": round(1e6 / raw, 3),
                 **({"stages": stages} if stages else {}),
             },
-            "env": {"python": platform.python_version(), "cpus": os.cpu_count()},
+            "env": {
+                "python": platform.python_version(),
+                "sqlite": sqlite3.sqlite_version,
+                "cpus": os.cpu_count(),
+            },
         }
         if profile_text:
             report["profile_main_thread"] = profile_text.splitlines()
@@ -287,10 +307,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="interleaved runs; medians reported")
     parser.add_argument("--profile", action="store_true", help="cProfile the first capture run")
     parser.add_argument(
-        "--no-prejson",
-        dest="prejson",
+        "--no-variants",
+        dest="variants",
         action="store_false",
-        help="skip the extra captures whose sink passes data_json=item.to_data_json()",
+        help="skip the capture through a sink on the public API only (NewEvent per line)",
     )
     parser.add_argument(
         "--no-breakdown",
