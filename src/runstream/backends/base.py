@@ -25,6 +25,7 @@ from typing import Self
 
 from runstream.core.model import (
     END_TYPE,
+    JSON,
     AppendResult,
     EncodedEvents,
     Event,
@@ -51,6 +52,26 @@ the Redis backend wakes every follower whenever its pub/sub subscription is
 (re)established. This is the backstop behind those, so it is long: each
 waiting follower costs one read per period, which for a server following
 thousands of quiet streams is the whole of its idle load."""
+
+
+def _decode_all(texts: Sequence[str]) -> list[JSON]:
+    """Decode JSON texts, raising :class:`ValidationError` for one that is not a JSON value.
+
+    One parse of the texts joined into an array is several times faster than
+    one parse each; each is parsed alone only to tell which one is wrong.
+    """
+    try:
+        values = json.loads("[" + ",".join(texts) + "]")
+    except (TypeError, ValueError):
+        values = None
+    if isinstance(values, list) and len(values) == len(texts):
+        return values
+    for text in texts:
+        try:
+            json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"encoded event data is not JSON: {exc}", field="data") from exc
+    raise ValidationError("encoded event data must be one JSON value each", field="data")
 
 
 class Notifier:
@@ -149,19 +170,16 @@ class EventLog(ABC):
         """Store the events of ``runs`` (none empty) atomically, as :meth:`_append` would.
 
         The default builds the equivalent :class:`NewEvent` list (decoding
-        each data JSON) and calls :meth:`_append` without a producer; a
+        the data JSON) and calls :meth:`_append` without a producer; a
         backend overrides it when it can store the encoded data directly.
         """
         events: list[NewEvent] = []
         for run in runs:
-            for data_json in run.data_json:
-                try:
-                    data = json.loads(data_json)
-                except (TypeError, ValueError) as exc:
-                    raise ValidationError(
-                        f"encoded event data is not JSON: {exc}", field="data"
-                    ) from exc
-                events.append(NewEvent.trusted(run.type, data, data_json))
+            type_ = run.type
+            events += [
+                NewEvent.trusted(type_, data, data_json)
+                for data, data_json in zip(_decode_all(run.data_json), run.data_json, strict=True)
+            ]
         return await self._append(stream, events, None)
 
     @abstractmethod
