@@ -414,6 +414,32 @@ def is_fanout(job: Job, *, stress: bool) -> bool:
     return job.name.endswith("_stress") == stress
 
 
+def deliveries_row(
+    label: str, rs: dict[str, Any], bl: dict[str, Any], *, min_ratio: float | None = None
+) -> Row:
+    """Deliveries/s of both servers; with ``min_ratio``, the target runstream ≥ that × baseline."""
+    rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
+    row = Row(label, rs_d, bl_d, round(rs_d / bl_d, 2) if rs_d and bl_d else None)
+    if min_ratio is not None:
+        row.target = f"≥ {min_ratio:g}× baseline"
+        row.ok = (rs_d >= min_ratio * bl_d) if rs_d is not None and bl_d else None
+    return row
+
+
+def latency_row(label: str, rs: dict[str, Any], bl: dict[str, Any], *, target: bool) -> Row:
+    """p50 / p99 of both servers; with ``target``, runstream's p99 ≤ 1/5 of the baseline's."""
+    p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
+    return Row(
+        label,
+        f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
+        f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
+        round(p99 / bp99, 3) if p99 and bp99 else None,
+        "p99 ≤ 1/5 of baseline" if target else "",
+        (p99 <= bp99 / 5) if target and p99 and bp99 else None,
+        "ms",
+    )
+
+
 def table_fanout_stress(jobs: Sequence[Job]) -> Table:
     fan = [j for j in jobs if is_fanout(j, stress=True)]
     t = Table(
@@ -435,31 +461,19 @@ def table_fanout_stress(jobs: Sequence[Job]) -> Table:
         t.error = "; ".join(errors)
     for n, res in fanout_results(jobs, stress=True):
         rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
-        rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
         target = n == 1000
+        offered = (
+            f"{fmt(rs.get('offered_deliveries_per_s'))} / {fmt(bl.get('offered_deliveries_per_s'))}"
+        )
         t.rows.append(
-            Row(
-                f"{n} subscribers: deliveries/s (offered {fmt(rs.get('offered_deliveries_per_s'))}"
-                f" / {fmt(bl.get('offered_deliveries_per_s'))})",
-                rs_d,
-                bl_d,
-                round(rs_d / bl_d, 2) if rs_d and bl_d else None,
-                "≥ 10× baseline" if target else "",
-                (rs_d >= 10 * bl_d) if target and rs_d is not None and bl_d else None,
+            deliveries_row(
+                f"{n} subscribers: deliveries/s (offered {offered})",
+                rs,
+                bl,
+                min_ratio=10 if target else None,
             )
         )
-        p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
-        t.rows.append(
-            Row(
-                f"{n} subscribers: end-to-end p50 / p99",
-                f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
-                f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
-                round(p99 / bp99, 3) if p99 and bp99 else None,
-                "p99 ≤ 1/5 of baseline" if target else "",
-                (p99 <= bp99 / 5) if target and p99 and bp99 else None,
-                "ms",
-            )
-        )
+        t.rows.append(latency_row(f"{n} subscribers: end-to-end p50 / p99", rs, bl, target=target))
         t.rows.append(
             Row(
                 f"{n} subscribers: CPU share of server / load generator",
@@ -487,25 +501,9 @@ def table_fanout_streams(job: Job) -> Table:
         "periodic reconciliation, keepalives. No target."
     )
     rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
-    rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
-    t.rows.append(
-        Row(
-            f"deliveries/s (offered {fmt(rs.get('offered_deliveries_per_s'))})",
-            rs_d,
-            bl_d,
-            round(rs_d / bl_d, 2) if rs_d and bl_d else None,
-        )
-    )
-    p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
-    t.rows.append(
-        Row(
-            "end-to-end p50 / p99",
-            f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
-            f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
-            round(p99 / bp99, 3) if p99 and bp99 else None,
-            unit="ms",
-        )
-    )
+    offered = fmt(rs.get("offered_deliveries_per_s"))
+    t.rows.append(deliveries_row(f"deliveries/s (offered {offered})", rs, bl))
+    t.rows.append(latency_row("end-to-end p50 / p99", rs, bl, target=False))
     t.rows.append(
         Row(
             "server CPU share in the window",
@@ -544,27 +542,10 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
         t.error = "; ".join(errors)
     for n, res in fanout_results(jobs):
         rs, bl = res.get("runstream") or {}, res.get("baseline") or {}
-        offered = rs.get("offered_deliveries_per_s")
-        rs_d, bl_d = rs.get("deliveries_per_s"), bl.get("deliveries_per_s")
+        offered = fmt(rs.get("offered_deliveries_per_s"))
+        t.rows.append(deliveries_row(f"{n} subscribers: deliveries/s (offered {offered})", rs, bl))
         t.rows.append(
-            Row(
-                f"{n} subscribers: deliveries/s (offered {fmt(offered)})",
-                rs_d,
-                bl_d,
-                round(rs_d / bl_d, 2) if rs_d and bl_d else None,
-            )
-        )
-        p99, bp99 = dig(rs, "latency_ms", "p99"), dig(bl, "latency_ms", "p99")
-        t.rows.append(
-            Row(
-                f"{n} subscribers: end-to-end p50 / p99",
-                f"{fmt(dig(rs, 'latency_ms', 'p50'))} / {fmt(p99)}",
-                f"{fmt(dig(bl, 'latency_ms', 'p50'))} / {fmt(bp99)}",
-                round(p99 / bp99, 3) if p99 and bp99 else None,
-                "p99 ≤ 1/5 of baseline" if n == 1000 else "",
-                (p99 <= bp99 / 5) if n == 1000 and p99 and bp99 else None,
-                "ms",
-            )
+            latency_row(f"{n} subscribers: end-to-end p50 / p99", rs, bl, target=n == 1000)
         )
         mem, bmem = rs.get("memory_per_idle_subscriber_kb"), bl.get("memory_per_idle_subscriber_kb")
         t.rows.append(
