@@ -373,8 +373,10 @@ async def test_info_many_answers_for_every_stream_asked(log: EventLog) -> None:
     assert found["done"] == await log.info("done")
     assert found["done"] is not None and found["done"].closed
     assert await log.info_many([]) == {}
-    many = [f"m{i}" for i in range(1200)]  # more than one request's worth on Redis
+    many = [f"m{i}" for i in range(1200)]  # more than one request's worth
     assert all(v is None for v in (await log.info_many(many)).values())
+    with pytest.raises(ValidationError):
+        await log.info_many(["open", "bad name"])
 
 
 async def test_close_is_idempotent(log: EventLog) -> None:

@@ -198,8 +198,11 @@ class EventLog(ABC):
         """State of each of ``streams`` (``None`` for one that does not exist).
 
         For periodic checks over many streams at once; backends with a network
-        round trip per call answer all of them in a few requests.
+        round trip per call answer all of them in a few requests. Raises
+        :class:`ValidationError` if any name is invalid.
         """
+        for stream in streams:
+            validate_stream_name(stream)
         found: dict[str, StreamInfo | None] = {}
         for stream in streams:
             try:

@@ -60,6 +60,7 @@ from runstream.core.model import (
     encode_data,
     new_epoch,
     now,
+    validate_stream_name,
 )
 from runstream.errors import (
     BackendError,
@@ -155,6 +156,9 @@ _INFO_COLUMNS = (
     "name, epoch, status, first_id, last_id, created_at, closed_at, close_status, close_reason"
 )
 _SELECT_STREAM = f"SELECT sid, {_INFO_COLUMNS} FROM streams WHERE name = ?"
+_INFO_MANY_CHUNK = 500
+"""Names per ``IN (...)`` query in :meth:`SQLiteEventLog.info_many` (SQLite allows 32,766
+parameters per statement; older builds 999)."""
 _INSERT_EVENT = "INSERT INTO events (key, type, data, time) VALUES (?, ?, ?, ?)"
 # One statement for a whole run of encoded events: their data texts travel as one
 # JSON array of strings, and SQLite inserts the rows without coming back to Python.
@@ -988,6 +992,23 @@ class SQLiteEventLog(EventLog):
                 raise StreamNotFound(stream)
             return _info(row[1:])
 
+        return await self._reader(read)
+
+    async def info_many(self, streams: Sequence[str]) -> dict[str, StreamInfo | None]:
+        for stream in streams:
+            validate_stream_name(stream)
+
+        def read(conn: sqlite3.Connection) -> dict[str, StreamInfo | None]:
+            found: dict[str, StreamInfo | None] = dict.fromkeys(streams)
+            for start in range(0, len(streams), _INFO_MANY_CHUNK):
+                names = streams[start : start + _INFO_MANY_CHUNK]
+                marks = ",".join("?" * len(names))
+                query = f"SELECT name, {_INFO_COLUMNS} FROM streams WHERE name IN ({marks})"
+                for row in conn.execute(query, tuple(names)):
+                    found[row[0]] = _info(row[1:])
+            return found
+
+        # One reader call for all of them: a snapshot, and no thread hop per stream.
         return await self._reader(read)
 
     async def list_streams(
