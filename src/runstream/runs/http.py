@@ -28,7 +28,7 @@ import logging
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Header, Query, Request, WebSocket
+from fastapi import APIRouter, Query, Request, WebSocket
 from pydantic import BaseModel
 from starlette.responses import JSONResponse, Response
 
@@ -55,14 +55,17 @@ from runstream.server import schemas
 from runstream.server.auth import check_access, require_read, require_write
 from runstream.server.errors import error_response
 from runstream.server.runtime import Runtime, get_runtime
-from runstream.server.streams import parse_json, read_body
-from runstream.server.transports import (
-    deny_websocket,
-    long_poll,
-    serve_websocket,
-    sse_response,
-    wants_sse,
+from runstream.server.streams import (
+    AfterQuery,
+    LastEventIdHeader,
+    LimitQuery,
+    WaitQuery,
+    parse_json,
+    read_body,
+    read_response,
+    read_responses,
 )
+from runstream.server.transports import deny_websocket, serve_websocket
 
 __all__ = ["MAX_CREATE_BODY", "RunsAPI"]
 
@@ -352,35 +355,28 @@ class RunsAPI:
             "/runs/{run_id}/events",
             dependencies=[require_read],
             response_model=schemas.PageOut,
-            responses={
-                200: {
-                    "description": "JSON page, or SSE with `Accept: text/event-stream`.",
-                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                },
-                204: {"description": "SSE only: the reader is already at the end of the run."},
-                **schemas.errors(400, 401, 403, 404, 410, 429),
-            },
+            responses=read_responses("the run"),
             summary="The run's events: JSON page (long-poll with wait=) or SSE",
         )
         async def run_events(
             request: Request,
             run_id: str,
-            after: Annotated[
-                str | None,
-                Query(description="Last id seen: N, '<epoch>:N' or 'now'. Default: the beginning."),
-            ] = None,
-            limit: Annotated[int | None, Query(ge=1, description="JSON page size.")] = None,
-            wait: Annotated[
-                float, Query(ge=0, description="JSON: seconds to wait when nothing is new.")
-            ] = 0.0,
-            last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+            after: AfterQuery = None,
+            limit: LimitQuery = None,
+            wait: WaitQuery = 0.0,
+            last_event_id: LastEventIdHeader = None,
         ) -> Response:
             runtime = get_runtime(request)
             await api._prepare_stream(runtime, run_id)
-            if wants_sse(request):
-                return await sse_response(runtime, run_id, last_event_id=last_event_id, after=after)
-            page = await long_poll(runtime, run_id, after=after, limit=limit, wait=wait)
-            return JSONResponse(page.to_json())
+            return await read_response(
+                request,
+                runtime,
+                run_id,
+                after=after,
+                limit=limit,
+                wait=wait,
+                last_event_id=last_event_id,
+            )
 
         @router.websocket("/runs/{run_id}/ws")
         async def run_websocket(websocket: WebSocket, run_id: str) -> None:

@@ -65,6 +65,47 @@ _CLOSE_BODY: dict[str, Any] = {
 }
 
 
+# The read endpoint's parameters and answers, shared with the runs' events endpoint.
+AfterQuery = Annotated[
+    str | None,
+    Query(description="Last id seen: N, '<epoch>:N' or 'now'. Default: the beginning."),
+]
+LimitQuery = Annotated[int | None, Query(ge=1, description="JSON page size.")]
+WaitQuery = Annotated[
+    float, Query(ge=0, description="JSON: seconds to wait when nothing is new (capped).")
+]
+LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+
+
+def read_responses(what: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers of an events read of ``what`` ("a closed stream", "the run")."""
+    return {
+        200: {
+            "description": "JSON page, or an event stream with `Accept: text/event-stream`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        204: {"description": f"SSE only: the reader is already at the end of {what}."},
+        **schemas.errors(400, 401, 403, 404, 410, 429),
+    }
+
+
+async def read_response(
+    request: Request,
+    runtime: Runtime,
+    stream: str,
+    *,
+    after: str | None,
+    limit: int | None,
+    wait: float,
+    last_event_id: str | None,
+) -> Response:
+    """SSE if the client asks for ``text/event-stream``, else a JSON page (long-poll with wait)."""
+    if wants_sse(request):
+        return await sse_response(runtime, stream, last_event_id=last_event_id, after=after)
+    page = await long_poll(runtime, stream, after=after, limit=limit, wait=wait)
+    return JSONResponse(page.to_json())
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` bytes without reading it all."""
     declared = request.headers.get("content-length")
@@ -156,35 +197,22 @@ async def append_events(
     "/streams/{stream}/events",
     dependencies=[require_read],
     response_model=schemas.PageOut,
-    responses={
-        200: {
-            "description": "JSON page, or an event stream with `Accept: text/event-stream`.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        },
-        204: {"description": "SSE only: the reader is already at the end of a closed stream."},
-        **schemas.errors(400, 401, 403, 404, 410, 429),
-    },
+    responses=read_responses("a closed stream"),
     summary="Read events: JSON page (long-poll with wait=) or SSE",
 )
 async def read_events(
     request: Request,
     stream: StreamName,
-    after: Annotated[
-        str | None,
-        Query(description="Last id seen: N, '<epoch>:N' or 'now'. Default: the beginning."),
-    ] = None,
-    limit: Annotated[int | None, Query(ge=1, description="JSON page size.")] = None,
-    wait: Annotated[
-        float, Query(ge=0, description="JSON: seconds to wait when nothing is new (capped).")
-    ] = 0.0,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: AfterQuery = None,
+    limit: LimitQuery = None,
+    wait: WaitQuery = 0.0,
+    last_event_id: LastEventIdHeader = None,
 ) -> Response:
     runtime = get_runtime(request)
     validate_stream_name(stream)
-    if wants_sse(request):
-        return await sse_response(runtime, stream, last_event_id=last_event_id, after=after)
-    page = await long_poll(runtime, stream, after=after, limit=limit, wait=wait)
-    return JSONResponse(page.to_json())
+    return await read_response(
+        request, runtime, stream, after=after, limit=limit, wait=wait, last_event_id=last_event_id
+    )
 
 
 @router.get(
