@@ -632,12 +632,17 @@ CHILD = textwrap.dedent(
     """
     import asyncio, sys
     from runstream.backends import open_backend
-    from runstream.core.model import NewEvent
+    from runstream.core.model import EncodedEvents, NewEvent
 
     async def main() -> None:
+        step = int(sys.argv[3])
         async with open_backend(sys.argv[1]) as log:
-            for i in range(100_000):
-                res = await log.append("durable", [NewEvent("n", {"i": i})])
+            for i in range(0, 100_000, step):
+                if sys.argv[2] == "encoded":  # how command output is stored
+                    datas = ['{"i":%d}' % j for j in range(i, i + step)]
+                    res = await log.append_encoded("durable", [EncodedEvents("n", datas)])
+                else:
+                    res = await log.append("durable", [NewEvent("n", {"i": i})])
                 print(res.last_id, flush=True)
 
     asyncio.run(main())
@@ -646,13 +651,16 @@ CHILD = textwrap.dedent(
 
 
 @pytest.mark.timeout(120)
-def test_acknowledged_appends_survive_kill_9(backend_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("mode", "step"), [("append", 1), ("encoded", 7)])
+def test_acknowledged_appends_survive_kill_9(
+    backend_url: str, tmp_path: Path, mode: str, step: int
+) -> None:
     if backend_url.startswith("memory"):
         pytest.skip("memory:// keeps nothing after the process; durability does not apply")
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     proc = subprocess.Popen(
-        [sys.executable, str(script), backend_url],
+        [sys.executable, str(script), backend_url, mode, str(step)],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -667,7 +675,7 @@ def test_acknowledged_appends_survive_kill_9(backend_url: str, tmp_path: Path) -
     proc.stdout.close()
     acked += [int(x) for x in rest.split()]
     proc.wait()
-    assert acked == list(range(1, len(acked) + 1))
+    assert acked == list(range(step, step * len(acked) + 1, step))
 
     async def verify() -> None:
         async with open_backend(backend_url) as log:
