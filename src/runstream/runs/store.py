@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runstream.errors import ValidationError
-from runstream.runs.lifecycle import RunStatus
+from runstream.runs.lifecycle import RunStatus, is_status
 from runstream.runs.model import RunRecord
+
+RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
+SETTABLE_FIELDS = frozenset(RUN_FIELDS) - {"id", "status", "task", "created_at"}
+"""Fields a transition may change; the status only through its ``new`` argument."""
+MATCHABLE_FIELDS = frozenset(RUN_FIELDS) - {"id", "status"}
+"""Fields a transition's ``match`` may fence on (the status is fenced by ``expect``)."""
+
+
+def check_transition_args(
+    new: str, fields: Mapping[str, Any], match: Mapping[str, Any] | None
+) -> None:
+    """Refuse (:class:`ValidationError`) an unknown status or field before touching a store."""
+    if not is_status(new):
+        raise ValidationError(f"unknown run status {new!r}", field="status")
+    for name in (*fields, *(match or {})):
+        if name not in RUN_FIELDS:
+            raise ValidationError(f"run field {name!r} does not exist", field=name)
+    for name in fields:
+        if name not in SETTABLE_FIELDS:
+            raise ValidationError(f"run field {name!r} cannot be set", field=name)
+    for name in match or {}:
+        if name not in MATCHABLE_FIELDS:
+            raise ValidationError(f"run field {name!r} cannot be matched", field=name)
 
 
 def encode_cursor(created_at: float, run_id: str) -> str:
@@ -50,7 +74,6 @@ class RunStore(ABC):
     async def get(self, run_id: str) -> RunRecord:
         """The run, or :class:`~runstream.errors.RunNotFound`."""
 
-    @abstractmethod
     async def transition(
         self,
         run_id: str,
@@ -67,8 +90,24 @@ class RunStore(ABC):
         presumed dead cannot overwrite the outcome of the attempt that replaced it.
 
         Raises :class:`~runstream.errors.IllegalTransition` if the table forbids
-        the move, the current status is not in ``expect`` or ``match`` fails.
+        the move, the current status is not in ``expect`` or ``match`` fails,
+        and :class:`~runstream.errors.ValidationError` for an unknown status or
+        a field that does not exist or cannot be set (see :data:`SETTABLE_FIELDS`).
         """
+        check_transition_args(new, fields, match)
+        expected = None if expect is None else list(expect)
+        return await self._move(run_id, new, expected, dict(match or {}), fields)
+
+    @abstractmethod
+    async def _move(
+        self,
+        run_id: str,
+        new: RunStatus,
+        expect: list[RunStatus] | None,
+        match: Mapping[str, Any],
+        fields: Mapping[str, Any],
+    ) -> RunRecord:
+        """:meth:`transition` with its arguments checked: the atomic compare-and-set itself."""
 
     @abstractmethod
     async def request_cancel(self, run_id: str) -> RunRecord:

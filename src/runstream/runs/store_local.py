@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,27 +35,15 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RunStore, decode_cursor, encode_cursor
+from runstream.runs.store import RUN_FIELDS, RunStore, decode_cursor, encode_cursor
 
 __all__ = ["MemoryRunStore", "SQLiteRunStore"]
 
 T = TypeVar("T")
 
-FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
-SETTABLE = frozenset(FIELDS) - {"id", "status", "task", "created_at"}
-"""Fields a transition may change; the status only through ``new``."""
 
 MAX_LIST_LIMIT = 1000
 DEFAULT_BUSY_TIMEOUT = 5.0
-
-
-def _check_fields(fields: Mapping[str, Any], match: Mapping[str, Any] | None) -> None:
-    for name in (*fields, *(match or {})):
-        if name not in SETTABLE and name not in FIELDS:
-            raise ValidationError(f"run field {name!r} does not exist", field=name)
-    for name in fields:
-        if name not in SETTABLE:
-            raise ValidationError(f"run field {name!r} cannot be set", field=name)
 
 
 def _apply(
@@ -115,20 +103,16 @@ class MemoryRunStore(RunStore):
         except KeyError:
             raise RunNotFound(f"run {run_id!r} does not exist") from None
 
-    async def transition(
+    async def _move(
         self,
         run_id: str,
         new: RunStatus,
-        *,
-        expect: Iterable[RunStatus] | None = None,
-        match: Mapping[str, Any] | None = None,
-        **fields: Any,
+        expect: list[RunStatus] | None,
+        match: Mapping[str, Any],
+        fields: Mapping[str, Any],
     ) -> RunRecord:
-        if not is_status(new):
-            raise ValidationError(f"unknown run status {new!r}", field="status")
-        _check_fields(fields, match)
         record = await self.get(run_id)
-        updated = _apply(record, new, None if expect is None else list(expect), match, fields)
+        updated = _apply(record, new, expect, match, fields)
         self._runs[run_id] = updated
         return updated
 
@@ -187,13 +171,14 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS runs_status ON runs (status, created_at DESC, id DESC)",
     "CREATE INDEX IF NOT EXISTS runs_task ON runs (task, created_at DESC, id DESC)",
 )
-_COLUMNS = ", ".join(FIELDS)
+_COLUMNS = ", ".join(RUN_FIELDS)
+_PLACEHOLDERS = ", ".join("?" * len(RUN_FIELDS))
 _JSON_FIELDS = frozenset({"params", "extra"})
 
 
 def _to_row(record: RunRecord) -> list[Any]:
     row: list[Any] = []
-    for name in FIELDS:
+    for name in RUN_FIELDS:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
             try:
@@ -209,7 +194,7 @@ def _to_row(record: RunRecord) -> list[Any]:
 
 
 def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
-    values = dict(zip(FIELDS, row, strict=True))
+    values = dict(zip(RUN_FIELDS, row, strict=True))
     for name in _JSON_FIELDS:
         values[name] = json.loads(values[name])
     values["cancel_requested"] = bool(values["cancel_requested"])
@@ -358,9 +343,7 @@ class SQLiteRunStore(RunStore):
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute(
-                    f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(FIELDS))})", row
-                )
+                conn.execute(f"INSERT INTO runs ({_COLUMNS}) VALUES ({_PLACEHOLDERS})", row)
             except sqlite3.IntegrityError:
                 raise ValidationError(f"run {record.id} already exists", field="id") from None
 
@@ -370,28 +353,22 @@ class SQLiteRunStore(RunStore):
     async def get(self, run_id: str) -> RunRecord:
         return await self._run(lambda conn: self._select(conn, run_id))
 
-    async def transition(
+    async def _move(
         self,
         run_id: str,
         new: RunStatus,
-        *,
-        expect: Iterable[RunStatus] | None = None,
-        match: Mapping[str, Any] | None = None,
-        **fields: Any,
+        expect: list[RunStatus] | None,
+        match: Mapping[str, Any],
+        fields: Mapping[str, Any],
     ) -> RunRecord:
-        if not is_status(new):
-            raise ValidationError(f"unknown run status {new!r}", field="status")
-        _check_fields(fields, match)
-        expected = None if expect is None else list(expect)
-
         def cas(conn: sqlite3.Connection) -> RunRecord:
             # BEGIN IMMEDIATE takes the write lock before the read, so the status
             # we check is still the status when we write (also across processes).
             conn.execute("BEGIN IMMEDIATE")
             record = self._select(conn, run_id)
-            updated = _apply(record, new, expected, match, fields)
+            updated = _apply(record, new, expect, match, fields)
             row = _to_row(updated)
-            assignments = ", ".join(f"{name} = ?" for name in FIELDS[1:])
+            assignments = ", ".join(f"{name} = ?" for name in RUN_FIELDS[1:])
             conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*row[1:], run_id))
             conn.execute("COMMIT")
             return updated

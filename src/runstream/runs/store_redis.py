@@ -42,7 +42,7 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import TRANSITIONS, RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RunStore, decode_cursor, encode_cursor
+from runstream.runs.store import RUN_FIELDS, RunStore, decode_cursor, encode_cursor
 
 __all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
 
@@ -56,9 +56,6 @@ RUN_STORE_MAX_CONNECTIONS = 8
 LIST_SCAN_BATCH = 200
 """Index entries fetched per round trip while filling a filtered page."""
 
-_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
-_IMMUTABLE = frozenset({"id", "status"})
-"""Fields a transition may not set: the id never changes, the status only via ``new``."""
 
 _CREATE = """
 -- KEYS[1] run hash. ARGV: field, value pairs.
@@ -138,7 +135,7 @@ class RedisRunKeys:
 
 def _encode(record: RunRecord) -> dict[str, str]:
     out: dict[str, str] = {}
-    for name in _FIELDS:
+    for name in RUN_FIELDS:
         value = getattr(record, name)
         out[name] = value if name == "status" else _encode_value(name, value)
     return out
@@ -158,7 +155,7 @@ def _decode(run_id: str, flat: Mapping[str, str] | Sequence[str]) -> RunRecord:
         dict(zip(flat[::2], flat[1::2], strict=True)) if isinstance(flat, Sequence) else dict(flat)
     )
     values: dict[str, Any] = {}
-    for name in _FIELDS:
+    for name in RUN_FIELDS:
         raw = fields.get(name)
         if raw is None:
             continue
@@ -259,36 +256,20 @@ class RedisRunStore(RunStore):
             raise RunNotFound(f"run {run_id!r} does not exist")
         return _decode(run_id, flat)
 
-    async def transition(
+    async def _move(
         self,
         run_id: str,
         new: RunStatus,
-        *,
-        expect: Iterable[RunStatus] | None = None,
-        match: Mapping[str, Any] | None = None,
-        **fields: Any,
+        expect: list[RunStatus] | None,
+        match: Mapping[str, Any],
+        fields: Mapping[str, Any],
     ) -> RunRecord:
-        """See :meth:`RunStore.transition`.
-
-        ``match`` (Redis extension) fences the move: each named field must
-        currently hold the given value (e.g. ``{"worker": me, "attempt": 2}``),
-        else :class:`IllegalTransition` is raised and nothing changes. Workers
-        use it so that a worker presumed dead cannot finish a run that was
-        meanwhile handed to another one.
-        """
-        if not is_status(new):
-            raise ValidationError(f"unknown run status {new!r}", field="status")
-        for name in (*fields, *(match or {})):
-            if name not in _FIELDS or name in _IMMUTABLE:
-                raise ValidationError(f"run field {name!r} cannot be set", field=name)
-        expected = None if expect is None else list(expect)
         args: list[str | int] = [new]
-        sources = _allowed_from(new, expected)
+        sources = _allowed_from(new, expect)
         args.append(len(sources))
         args.extend(sources)
-        guards = dict(match or {})
-        args.append(len(guards))
-        for name, value in guards.items():
+        args.append(len(match))
+        for name, value in match.items():
             args.extend((name, _encode_value(name, value)))
         for name, value in fields.items():
             args.extend((name, _encode_value(name, value)))
@@ -301,13 +282,13 @@ class RedisRunStore(RunStore):
             current: RunStatus = reply[1]
             check_transition(run_id, current, new)  # raises with the table's message
             raise IllegalTransition(
-                f"run {run_id}: is {current!r}, expected one of {sorted(expected or ())} "
+                f"run {run_id}: is {current!r}, expected one of {sorted(expect or ())} "
                 f"to move to {new!r}"
             )
         if kind == "fenced":
             raise IllegalTransition(
                 f"run {run_id}: not moved to {new!r}; {reply[2]} is {reply[3]}, "
-                f"not {_encode_value(reply[2], guards[reply[2]])}"
+                f"not {_encode_value(reply[2], match[reply[2]])}"
             )
         return _decode(run_id, reply[1])
 
