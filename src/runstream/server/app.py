@@ -24,7 +24,7 @@ from runstream.backends.base import EventLog
 from runstream.config import Settings
 from runstream.server import service, streams
 from runstream.server.errors import install_error_handlers
-from runstream.server.fastpath import SSEFastPath
+from runstream.server.fastpath import StreamsFastPath
 from runstream.server.hub import Hub, HubLimits, Subscription
 from runstream.server.metrics import LatencyMiddleware, Metrics
 from runstream.server.runtime import Runtime
@@ -97,6 +97,6 @@ def create_app(
     for router in routers:
         app.include_router(router)
     app.include_router(service.router)
-    app.add_middleware(SSEFastPath, runtime=runtime)
+    app.add_middleware(StreamsFastPath, runtime=runtime)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     return app

@@ -156,6 +156,25 @@ def parse_events(runtime: Runtime, payload: Any) -> list[NewEvent]:
     return events
 
 
+async def append_response(request: Request, runtime: Runtime, stream: str) -> JSONResponse:
+    """Validate and append the body of ``request`` to ``stream``; the 201 answer.
+
+    The whole append endpoint once access is granted, shared by the routed
+    handler and :class:`~runstream.server.fastpath.StreamsFastPath`. Raises
+    :class:`~runstream.errors.RunstreamError` for anything to refuse.
+    """
+    validate_stream_name(stream)
+    producer = parse_producer(
+        request.headers.get("producer-id"), request.headers.get("producer-seq")
+    )
+    body = await read_body(request, runtime.settings.limits.max_body_bytes)
+    events = parse_events(runtime, parse_json(body))
+    result = await runtime.backend.append(stream, events, producer=producer)
+    if not result.duplicate:
+        runtime.metrics.events_appended.inc(len(events))
+    return JSONResponse(result.to_json(), status_code=201)
+
+
 def parse_producer(producer_id: str | None, producer_seq: str | None) -> Producer | None:
     if producer_id is None and producer_seq is None:
         return None
@@ -182,15 +201,10 @@ async def append_events(
     producer_id: Annotated[str | None, Header(alias="Producer-Id")] = None,
     producer_seq: Annotated[str | None, Header(alias="Producer-Seq")] = None,
 ) -> Response:
-    runtime = get_runtime(request)
-    validate_stream_name(stream)
-    producer = parse_producer(producer_id, producer_seq)
-    body = await read_body(request, runtime.settings.limits.max_body_bytes)
-    events = parse_events(runtime, parse_json(body))
-    result = await runtime.backend.append(stream, events, producer=producer)
-    if not result.duplicate:
-        runtime.metrics.events_appended.inc(len(events))
-    return JSONResponse(result.to_json(), status_code=201)
+    # Served by StreamsFastPath in a running app; here for OpenAPI and any app built
+    # without it. Producer-Id/Seq are declared above for the docs; read from the request.
+    del producer_id, producer_seq
+    return await append_response(request, get_runtime(request), stream)
 
 
 @router.get(
