@@ -362,6 +362,19 @@ async def test_reader_that_missed_the_close_still_learns_it(log: EventLog) -> No
     assert page.closed and page.events == ()
 
 
+async def test_events_read_back_carry_their_stored_data_text(log: EventLog) -> None:
+    values: list[object] = [{"k": [1, 2.5, None]}, "é ☃", 3, None, [True, {"x": "\n"}]]
+    await log.append("s", [NewEvent("v", v) for v in values])
+    await log.close("s", "succeeded")
+    page = await log.read("s")
+    for event in page.events:
+        assert event.data_json == encode_data(event.data)
+    followed = await drain(log.follow("s", 0))
+    assert [e.data_json for e in followed if isinstance(e, Event)] == [
+        e.data_json for e in page.events
+    ]
+
+
 async def test_info_many_answers_for_every_stream_asked(log: EventLog) -> None:
     await log.append("open", [ev(1), ev(2)])
     await log.append("done", ev(1))

@@ -367,3 +367,16 @@ async def test_reconciliation_reads_every_followed_stream_in_one_batch() -> None
         for sub in subs:
             sub.close()
         await hub.close()
+
+
+def test_frames_reuse_the_stored_data_text_and_match_a_fresh_encoding() -> None:
+    stored = Event(7, "tick", {"b": [1, 2], "a": "é"}, 1_700_000_000.25, '{"b":[1,2],"a":"é"}')
+    fresh = Event(7, "tick", {"b": [1, 2], "a": "é"}, 1_700_000_000.25)
+    assert stored == fresh  # the stored text takes no part in equality
+    for a, b in ((Frame("ep", stored), Frame("ep", fresh)),):
+        assert a.sse() == b.sse()
+        assert a.ws() == b.ws()
+    # The stored text is what goes out, not a new encoding of the data.
+    odd = Event(7, "tick", {"a": 1}, 1.0, '{"a":1}'.replace("1", "1.0"))
+    assert b'data: {"a":1.0}' in Frame("ep", odd).sse()
+    assert '"data":{"a":1.0}' in Frame("ep", odd).ws()

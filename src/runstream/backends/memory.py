@@ -9,11 +9,13 @@ from dataclasses import dataclass, field, replace
 from runstream.backends.base import EventLog
 from runstream.core.model import (
     END_TYPE,
+    JSON,
     AppendResult,
     Event,
     NewEvent,
     Producer,
     StreamInfo,
+    encode_data,
     new_epoch,
     now,
 )
@@ -63,7 +65,9 @@ class MemoryEventLog(EventLog):
         st = self._create(stream)
         t = now()
         first_id = st.info.last_id + 1
-        st.events.extend(Event(first_id + i, e.type, e.data, t) for i, e in enumerate(events))
+        st.events.extend(
+            Event(first_id + i, e.type, e.data, t, e.data_json) for i, e in enumerate(events)
+        )
         last_id = first_id + len(events) - 1
         st.info = replace(st.info, last_id=last_id)
         if producer is not None:
@@ -86,7 +90,8 @@ class MemoryEventLog(EventLog):
             return st.info
         t = now()
         end_id = st.info.last_id + 1
-        st.events.append(Event(end_id, END_TYPE, {"status": status, "reason": reason}, t))
+        data: dict[str, JSON] = {"status": status, "reason": reason}
+        st.events.append(Event(end_id, END_TYPE, data, t, encode_data(data)))
         st.info = replace(
             st.info,
             status="closed",

@@ -215,7 +215,7 @@ def _as_events(entries: Sequence[tuple[str, dict[str, str]]]) -> tuple[Event, ..
     # otherwise dominate reading small events.
     data = json.loads("[" + ",".join(fields["d"] for _, fields in entries) + "]")
     return tuple(
-        Event(int(entry_id.partition("-")[0]), fields["t"], value, float(fields["ts"]))
+        Event(int(entry_id.partition("-")[0]), fields["t"], value, float(fields["ts"]), fields["d"])
         for (entry_id, fields), value in zip(entries, data, strict=True)
     )
 

@@ -974,8 +974,8 @@ class SQLiteEventLog(EventLog):
                 chunk = rows[i : i + DECODE_CHUNK]
                 datas = _decode_all([r[2] for r in chunk])
                 events += [
-                    Event(k - base, t, data, tm)
-                    for (k, t, _, tm), data in zip(chunk, datas, strict=True)
+                    Event(k - base, t, data, tm, text)
+                    for (k, t, text, tm), data in zip(chunk, datas, strict=True)
                 ]
                 # Hand the GIL over between chunks. Otherwise the writer thread,
                 # which needs it briefly between each of its SQLite calls, waits a

@@ -154,12 +154,19 @@ class EncodedEvents:
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One stored entry of a stream."""
+    """One stored entry of a stream.
+
+    ``data_json`` is the data as the backend stored it (compact JSON, what
+    :func:`encode_data` gives for ``data``) when the backend read it that way;
+    writers of SSE and WebSocket frames use it instead of encoding ``data``
+    again. It takes no part in equality.
+    """
 
     id: int
     type: str
     data: JSON
     time: float
+    data_json: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_end(self) -> bool:

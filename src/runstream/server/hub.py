@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, cast
 
 from runstream.backends.base import EventLog
-from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data
+from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data, rfc3339
 from runstream.errors import (
     HistoryLost,
     RunstreamError,
@@ -116,10 +116,11 @@ class Frame:
         """The SSE encoding: ``id: <epoch>:<id>``, ``event: <type>``, ``data: <json>``."""
         if self._sse is None:
             if self.event is not None:
+                event = self.event
                 self._sse = encode_event(
-                    _encode(self.event.data),
-                    event=self.event.type,
-                    id=format_sse_id(self.epoch, self.event.id),
+                    _encode(event.data) if event.data_json is None else event.data_json,
+                    event=event.type,
+                    id=format_sse_id(self.epoch, event.id),
                 )
             else:
                 assert self.reset is not None
@@ -133,12 +134,18 @@ class Frame:
     def ws(self) -> str:
         """The WebSocket message: the event's JSON, or ``{"type": "reset", "data": ...}``."""
         if self._ws is None:
-            if self.event is not None:
-                obj = self.event.to_json()
+            event = self.event
+            if event is not None and event.data_json is not None:
+                # The stored data text as is: the same bytes as encoding to_json().
+                self._ws = (
+                    f'{{"id":{event.id},"type":{_encode(event.type)},"data":{event.data_json},'
+                    f'"time":{_encode(rfc3339(event.time))}}}'
+                )
+            elif event is not None:
+                self._ws = _encode(event.to_json())
             else:
                 assert self.reset is not None
-                obj = {"type": "reset", "data": self.reset.to_json()}
-            self._ws = _encode(obj)
+                self._ws = _encode({"type": "reset", "data": self.reset.to_json()})
         return self._ws
 
     def __repr__(self) -> str:
