@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 from pathlib import Path
 
 import httpx
 
 from runstream.app import build_app
 from runstream.config import ServerSettings, Settings
-from runstream.server.serve import make_server
-from tests.server.live import TestServer
+from tests.server.live import serve_in_task
 
 
 async def test_full_app_serves_ui_assets_streams_and_runs(tmp_path: Path) -> None:
@@ -20,18 +16,9 @@ async def test_full_app_serves_ui_assets_streams_and_runs(tmp_path: Path) -> Non
         server=ServerSettings(backend=f"sqlite:///{tmp_path / 'rs.db'}", workers=1),
         tasks={"echo": {"command": ["echo", "{word}"], "params": {"word": {"default": "hi"}}}},
     )
-    app = build_app(settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, settings, server_class=TestServer, log_level="warning")
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    deadline = time.monotonic() + 20
-    while not server.started:  # uvicorn exposes readiness only as a flag
-        assert not task.done() and time.monotonic() < deadline, "server did not start"
-        await asyncio.sleep(0.01)
+    live = await serve_in_task(build_app(settings), settings)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        async with httpx.AsyncClient(base_url=live.url) as http:
             page = await http.get("/")
             assert page.status_code == 200
             assert 'src="ui/app.js"' in page.text
@@ -51,5 +38,4 @@ async def test_full_app_serves_ui_assets_streams_and_runs(tmp_path: Path) -> Non
             r = await http.post("/v1/streams/s1/events", json={"type": "t", "data": 1})
             assert r.status_code == 201
     finally:
-        server.should_exit = True
-        await task
+        await live.stop()

@@ -726,6 +726,15 @@ Disruption = Callable[[Publisher], Any]
 """``async def disrupt(publisher) -> list[float]``: crash something mid-stream, return when."""
 
 
+async def drive(sub: Subscriber, proxy: ChaosProxy) -> None:
+    """Follow to the end through ``proxy`` while it injects connection resets."""
+    proxy.start_chaos()
+    try:
+        await sub.run_until_end()
+    finally:
+        await proxy.stop_chaos()
+
+
 async def stream_scenario(
     name: str,
     server_port: int,
@@ -764,13 +773,6 @@ async def stream_scenario(
             await proxy.start()
             proxies[kind.kind] = proxy
             subs[kind.kind] = kind(proxy.url, stream, headers={"X-Chaos-Subscriber": kind.kind})
-
-        async def drive(sub: Subscriber, proxy: ChaosProxy) -> None:
-            proxy.start_chaos()
-            try:
-                await sub.run_until_end()
-            finally:
-                await proxy.stop_chaos()
 
         tasks = [asyncio.create_task(drive(subs[k], proxies[k])) for k in subs]
         crash_task = asyncio.create_task(disrupt(publisher)) if disrupt else None

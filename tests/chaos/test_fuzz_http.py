@@ -12,11 +12,8 @@ server error or a stack trace fails.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from websockets.sync.client import connect as ws_connect
 
 from runstream.server.app import create_app
-from runstream.server.serve import make_server
-from tests.server.live import make_settings
+from tests.server.live import make_settings, serve_in_thread
 
 FUZZ = settings(
     max_examples=60,
@@ -48,23 +44,9 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     db = Path(tmp_path_factory.mktemp("fuzz")) / "fuzz.db"
     config = make_settings(long_poll_max_wait=0.05, keepalive=0.2, limit_max_body_bytes=MAX_BODY)
     config = config.replace(backend=f"sqlite:///{db}")
-    app = create_app(config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, config, log_level="critical")
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:  # uvicorn exposes readiness only as a flag
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    base = f"http://127.0.0.1:{port}"
-    httpx.post(f"{base}/v1/streams/known/events", json={"type": "x"}, timeout=10)
-    yield base
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve_in_thread(create_app(config), config) as base:
+        httpx.post(f"{base}/v1/streams/known/events", json={"type": "x"}, timeout=10)
+        yield base
 
 
 @pytest.fixture(scope="module")

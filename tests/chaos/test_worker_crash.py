@@ -45,6 +45,7 @@ from tests.chaos.harness import (
     assert_clean,
     chaos_events,
     chaos_timeout,
+    drive,
     emit,
     recovery_times,
     subscriber_report,
@@ -170,13 +171,6 @@ async def test_worker_kill_9_mid_run_retries_without_duplicating_an_attempts_out
                 await proxy.start()
                 proxies[kind.kind] = proxy
                 subs[kind.kind] = kind(proxy.url, run_id, headers={}, run=True)
-
-            async def drive(sub: Subscriber, proxy: ChaosProxy) -> None:
-                proxy.start_chaos()
-                try:
-                    await sub.run_until_end()
-                finally:
-                    await proxy.stop_chaos()
 
             tasks = [asyncio.create_task(drive(subs[k], proxies[k])) for k in subs]
             # Kill once a fifth of the first attempt's output reached a subscriber.

@@ -6,9 +6,6 @@ Other test packages can reuse them with
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,8 +16,7 @@ import pytest
 
 from runstream.config import Settings
 from runstream.server.app import create_app
-from runstream.server.serve import make_server
-from tests.server.live import LiveServer, StartServer, TestServer, make_settings
+from tests.server.live import LiveServer, StartServer, make_settings, serve_in_task
 
 
 @pytest.fixture
@@ -33,20 +29,7 @@ async def start_server() -> AsyncIterator[StartServer]:
         settings = settings or make_settings()
         settings = settings.replace(backend=backend_url)
         app = create_app(settings, **kwargs)
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        server = make_server(app, settings, server_class=TestServer, log_level="warning")
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 20
-        while not server.started:  # uvicorn exposes readiness only as a flag
-            if task.done():
-                task.result()
-                raise RuntimeError("server exited during start-up")
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 20 s")
-            await asyncio.sleep(0.01)
-        live = LiveServer(app, server, task, port)
+        live = await serve_in_task(app, settings)
         servers.append(live)
         return live
 

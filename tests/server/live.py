@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -20,7 +22,7 @@ from fastapi import FastAPI
 from runstream.config import LimitSettings, ServerSettings, Settings
 from runstream.protocol.sse import SSEDecoder, SSEMessage
 from runstream.server.runtime import Runtime
-from runstream.server.serve import Server
+from runstream.server.serve import Server, make_server
 
 
 class TestServer(Server):
@@ -30,6 +32,45 @@ class TestServer(Server):
     def capture_signals(self) -> Iterator[None]:
         # The test process keeps its own signal handlers (pytest's Ctrl-C).
         yield
+
+
+async def serve_in_task(app: FastAPI, settings: Settings) -> LiveServer:
+    """Start ``app`` on a free loopback port in this loop; returns once it accepts connections."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server(app, settings, server_class=TestServer, log_level="warning")
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    deadline = time.monotonic() + 20
+    while not server.started:  # uvicorn exposes readiness only as a flag
+        if task.done():
+            task.result()
+            raise RuntimeError("server exited during start-up")
+        if time.monotonic() > deadline:
+            raise RuntimeError("server did not start in 20 s")
+        await asyncio.sleep(0.01)
+    return LiveServer(app, server, task, port)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: FastAPI, settings: Settings) -> Iterator[str]:
+    """Run ``app`` in its own thread and loop (for synchronous callers); yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = make_server(app, settings, log_level="critical")
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:  # uvicorn exposes readiness only as a flag
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
 
 
 @dataclasses.dataclass

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -16,8 +12,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from runstream.server.app import create_app
-from runstream.server.serve import make_server
-from tests.server.live import make_settings
+from tests.server.live import make_settings, serve_in_thread
 
 MAX_EXAMPLES = 8
 
@@ -26,24 +21,10 @@ MAX_EXAMPLES = 8
 def threaded_url() -> Iterator[str]:
     """A server in its own thread and loop, so synchronous schemathesis calls can reach it."""
     config = make_settings(long_poll_max_wait=0.05, keepalive=0.2).replace(backend="memory://")
-    app = create_app(config)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, config, log_level="critical")
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:  # uvicorn exposes readiness only as a flag
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{port}"
-    for name in ("s1", "s2"):  # some streams that exist, so reads go past the 404
-        requests.post(f"{url}/v1/streams/{name}/events", json={"type": "x"}, timeout=10)
-    yield url
-    server.should_exit = True
-    thread.join(30)
-    sock.close()
+    with serve_in_thread(create_app(config), config) as url:
+        for name in ("s1", "s2"):  # some streams that exist, so reads go past the 404
+            requests.post(f"{url}/v1/streams/{name}/events", json={"type": "x"}, timeout=10)
+        yield url
 
 
 @pytest.mark.slow
