@@ -16,9 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import socket
 import sys
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +25,7 @@ import pytest
 
 from runstream.runs.http import RunsAPI
 from runstream.server.app import create_app
-from runstream.server.serve import make_server
-from tests.server.live import TestServer, make_settings
+from tests.server.live import make_settings, serve_in_task
 
 CLI = (sys.executable, "-m", "runstream.cli.main")
 CLI_TIMEOUT = 45.0
@@ -141,21 +138,9 @@ class RunsServer:
         settings = dataclasses.replace(settings, tasks=self.tasks)
         runs = RunsAPI.from_settings(settings, shutdown_grace=1.0)
         app = create_app(settings, routers=[runs.router], on_startup=[runs.startup])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        self.port = sock.getsockname()[1]
-        server = make_server(app, settings, server_class=TestServer, log_level="warning")
-        task = asyncio.ensure_future(server.serve(sockets=[sock]))
-        deadline = time.monotonic() + 20
-        while not server.started:  # uvicorn exposes readiness only as a flag
-            if task.done():
-                task.result()
-                raise RuntimeError("server exited during start-up")
-            if time.monotonic() > deadline:
-                raise RuntimeError("server did not start in 20 s")
-            await asyncio.sleep(0.01)
-        self._server, self._task = server, task
+        live = await serve_in_task(app, settings, port=self.port)
+        self.port = live.port
+        self._server, self._task = live.server, live.task
 
     async def stop(self) -> None:
         """Stop as on SIGTERM; a shutdown stuck for STOP_TIMEOUT s is forced and reported."""

@@ -34,10 +34,14 @@ class TestServer(Server):
         yield
 
 
-async def serve_in_task(app: FastAPI, settings: Settings) -> LiveServer:
-    """Start ``app`` on a free loopback port in this loop; returns once it accepts connections."""
+async def serve_in_task(app: FastAPI, settings: Settings, *, port: int = 0) -> LiveServer:
+    """Start ``app`` on loopback in this loop; returns once it accepts connections.
+
+    ``port`` 0 takes a free one; a given port may be one a stopped server just used.
+    """
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     server = make_server(app, settings, server_class=TestServer, log_level="warning")
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
