@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry as AsyncRetry
 
 from runstream.backends import EventLog, open_backend
 from runstream.backends.redis import RedisEventLog
@@ -122,6 +123,17 @@ async def test_cluster_url_selects_the_cluster_client(backend_url: str) -> None:
     backend = RedisEventLog.from_url(backend_url)
     assert backend.options.cluster
     assert backend.connection_pool is None
+    await backend.aclose()
+
+
+async def test_cluster_client_never_resends_a_command(backend_url: str) -> None:
+    # A timed-out append script may have run: the client must not retry it by itself,
+    # and the policy must be the asyncio one (a sync Retry is silently replaced).
+    backend = RedisEventLog.from_url(backend_url)
+    client = backend._redis
+    assert isinstance(client, RedisCluster)
+    assert isinstance(client.retry, AsyncRetry)
+    assert client.retry.get_retries() == 0
     await backend.aclose()
 
 

@@ -41,9 +41,9 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
-from redis.retry import Retry
 
 from runstream.backends import _redis_lua as lua
 from runstream.backends.base import EventLog
@@ -450,7 +450,7 @@ class RedisEventLog(EventLog):
                 self._wake_all()
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             await asyncio.sleep(delay)  # backoff between reconnect attempts
             delay = min(delay * 2, RETRY_MAX_SECONDS)
 

@@ -1077,7 +1077,7 @@ class RedisWorker:
                 log.warning("worker %s: cancel notices unavailable (%s)", self.name, exc)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
             delay = min(delay * 2, RECONNECT_MAX)
