@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 from runstream.backends import DEFAULT_BACKEND_URL
+from runstream.core.jsonbody import DEFAULT_MAX_DEPTH
 from runstream.errors import ConfigError
 
 Scope: TypeAlias = Literal["read", "write"]
@@ -83,6 +84,9 @@ class LimitSettings:
     """Events queued for one live client before it is disconnected as too slow."""
     max_page_limit: int = 1000
     default_page_limit: int = 100
+    max_json_depth: int = DEFAULT_MAX_DEPTH
+    """Deepest nesting accepted in a request body (arrays and objects; the append body's
+    own array and event object count)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,6 +292,7 @@ def _check(settings: Settings) -> None:
         "subscriber_buffer",
         "max_page_limit",
         "default_page_limit",
+        "max_json_depth",
     ):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name} must be >= 1")

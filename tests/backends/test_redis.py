@@ -21,7 +21,7 @@ from redis.crc import key_slot
 
 from runstream.backends import open_backend
 from runstream.backends.redis import RedisEventLog, parse_url
-from runstream.core.model import Event, NewEvent, Producer, Reset
+from runstream.core.model import UNREADABLE_TYPE, Event, NewEvent, Producer, Reset
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
@@ -116,12 +116,12 @@ async def test_entry_ids_are_the_offsets(shared: RedisEventLog, redis_server: Re
 
 
 async def test_awkward_text_round_trips_through_one_batch(shared: RedisEventLog) -> None:
-    # A batch travels as one NUL-separated argument: NULs in data, non-ASCII, lone
-    # surrogates and empty strings must come back exactly, in order.
+    # A batch travels as one NUL-separated argument: NULs in data, non-ASCII, escaped
+    # control characters and empty strings must come back exactly, in order.
     items = [
         NewEvent("ünïcode type ✓", "a\x00b"),
         NewEvent("t", ""),
-        NewEvent("t", "\ud800 lone surrogate"),
+        NewEvent("t", "\x01\x1f\u2028 controls"),
         NewEvent("t", {"k\x00": ["\x00", "😀" * 1000]}),
         NewEvent("t", None),
     ]
@@ -134,6 +134,39 @@ async def test_awkward_text_round_trips_through_one_batch(shared: RedisEventLog)
     first = await shared.append("s", ev(6), producer=odd)
     again = await shared.append("s", ev(6), producer=odd)
     assert (again.duplicate, again.first_id) == (True, first.first_id)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"t": b"n", "d": b"{not json"},
+        {"t": b"n", "d": b'"\xed\xa0\x80"'},  # a surrogate spelt in UTF-8: not UTF-8
+        {"t": b"n", "d": b'"\xff"'},
+        {"t": b"two\nlines", "d": b"1"},
+        {"t": b"\xc3", "d": b"1"},
+        {"t": b"n", "d": b"[" * 5000 + b"]" * 5000},
+    ],
+)
+async def test_unservable_entry_is_read_as_an_unreadable_item(
+    shared: RedisEventLog, redis_server: RedisServer, fields: dict[str, bytes]
+) -> None:
+    # An entry another program wrote: readers pass over it knowingly (same id), and
+    # the events after it still reach them.
+    await shared.append("s", [ev(1), ev(2)])
+    log_key, meta_key, _ = shared.keys("s")
+    async with raw_client(redis_server.url) as client:
+        await client.xadd(log_key, {**fields, "ts": b"1.5"}, id="3-0")
+        await client.hset(meta_key, "last_id", 3)
+    await shared.append("s", ev(4))
+    page = await shared.read("s")
+    assert [(e.id, e.type) for e in page.events] == [
+        (1, "n"),
+        (2, "n"),
+        (3, UNREADABLE_TYPE),
+        (4, "n"),
+    ]
+    assert page.events[3].data == {"i": 4}
+    assert shared.unreadable_events == 1
 
 
 async def test_prefixes_isolate_tenants_on_one_server(

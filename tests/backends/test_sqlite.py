@@ -28,7 +28,7 @@ from runstream.backends.sqlite import (
     SQLiteEventLog,
     _has_json_each,
 )
-from runstream.core.model import EncodedEvents, NewEvent, Producer, encode_data
+from runstream.core.model import UNREADABLE_TYPE, EncodedEvents, NewEvent, Producer, encode_data
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
@@ -648,20 +648,41 @@ def test_json_each_probe_needs_exact_decoding() -> None:
     assert _has_json_each(_ProbeConn([(text[:-1],)])) is False  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("stored", ["{not json", "1,2"])
-async def test_corrupt_stored_data_raises_backend_error(log: SQLiteEventLog, stored: str) -> None:
+@pytest.mark.parametrize(
+    ("column", "stored"),
+    [
+        ("data", "{not json"),
+        ("data", "1,2"),
+        ("data", '"\ud800"'),  # a lone surrogate as raw text: cannot be sent as UTF-8
+        ("data", "[" * 5000 + "]" * 5000),  # deeper than any decoder's recursion limit
+        ("type", "two\nlines"),
+        ("type", "\udc80"),
+    ],
+)
+async def test_unservable_stored_row_is_read_as_an_unreadable_item(
+    log: SQLiteEventLog, column: str, stored: str
+) -> None:
+    # Written by another program or an older version: readers pass over it knowingly,
+    # with the same id, and every later event still reaches them.
     await log.append("s", [NewEvent("n", 1), NewEvent("n", 2)])
     raw = sqlite3.connect(log.path)
     try:
+        # As raw bytes: what a program other than Python's sqlite3 could store.
+        value = stored.encode("utf-8", "surrogatepass")
         raw.execute(
-            "UPDATE events SET data = ? WHERE key = (SELECT max(key) FROM events)", (stored,)
+            f"UPDATE events SET {column} = CAST(? AS TEXT) "
+            "WHERE key = (SELECT max(key) FROM events)",
+            (value,),
         )
         raw.commit()
     finally:
         raw.close()
-    with pytest.raises(BackendError, match="corrupt"):
-        await log.read("s")
-    assert (await log.read("s", limit=1)).events[0].data == 1
+    await log.append("s", NewEvent("n", 3))
+    page = await log.read("s")
+    assert [(e.id, e.type) for e in page.events] == [(1, "n"), (2, UNREADABLE_TYPE), (3, "n")]
+    assert page.events[1].data["reason"]
+    assert [e.data for e in page.events[::2]] == [1, 3]
+    assert log.unreadable_events == 1
 
 
 def test_no_threads_are_left_after_aclose(tmp_path: Path) -> None:

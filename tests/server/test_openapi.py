@@ -1,4 +1,8 @@
-"""Schemathesis against ``/openapi.json`` of a live server: no input makes it answer 5xx."""
+"""Schemathesis against ``/openapi.json`` of a live server: no input makes it answer 5xx.
+
+The full app (streams, runs, UI) on every backend, ``MAX_EXAMPLES`` cases per
+operation and generation mode.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from runstream.server.app import create_app
-from tests.server.live import make_settings, serve_in_thread
+from tests.server.served import BACKENDS, Served, served
 
 MAX_EXAMPLES = 8
 
 
-@pytest.fixture(scope="module")
-def threaded_url() -> Iterator[str]:
+@pytest.fixture(scope="module", params=BACKENDS)
+def threaded_url(request: pytest.FixtureRequest) -> Iterator[str]:
     """A server in its own thread and loop, so synchronous schemathesis calls can reach it."""
-    config = make_settings(long_poll_max_wait=0.05, keepalive=0.2).replace(backend="memory://")
-    with serve_in_thread(create_app(config), config) as url:
+    srv: Served
+    with served(request) as srv:
         for name in ("s1", "s2"):  # some streams that exist, so reads go past the 404
-            requests.post(f"{url}/v1/streams/{name}/events", json={"type": "x"}, timeout=10)
-        yield url
+            requests.post(f"{srv.url}/v1/streams/{name}/events", json={"type": "x"}, timeout=10)
+        yield srv.url
 
 
 @pytest.mark.slow

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Self
 
+from runstream.core.jsonbody import check_text
 from runstream.core.model import (
     END_TYPE,
     JSON,
+    MAX_TYPE_LENGTH,
+    UNREADABLE_TYPE,
     AppendResult,
     EncodedEvents,
     Event,
@@ -34,10 +38,13 @@ from runstream.core.model import (
     Producer,
     Reset,
     StreamInfo,
+    validate_event_type,
     validate_stream_name,
 )
 from runstream.errors import HistoryLost, StreamDeleted, StreamNotFound, ValidationError
 from runstream.protocol.cursor import NOW, Position, check_position
+
+_log = logging.getLogger("runstream.backends")
 
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10_000
@@ -72,6 +79,73 @@ def _decode_all(texts: Sequence[str]) -> list[JSON]:
         except (TypeError, ValueError) as exc:
             raise ValidationError(f"encoded event data is not JSON: {exc}", field="data") from exc
     raise ValidationError("encoded event data must be one JSON value each", field="data")
+
+
+StoredRow = tuple[int, str, str, float]
+"""An entry as a backend stores it: ``(id, type, data JSON text, time)``."""
+
+
+def events_from_rows(stream: str, rows: Sequence[StoredRow], log: EventLog) -> list[Event]:
+    """The events of stored rows, each one servable on every transport.
+
+    A row that could not be served (its type is not a valid event type, its data
+    is not one JSON value, or either holds text UTF-8 cannot encode) comes out as
+    an :data:`~runstream.core.model.UNREADABLE_TYPE` item with the same id, so a
+    reader passes over it knowingly instead of failing on it forever. Each one is
+    counted in ``log.unreadable_events`` and logged.
+
+    One parse of the texts joined into an array, and one encode check of the
+    joined texts and types, settle a page of good rows; rows are looked at one by
+    one only when that fails.
+    """
+    if not rows:
+        return []
+    texts = [r[2] for r in rows]
+    joined = "[" + ",".join(texts) + "]"
+    try:
+        values = json.loads(joined)
+    except (ValueError, RecursionError):
+        values = None
+    if (
+        isinstance(values, list)
+        and len(values) == len(rows)
+        and _utf8(joined)
+        and _valid_types("".join([r[1] for r in rows]), rows)
+    ):
+        return [Event(i, t, v, tm, d) for (i, t, d, tm), v in zip(rows, values, strict=True)]
+    return [_row_event(stream, row, log) for row in rows]
+
+
+def _utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _valid_types(joined: str, rows: Sequence[StoredRow]) -> bool:
+    return (
+        _utf8(joined)
+        and "\n" not in joined
+        and "\r" not in joined
+        and "\0" not in joined
+        and all(0 < len(r[1]) <= MAX_TYPE_LENGTH for r in rows)
+    )
+
+
+def _row_event(stream: str, row: StoredRow, log: EventLog) -> Event:
+    id_, type_, text, time = row
+    try:
+        validate_event_type(type_, allow_reserved=True)
+        if not _utf8(text):
+            raise ValueError("data holds text UTF-8 cannot encode")
+        value = json.loads(text)
+    except (ValidationError, ValueError, RecursionError) as exc:
+        return log.unreadable(stream, id_, time, f"{type(exc).__name__}: {exc}")
+    return Event(id_, type_, value, time, text)
 
 
 class Notifier:
@@ -125,6 +199,24 @@ class EventLog(ABC):
     def __init__(self) -> None:
         self.notifier = Notifier()
         self.safety_poll = SAFETY_POLL_SECONDS
+        self.unreadable_events = 0
+        """Stored entries served as :data:`UNREADABLE_TYPE` items since start (a metric)."""
+
+    def unreadable(self, stream: str, id_: int, time: float, reason: str) -> Event:
+        """The item served in place of stored entry ``id_`` that cannot be served; counted.
+
+        Called by backends through :func:`events_from_rows` (possibly from a
+        reader thread: the count is a statistic, not a synchronisation point).
+        """
+        self.unreadable_events += 1
+        _log.warning(
+            "stream %r: stored entry %d cannot be served (%s); readers get an %r item",
+            stream,
+            id_,
+            reason[:200],
+            UNREADABLE_TYPE,
+        )
+        return Event(id_, UNREADABLE_TYPE, {"reason": reason[:500]}, time)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -294,8 +386,12 @@ class EventLog(ABC):
         """
         validate_stream_name(stream)
         for label, value in (("status", status), ("reason", reason)):
-            if value is not None and (not isinstance(value, str) or len(value) > 1000):
-                raise ValidationError(f"close {label} must be a string up to 1000 chars")
+            if value is not None:
+                if not isinstance(value, str) or len(value) > 1000:
+                    raise ValidationError(
+                        f"close {label} must be a string up to 1000 chars", field=label
+                    )
+                check_text(value, where=label)
         return await self._close(stream, status, reason)
 
     async def read(

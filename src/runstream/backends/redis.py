@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends import _redis_lua as lua
-from runstream.backends.base import EventLog
+from runstream.backends.base import EventLog, events_from_rows
 from runstream.core.model import (
     AppendResult,
     EncodedEvents,
@@ -208,18 +207,6 @@ def _pairs(flat: Sequence[str]) -> dict[str, str]:
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _as_events(entries: Sequence[tuple[str, dict[str, str]]]) -> tuple[Event, ...]:
-    if not entries:
-        return ()
-    # One JSON document for the whole page: per-call overhead of json.loads would
-    # otherwise dominate reading small events.
-    data = json.loads("[" + ",".join(fields["d"] for _, fields in entries) + "]")
-    return tuple(
-        Event(int(entry_id.partition("-")[0]), fields["t"], value, float(fields["ts"]), fields["d"])
-        for (entry_id, fields), value in zip(entries, data, strict=True)
-    )
-
-
 class RedisEventLog(EventLog):
     """Event log on Redis Streams. Create with :meth:`from_url`, use with ``async with``."""
 
@@ -236,9 +223,10 @@ class RedisEventLog(EventLog):
             "socket_timeout": opts.socket_timeout or None,
             "socket_connect_timeout": opts.socket_connect_timeout or None,
             "decode_responses": True,
-            # Event types and data may hold lone surrogates (valid in Python str and JSON
-            # strings); they round-trip instead of failing the append.
-            "encoding_errors": "surrogatepass",
+            # Input is checked to be valid UTF-8 text, but an entry written by another
+            # program may not be: its bytes decode to lone surrogates, and the read
+            # serves that entry as an "unreadable" item instead of failing the page.
+            "encoding_errors": "surrogateescape",
             # No silent retries: a timed-out script may have run, and re-running an append
             # would store it twice. Callers see BackendUnavailable and decide.
             "retry": None,
@@ -491,8 +479,8 @@ class RedisEventLog(EventLog):
             )
         )
         args = [
-            header.encode("utf-8", "surrogatepass"),
-            fields.encode("utf-8", "surrogatepass"),
+            header.encode("utf-8", "surrogateescape"),
+            fields.encode("utf-8", "surrogateescape"),
         ]
         async with self._op("append"):
             reply = await self._append_script(keys=self.keys(stream), args=args)
@@ -566,7 +554,11 @@ class RedisEventLog(EventLog):
                     meta, entries = await pipe.execute()
         if not meta:
             raise StreamNotFound(stream)
-        return _as_info(stream, meta), _as_events(entries)
+        rows = [
+            (int(entry_id.partition("-")[0]), f["t"], f["d"], float(f["ts"]))
+            for entry_id, f in entries
+        ]
+        return _as_info(stream, meta), tuple(events_from_rows(stream, rows, self))
 
     async def info(self, stream: str) -> StreamInfo:
         # A zero-length read: many followers starting at once share one request.

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
 
+from runstream.core.jsonbody import check_text
 from runstream.errors import ValidationError
 
 JSON: TypeAlias = Any
@@ -28,7 +29,12 @@ END_TYPE = "end"
 RESET_TYPE = "reset"
 """Type of the control message that reports lost history. Never stored."""
 
-RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE})
+UNREADABLE_TYPE = "unreadable"
+"""Type of the item a reader gets in place of a stored entry that cannot be served
+(written by an older version, another program or a hand edit): same id, data
+``{"reason": ...}``. Never stored."""
+
+RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE, UNREADABLE_TYPE})
 
 STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 MAX_TYPE_LENGTH = 100
@@ -55,6 +61,7 @@ def validate_event_type(type_: str, *, allow_reserved: bool = False) -> str:
         )
     if "\n" in type_ or "\r" in type_ or "\0" in type_:
         raise ValidationError("event type must not contain line breaks or NUL", field="type")
+    check_text(type_, where="type")
     if not allow_reserved and type_ in RESERVED_TYPES:
         raise ValidationError(
             f"event type {type_!r} is reserved; close the stream to end it", field="type"
@@ -67,11 +74,19 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def encode_data(data: JSON) -> str:
-    """Serialise event data to compact JSON, raising :class:`ValidationError` if impossible."""
+    """Serialise event data to compact JSON, raising :class:`ValidationError` if impossible.
+
+    Refused: values JSON cannot hold (``NaN``, infinities, non-JSON types),
+    strings UTF-8 cannot hold (lone surrogates: the data could never be served)
+    and nesting beyond the interpreter's recursion limit.
+    """
     try:
-        return _ENCODER.encode(data)
+        text = _ENCODER.encode(data)
     except (TypeError, ValueError) as exc:
         raise ValidationError(f"event data is not JSON-serialisable: {exc}", field="data") from exc
+    except RecursionError:
+        raise ValidationError("event data is nested too deeply", field="data") from None
+    return check_text(text, where="data")
 
 
 def new_epoch() -> str:
@@ -175,6 +190,17 @@ class Event:
 
     def to_json(self) -> dict[str, JSON]:
         return {"id": self.id, "type": self.type, "data": self.data, "time": rfc3339(self.time)}
+
+    def to_json_text(self) -> str:
+        """Compact JSON of :meth:`to_json`, reusing the stored data text when there is one.
+
+        No re-encoding of ``data``: cheaper, and exactly what was stored and checked.
+        """
+        data = self.data_json if self.data_json is not None else encode_data(self.data)
+        return (
+            f'{{"id":{self.id},"type":{_ENCODER.encode(self.type)},"data":{data},'
+            f'"time":"{rfc3339(self.time)}"}}'
+        )
 
 
 @dataclass(frozen=True, slots=True)

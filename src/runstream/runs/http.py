@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Request, WebSocket
 from pydantic import BaseModel
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from runstream.config import Settings
 from runstream.errors import (
@@ -54,6 +54,7 @@ from runstream.runs.tasks import TaskRegistry
 from runstream.server import schemas
 from runstream.server.auth import check_access, require_read, require_write
 from runstream.server.errors import error_response
+from runstream.server.responses import JSONResponse
 from runstream.server.runtime import Runtime, get_runtime
 from runstream.server.streams import (
     AfterQuery,
@@ -297,7 +298,7 @@ class RunsAPI:
             runtime = get_runtime(request)
             limit = min(MAX_CREATE_BODY, runtime.settings.limits.max_body_bytes)
             try:
-                payload = parse_json(await read_body(request, limit))
+                payload = parse_json(runtime, await read_body(request, limit))
                 task, params, timeout = _parse_create(payload)
                 record = await api._service().create(task, params, timeout=timeout)
             except ValidationError as exc:
@@ -435,6 +436,11 @@ def _parse_create(payload: Any) -> tuple[str, dict[str, Any], float | None]:
     if not isinstance(params, dict):
         raise InvalidParams("'params' must be an object", field="params")
     timeout = payload.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float)):
+    if timeout is None:
+        return task, params, None
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
         raise InvalidParams("'timeout' must be a number of seconds", field="timeout")
-    return task, params, None if timeout is None else float(timeout)
+    try:
+        return task, params, float(timeout)
+    except OverflowError:  # an int too large for a float: certainly over any task's limit
+        raise InvalidParams("'timeout' is out of range", field="timeout") from None

@@ -62,7 +62,10 @@ def create_app(
         holder["m"].slow_consumers.labels(sub.transport).inc()
 
     hub = Hub(log_backend, hub_limits, on_slow=on_slow)
-    metrics = holder["m"] = Metrics(subscribers=lambda: float(hub.subscriber_count))
+    metrics = holder["m"] = Metrics(
+        subscribers=lambda: float(hub.subscriber_count),
+        unreadable=lambda: float(log_backend.unreadable_events),
+    )
     runtime = Runtime(settings, log_backend, hub, metrics, owns_backend=owns)
 
     @contextlib.asynccontextmanager

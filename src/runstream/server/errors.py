@@ -10,9 +10,10 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from runstream.errors import HistoryLost, RunstreamError
+from runstream.server.responses import JSONResponse
 
 log = logging.getLogger("runstream.server")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, cast
 
 from runstream.backends.base import EventLog
-from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data, rfc3339
+from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data
 from runstream.errors import (
     HistoryLost,
     RunstreamError,
@@ -135,14 +135,8 @@ class Frame:
         """The WebSocket message: the event's JSON, or ``{"type": "reset", "data": ...}``."""
         if self._ws is None:
             event = self.event
-            if event is not None and event.data_json is not None:
-                # The stored data text as is: the same bytes as encoding to_json().
-                self._ws = (
-                    f'{{"id":{event.id},"type":{_encode(event.type)},"data":{event.data_json},'
-                    f'"time":{_encode(rfc3339(event.time))}}}'
-                )
-            elif event is not None:
-                self._ws = _encode(event.to_json())
+            if event is not None:
+                self._ws = event.to_json_text()
             else:
                 assert self.reset is not None
                 self._ws = _encode({"type": "reset", "data": self.reset.to_json()})

@@ -31,7 +31,11 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, subscribers: Callable[[], float] | None = None) -> None:
+    def __init__(
+        self,
+        subscribers: Callable[[], float] | None = None,
+        unreadable: Callable[[], float] | None = None,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.open_connections = Gauge(
@@ -80,6 +84,13 @@ class Metrics:
         gauge = Gauge("runstream_subscribers", "Subscriptions held by the fan-out hub.", registry=r)
         if subscribers is not None:
             gauge.set_function(subscribers)
+        unreadable_gauge = Gauge(
+            "runstream_unreadable_events",
+            "Stored entries served as 'unreadable' items since start (see the server log).",
+            registry=r,
+        )
+        if unreadable is not None:
+            unreadable_gauge.set_function(unreadable)
         # Bound children for the per-batch hot path (labels() takes a lock each call).
         self.delivered = {t: self.events_delivered.labels(t) for t in TRANSPORTS}
         for t in TRANSPORTS:  # make every series visible from the start

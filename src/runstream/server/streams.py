@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, WebSocket
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
+from runstream.core import jsonbody
 from runstream.core.model import STREAM_NAME_RE, NewEvent, Producer, validate_stream_name
 from runstream.errors import PayloadTooLarge, ValidationError
 from runstream.server import schemas
 from runstream.server.auth import check_access, require_read, require_write
+from runstream.server.responses import JSONResponse, page_response
 from runstream.server.runtime import Runtime, get_runtime
 from runstream.server.transports import (
     deny_websocket,
@@ -103,7 +104,7 @@ async def read_response(
     if wants_sse(request):
         return await sse_response(runtime, stream, last_event_id=last_event_id, after=after)
     page = await long_poll(runtime, stream, after=after, limit=limit, wait=wait)
-    return JSONResponse(page.to_json())
+    return page_response(page)
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -121,15 +122,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_json(body: bytes) -> Any:
-    try:
-        return json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValidationError(f"request body is not valid JSON: {exc}", field="body") from None
+def parse_json(runtime: Runtime, body: bytes, *, max_depth: int | None = -1) -> Any:
+    """Decode a request body by the one rule for stored input (:mod:`runstream.core.jsonbody`).
+
+    ``max_depth`` defaults to ``limits.max_json_depth``; ``None`` leaves depth to the caller.
+    """
+    depth = runtime.settings.limits.max_json_depth if max_depth == -1 else max_depth
+    return jsonbody.parse_json(body, max_depth=depth)
 
 
 def parse_events(runtime: Runtime, payload: Any) -> list[NewEvent]:
-    """Validate an append body (one event object or a non-empty array) against the limits."""
+    """Validate an append body (one event object or a non-empty array) against the limits.
+
+    The body was decoded without a depth check: each event's data is checked here
+    against ``max_json_depth`` less the two levels of the body around it.
+    """
     limits = runtime.settings.limits
     items = payload if isinstance(payload, list) else [payload]
     if not items:
@@ -138,20 +145,21 @@ def parse_events(runtime: Runtime, payload: Any) -> list[NewEvent]:
         raise PayloadTooLarge(
             f"a batch holds at most {limits.max_batch} events; this one has {len(items)}"
         )
+    data_depth = max(1, limits.max_json_depth - 2)
     events = []
     for i, item in enumerate(items):
-        event = NewEvent.from_json(item)
-        size = len(event.data_json.encode("utf-8", "surrogatepass"))
+        try:
+            event = NewEvent.from_json(item)
+            encoded = event.data_json
+            jsonbody.check_depth(event.data, encoded, max_depth=data_depth, where="data")
+        except ValidationError as exc:
+            where = f"event {i}: " if isinstance(payload, list) else ""
+            raise ValidationError(f"{where}{exc}", field=exc.field) from None
+        size = len(encoded) if encoded.isascii() else len(encoded.encode())
         if size > limits.max_event_bytes:
             raise PayloadTooLarge(
                 f"event {i}: data is {size} bytes encoded; the limit is {limits.max_event_bytes}"
             )
-        try:
-            event.data_json.encode()
-        except UnicodeEncodeError:
-            raise ValidationError(
-                f"event {i}: data contains an unpaired surrogate (not valid Unicode)", field="data"
-            ) from None
         events.append(event)
     return events
 
@@ -168,7 +176,7 @@ async def append_response(request: Request, runtime: Runtime, stream: str) -> JS
         request.headers.get("producer-id"), request.headers.get("producer-seq")
     )
     body = await read_body(request, runtime.settings.limits.max_body_bytes)
-    events = parse_events(runtime, parse_json(body))
+    events = parse_events(runtime, parse_json(runtime, body, max_depth=None))
     result = await runtime.backend.append(stream, events, producer=producer)
     if not result.duplicate:
         runtime.metrics.events_appended.inc(len(events))
@@ -257,7 +265,7 @@ async def close_stream(request: Request, stream: StreamName) -> Response:
     body = await read_body(request, runtime.settings.limits.max_body_bytes)
     status = reason = None
     if body.strip():
-        payload = parse_json(body)
+        payload = parse_json(runtime, body)
         if not isinstance(payload, dict):
             raise ValidationError('close body must be an object {"status": ..., "reason": ...}')
         unknown = set(payload) - {"status", "reason"}
