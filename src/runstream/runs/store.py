@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -16,12 +18,96 @@ SETTABLE_FIELDS = frozenset(RUN_FIELDS) - {"id", "status", "task", "created_at"}
 """Fields a transition may change; the status only through its ``new`` argument."""
 MATCHABLE_FIELDS = frozenset(RUN_FIELDS) - {"id", "status"}
 """Fields a transition's ``match`` may fence on (the status is fenced by ``expect``)."""
+MAX_LIST_LIMIT = 1000
+"""Most runs one :meth:`RunStore.list` page may hold."""
+
+_KINDS: dict[str, str] = {
+    "id": "text",
+    "task": "text",
+    "params": "object",
+    "status": "status",
+    "created_at": "number",
+    "timeout": "number?",
+    "exit_code": "integer?",
+    "error": "text?",
+    "started_at": "number?",
+    "finished_at": "number?",
+    "worker": "text?",
+    "attempt": "integer",
+    "cancel_requested": "bool",
+    "extra": "object",
+}
+"""What each stored field may hold (``?``: or None); every engine can store exactly these."""
+
+NUMBER_FIELDS = frozenset(name for name, kind in _KINDS.items() if kind.startswith("number"))
+"""Fields holding a float (an int is accepted and equal to the same float)."""
+
+_DESCRIPTIONS = {
+    "text": "a string of valid Unicode (no unpaired surrogate)",
+    "number": "a finite number",
+    "integer": "a 64-bit integer",
+    "bool": "true or false",
+    "object": "a JSON-serialisable dict (no NaN or infinity)",
+    "status": "a run status",
+}
+
+
+def _has_kind(value: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        if value is None:
+            return True
+        kind = kind[:-1]
+    if kind == "text":
+        if not isinstance(value, str):
+            return False
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return False
+        return True
+    if kind in ("number", "integer"):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if isinstance(value, int):  # SQLite's integers are 64 bits
+            return -(2**63) <= value < 2**63
+        return kind == "number" and math.isfinite(value)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "object":
+        if not isinstance(value, dict):
+            return False
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            return False
+        return True
+    return isinstance(value, str) and is_status(value)
+
+
+def check_field(name: str, value: Any) -> None:
+    """Refuse (:class:`ValidationError`) a value that the field ``name`` cannot hold."""
+    kind = _KINDS[name]
+    if not _has_kind(value, kind):
+        want = _DESCRIPTIONS[kind.rstrip("?")] + (" or None" if kind.endswith("?") else "")
+        raise ValidationError(f"run field {name!r} must be {want}, not {value!r}", field=name)
+
+
+def check_new_record(record: RunRecord) -> None:
+    """Refuse (:class:`ValidationError`) a record :meth:`RunStore.create` must not store."""
+    if record.status != "queued":
+        raise ValidationError(
+            f"run {record.id}: a new run must be 'queued', not {record.status!r}",
+            field="status",
+        )
+    for name in RUN_FIELDS:
+        check_field(name, getattr(record, name))
 
 
 def check_transition_args(
     new: str, fields: Mapping[str, Any], match: Mapping[str, Any] | None
 ) -> None:
-    """Refuse (:class:`ValidationError`) an unknown status or field before touching a store."""
+    """Refuse (:class:`ValidationError`) an unknown status or field, or a value a field
+    cannot hold, before touching a store."""
     if not is_status(new):
         raise ValidationError(f"unknown run status {new!r}", field="status")
     for name in (*fields, *(match or {})):
@@ -33,6 +119,16 @@ def check_transition_args(
     for name in match or {}:
         if name not in MATCHABLE_FIELDS:
             raise ValidationError(f"run field {name!r} cannot be matched", field=name)
+    for name, value in fields.items():
+        check_field(name, value)
+
+
+def check_list_args(status: str | None, limit: int) -> None:
+    """Refuse (:class:`ValidationError`) an unknown status or a limit outside 1..MAX_LIST_LIMIT."""
+    if status is not None and not is_status(status):
+        raise ValidationError(f"unknown run status {status!r}", field="status")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
+        raise ValidationError(f"limit must be 1-{MAX_LIST_LIMIT}", field="limit")
 
 
 def encode_cursor(created_at: float, run_id: str) -> str:
@@ -44,9 +140,10 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     """Parse a cursor from :func:`encode_cursor`; :class:`ValidationError` if malformed."""
     score, sep, run_id = cursor.partition("|")
     try:
-        if not sep or not run_id:
+        position = float(score)
+        if not sep or not run_id or not math.isfinite(position):
             raise ValueError(cursor)
-        return float(score), run_id
+        return position, run_id
     except ValueError:
         raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
 
@@ -68,7 +165,14 @@ class RunStore(ABC):
 
     @abstractmethod
     async def create(self, record: RunRecord) -> RunRecord:
-        """Store a new run (status ``queued``). The id must be new."""
+        """Store a new run and return it; :meth:`get` then returns an equal record.
+
+        Raises :class:`~runstream.errors.ValidationError` (``field`` names the
+        culprit) if the record is not ``queued``, its id exists already, or a
+        field holds a value the engines cannot all store (:func:`check_new_record`:
+        e.g. ``params`` must be a JSON-serialisable dict). Strings in
+        ``params``/``extra`` round-trip exactly, unpaired surrogates included.
+        """
 
     @abstractmethod
     async def get(self, run_id: str) -> RunRecord:
@@ -89,10 +193,16 @@ class RunStore(ABC):
         given value (e.g. ``{"worker": me, "attempt": n}``), so a worker that was
         presumed dead cannot overwrite the outcome of the attempt that replaced it.
 
-        Raises :class:`~runstream.errors.IllegalTransition` if the table forbids
-        the move, the current status is not in ``expect`` or ``match`` fails,
-        and :class:`~runstream.errors.ValidationError` for an unknown status or
-        a field that does not exist or cannot be set (see :data:`SETTABLE_FIELDS`).
+        Fields not named keep their values (``None`` clears one); the store
+        stamps no time of its own. Returns the record as stored.
+
+        Raises :class:`~runstream.errors.ValidationError` for an unknown status,
+        a field that does not exist or cannot be set (see :data:`SETTABLE_FIELDS`)
+        or a value the field cannot hold, before looking the run up; then
+        :class:`~runstream.errors.RunNotFound`; then
+        :class:`~runstream.errors.IllegalTransition` if the table forbids the
+        move, the current status is not in ``expect`` or ``match`` fails. A
+        refused move changes nothing.
         """
         check_transition_args(new, fields, match)
         expected = None if expect is None else list(expect)
@@ -111,7 +221,11 @@ class RunStore(ABC):
 
     @abstractmethod
     async def request_cancel(self, run_id: str) -> RunRecord:
-        """Mark the run as cancel-requested (idempotent); a worker running it must stop it."""
+        """Mark the run as cancel-requested (idempotent); a worker running it must stop it.
+
+        Works in every status and changes nothing else; returns the record.
+        Raises :class:`~runstream.errors.RunNotFound`.
+        """
 
     @abstractmethod
     async def list(
@@ -122,7 +236,16 @@ class RunStore(ABC):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
-        """Runs newest first, filtered; returns the page and the cursor of the next page."""
+        """Runs newest first, filtered; returns the page and the cursor of the next page.
+
+        Runs are ordered by ``(created_at, id)``, descending. The cursor is None
+        exactly when no further run matches. A cursor is a position, not a
+        snapshot: runs created later (newer) never appear on the following pages,
+        and a run whose status changed is filtered when its page is read.
+
+        Raises :class:`~runstream.errors.ValidationError` for an unknown status,
+        a ``limit`` outside 1..:data:`MAX_LIST_LIMIT` or a malformed cursor.
+        """
 
 
 def open_run_store(url: str) -> RunStore:

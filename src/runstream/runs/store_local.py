@@ -35,14 +35,20 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RUN_FIELDS, RunStore, decode_cursor, encode_cursor
+from runstream.runs.store import (
+    RUN_FIELDS,
+    RunStore,
+    check_list_args,
+    check_new_record,
+    decode_cursor,
+    encode_cursor,
+)
 
 __all__ = ["MemoryRunStore", "SQLiteRunStore"]
 
 T = TypeVar("T")
 
 
-MAX_LIST_LIMIT = 1000
 DEFAULT_BUSY_TIMEOUT = 5.0
 
 
@@ -69,11 +75,24 @@ def _apply(
     return dataclasses.replace(record, status=new, **fields)
 
 
-def _check_list_args(status: str | None, limit: int) -> None:
-    if status is not None and not is_status(status):
-        raise ValidationError(f"unknown run status {status!r}", field="status")
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_LIST_LIMIT:
-        raise ValidationError(f"limit must be 1-{MAX_LIST_LIMIT}", field="limit")
+_JSON_FIELDS = frozenset({"params", "extra"})
+
+
+def _encode_json(name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            f"run field {name} is not JSON-serialisable: {exc}", field=name
+        ) from exc
+
+
+def _json_copies(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``params``/``extra`` replaced by what the other engines would store."""
+    return {
+        name: json.loads(_encode_json(name, value)) if name in _JSON_FIELDS else value
+        for name, value in values.items()
+    }
 
 
 class MemoryRunStore(RunStore):
@@ -87,14 +106,12 @@ class MemoryRunStore(RunStore):
         self._runs: dict[str, RunRecord] = {}
 
     async def create(self, record: RunRecord) -> RunRecord:
-        if record.status != "queued":
-            raise ValidationError(
-                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
-                field="status",
-            )
+        check_new_record(record)
         if record.id in self._runs:
             raise ValidationError(f"run {record.id} already exists", field="id")
-        self._runs[record.id] = record
+        # Copies, as SQLite and Redis store them: the caller's dicts stay the caller's.
+        copies = _json_copies({"params": record.params, "extra": record.extra})
+        self._runs[record.id] = dataclasses.replace(record, **copies)
         return record
 
     async def get(self, run_id: str) -> RunRecord:
@@ -112,7 +129,7 @@ class MemoryRunStore(RunStore):
         fields: Mapping[str, Any],
     ) -> RunRecord:
         record = await self.get(run_id)
-        updated = _apply(record, new, expect, match, fields)
+        updated = _apply(record, new, expect, match, _json_copies(fields))
         self._runs[run_id] = updated
         return updated
 
@@ -131,7 +148,7 @@ class MemoryRunStore(RunStore):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
-        _check_list_args(status, limit)
+        check_list_args(status, limit)
         after = decode_cursor(cursor) if cursor is not None else None
         rows = sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
         page: list[RunRecord] = []
@@ -173,7 +190,6 @@ _SCHEMA = (
 )
 _COLUMNS = ", ".join(RUN_FIELDS)
 _PLACEHOLDERS = ", ".join("?" * len(RUN_FIELDS))
-_JSON_FIELDS = frozenset({"params", "extra"})
 
 
 def _to_row(record: RunRecord) -> list[Any]:
@@ -181,12 +197,7 @@ def _to_row(record: RunRecord) -> list[Any]:
     for name in RUN_FIELDS:
         value = getattr(record, name)
         if name in _JSON_FIELDS:
-            try:
-                value = json.dumps(value, separators=(",", ":"), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValidationError(
-                    f"run field {name} is not JSON-serialisable: {exc}", field=name
-                ) from exc
+            value = _encode_json(name, value)
         elif name == "cancel_requested":
             value = int(value)
         row.append(value)
@@ -334,11 +345,7 @@ class SQLiteRunStore(RunStore):
     # -- RunStore --------------------------------------------------------------
 
     async def create(self, record: RunRecord) -> RunRecord:
-        if record.status != "queued":
-            raise ValidationError(
-                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
-                field="status",
-            )
+        check_new_record(record)
         row = _to_row(record)
 
         def insert(conn: sqlite3.Connection) -> None:
@@ -390,7 +397,7 @@ class SQLiteRunStore(RunStore):
         limit: int = 50,
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
-        _check_list_args(status, limit)
+        check_list_args(status, limit)
         where: list[str] = []
         args: list[Any] = []
         if status is not None:

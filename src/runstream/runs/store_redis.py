@@ -21,20 +21,18 @@ worker that runs it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends.redis import RedisOptions, parse_url
+from runstream.backends.redis import _translated as redis_errors_translated
 from runstream.errors import (
     BackendError,
-    BackendUnavailable,
     ConfigError,
     IllegalTransition,
     RunNotFound,
@@ -42,7 +40,15 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import TRANSITIONS, RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
-from runstream.runs.store import RUN_FIELDS, RunStore, decode_cursor, encode_cursor
+from runstream.runs.store import (
+    NUMBER_FIELDS,
+    RUN_FIELDS,
+    RunStore,
+    check_list_args,
+    check_new_record,
+    decode_cursor,
+    encode_cursor,
+)
 
 __all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
 
@@ -97,17 +103,6 @@ return {'ok', redis.call('HGETALL', KEYS[1])}
 """
 
 
-@contextlib.contextmanager
-def redis_errors_translated(what: str) -> Iterator[None]:
-    """Turn redis-py and socket failures into runstream errors, keeping the cause."""
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"redis unreachable during {what}: {exc}") from exc
-    except redis_errors.RedisError as exc:
-        raise BackendError(f"redis failed during {what}: {exc}") from exc
-
-
 @dataclasses.dataclass(frozen=True, slots=True)
 class RedisRunKeys:
     """Names of the run-related keys under one prefix (shared with the dispatcher)."""
@@ -142,6 +137,9 @@ def _encode(record: RunRecord) -> dict[str, str]:
 
 
 def _encode_value(name: str, value: Any) -> str:
+    if name in NUMBER_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        # One spelling per number, so a fence on 5 matches the 5.0 stored (as elsewhere).
+        value = float(value)
     try:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
@@ -208,6 +206,9 @@ class RedisRunStore(RunStore):
                 socket_timeout=self.options.socket_timeout or None,
                 socket_connect_timeout=self.options.socket_connect_timeout or None,
                 decode_responses=True,
+                # Strings in params round-trip exactly, unpaired surrogates included
+                # (as in the EventLog, and as SQLite's escaped JSON does).
+                encoding_errors="surrogatepass",
                 # A timed-out script may have run: never resend a write behind the caller's back.
                 retry=None,
                 maint_notifications_config=NO_MAINT_NOTIFICATIONS,
@@ -234,11 +235,7 @@ class RedisRunStore(RunStore):
         await self._pool.aclose()
 
     async def create(self, record: RunRecord) -> RunRecord:
-        if record.status != "queued":
-            raise ValidationError(
-                f"run {record.id}: a new run must be 'queued', not {record.status!r}",
-                field="status",
-            )
+        check_new_record(record)
         args = [item for pair in _encode(record).items() for item in pair]
         with redis_errors_translated("create run"):
             created = await self._create(keys=[self.keys.run(record.id)], args=args)
@@ -312,18 +309,17 @@ class RedisRunStore(RunStore):
         """See :meth:`RunStore.list`.
 
         The index is scanned newest first and filters are applied to the
-        records, so a rare status among many runs costs a longer scan; the
-        cursor is ``"<created_at>|<id>"`` of the last run returned.
+        records, so a rare status among many runs costs a longer scan (a full
+        page also looks for one more match, to know whether there is a next
+        page); the cursor is ``"<created_at>|<id>"`` of the last run returned.
         """
-        if limit < 1:
-            return [], None
-        if status is not None and not is_status(status):
-            raise ValidationError(f"unknown run status {status!r}", field="status")
+        check_list_args(status, limit)
         after = decode_cursor(cursor) if cursor is not None else None
         max_score: str = "+inf" if after is None else repr(after[0])
         offset = 0
         page: list[RunRecord] = []
-        batch = max(LIST_SCAN_BATCH, limit)
+        last: tuple[float, str] = (0.0, "")
+        batch = max(LIST_SCAN_BATCH, limit + 1)
         while True:
             with redis_errors_translated("list runs"):
                 entries = cast(
@@ -352,9 +348,10 @@ class RedisRunStore(RunStore):
                     continue
                 if task is not None and record.task != task:
                     continue
-                page.append(record)
                 if len(page) == limit:
-                    return page, encode_cursor(score, rid)
+                    return page, encode_cursor(*last)
+                page.append(record)
+                last = (score, rid)
 
     async def fence_state(self, run_id: str) -> tuple[RunStatus | None, str | None, int, bool]:
         """``(status, worker, attempt, cancel_requested)`` in one round trip.
