@@ -50,4 +50,5 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def index() -> Response:
-    return HTMLResponse(_PLACEHOLDER)
+    csp = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    return HTMLResponse(_PLACEHOLDER, headers={"Content-Security-Policy": csp})
