@@ -40,10 +40,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from starlette.datastructures import Headers, MutableHeaders
+from starlette.datastructures import Headers
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -81,6 +82,7 @@ CORS_REQUEST_HEADERS: Final = frozenset(
 """Request headers a listed origin may send (lower case)."""
 CORS_EXPOSE_HEADERS: Final = ("Retry-After", "WWW-Authenticate")
 """Response headers a page on a listed origin may read (besides the CORS-safelisted ones)."""
+_HOST_CACHE_SIZE: Final = 256
 CORS_MAX_AGE: Final = 600
 """Seconds a browser may cache a preflight answer."""
 
@@ -92,6 +94,11 @@ BASE_HEADERS: Final = (
 """Added to every HTTP response that does not set them itself."""
 DEFAULT_CSP: Final = "frame-ancestors 'none'"
 """The Content-Security-Policy of responses that set none (the UI sets its own)."""
+_BASE_RAW: Final = tuple(
+    (name.encode(), value.encode())
+    for name, value in (*BASE_HEADERS, ("content-security-policy", DEFAULT_CSP))
+)
+_EXPOSE: Final = ", ".join(CORS_EXPOSE_HEADERS).encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +288,7 @@ class SecurityPolicy:
         same_port = h_port == o_port or (h_port is None and o_port == _DEFAULT_PORTS[scheme])
         return o_host == h_host and same_port
 
-    def body_refusal(self, method: str, path: str, headers: Headers) -> str | None:
+    def body_refusal(self, method: str, path: str, headers: Mapping[str, str]) -> str | None:
         """Why a state-changing request's body is refused (415), or ``None``."""
         rule = body_rule(method, path, self.rules)
         if rule.media_types is None:
@@ -311,6 +318,15 @@ class SecurityMiddleware:
     def __init__(self, app: ASGIApp, policy: SecurityPolicy) -> None:
         self.app = app
         self.policy = policy
+        self._hosts: dict[str | None, bool] = {}  # Host values seen, and the verdict
+
+    def _host_allowed(self, host: str | None) -> bool:
+        verdict = self._hosts.get(host)
+        if verdict is None:
+            verdict = self.policy.host_allowed(host)
+            if len(self._hosts) < _HOST_CACHE_SIZE:  # bounded: any client picks the value
+                self._hosts[host] = verdict
+        return verdict
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -318,9 +334,9 @@ class SecurityMiddleware:
             await self.app(scope, receive, send)
             return
         policy = self.policy
-        headers = Headers(scope=scope)
+        headers = _wanted_headers(scope)
         host = headers.get("host")
-        if not policy.host_allowed(host):
+        if not self._host_allowed(host):
             shown = (host or "")[:100]
             await self._refuse(
                 scope,
@@ -348,7 +364,7 @@ class SecurityMiddleware:
             and origin is not None
             and "access-control-request-method" in headers
         ):
-            await self._preflight(scope, receive, send, headers, origin)
+            await self._preflight(scope, receive, send, Headers(scope=scope), origin)
             return
         if method in STATE_CHANGING:
             refusal = policy.body_refusal(method, scope["path"], headers)
@@ -366,18 +382,28 @@ class SecurityMiddleware:
 
     def _decorating(self, send: Send, origin: str | None) -> Send:
         cors = origin is not None and self.policy.cors_enabled
-        allowed = cors and origin is not None and self.policy.cors_allowed(origin)
+        extra: list[tuple[bytes, bytes]] = []
+        if cors:
+            assert origin is not None
+            extra.append((b"vary", b"Origin"))
+            if self.policy.cors_allowed(origin):
+                extra.append((b"access-control-allow-origin", origin.encode("latin-1")))
+                extra.append((b"access-control-expose-headers", _EXPOSE))
 
         async def decorated(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                _add_base_headers(headers)
-                if cors:
-                    headers.add_vary_header("Origin")
-                if allowed:
-                    assert origin is not None
-                    headers["Access-Control-Allow-Origin"] = origin
-                    headers["Access-Control-Expose-Headers"] = ", ".join(CORS_EXPOSE_HEADERS)
+                raw = list(message.get("headers", ()))
+                present = {name.lower() for name, _ in raw}
+                raw += [h for h in _BASE_RAW if h[0] not in present]
+                if extra:
+                    if b"vary" in present:  # one Vary, listing Origin too
+                        raw = [
+                            (k, v + b", Origin") if k.lower() == b"vary" else (k, v) for k, v in raw
+                        ]
+                        raw += extra[1:]
+                    else:
+                        raw += extra
+                message = {**message, "headers": raw}
             await send(message)
 
         return decorated
@@ -436,12 +462,25 @@ class SecurityMiddleware:
         await response(scope, receive, self._decorating(send, origin))
 
 
-def _add_base_headers(headers: MutableHeaders) -> None:
-    for name, value in BASE_HEADERS:
-        if name not in headers:
-            headers.append(name, value)
-    if "content-security-policy" not in headers:
-        headers.append("content-security-policy", DEFAULT_CSP)
+_WANTED: Final = frozenset(
+    {
+        b"host",
+        b"origin",
+        b"content-type",
+        b"content-length",
+        b"transfer-encoding",
+        b"access-control-request-method",
+    }
+)
+
+
+def _wanted_headers(scope: Scope) -> dict[str, str]:
+    """The request headers the checks read, in one pass (first value of each)."""
+    out: dict[str, str] = {}
+    for name, value in scope["headers"]:
+        if name in _WANTED and (key := name.decode("latin-1")) not in out:
+            out[key] = value.decode("latin-1")
+    return out
 
 
 def _origin_message(origin: str) -> str:
