@@ -82,7 +82,6 @@ CORS_REQUEST_HEADERS: Final = frozenset(
 """Request headers a listed origin may send (lower case)."""
 CORS_EXPOSE_HEADERS: Final = ("Retry-After", "WWW-Authenticate")
 """Response headers a page on a listed origin may read (besides the CORS-safelisted ones)."""
-_HOST_CACHE_SIZE: Final = 256
 CORS_MAX_AGE: Final = 600
 """Seconds a browser may cache a preflight answer."""
 
@@ -99,6 +98,8 @@ _BASE_RAW: Final = tuple(
     for name, value in (*BASE_HEADERS, ("content-security-policy", DEFAULT_CSP))
 )
 _EXPOSE: Final = ", ".join(CORS_EXPOSE_HEADERS).encode()
+_HOST_CACHE_SIZE: Final = 256
+"""Distinct Host values whose verdict is remembered (the rest are checked each time)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,12 +382,11 @@ class SecurityMiddleware:
         await self.app(scope, receive, self._decorating(send, origin))
 
     def _decorating(self, send: Send, origin: str | None) -> Send:
-        cors = origin is not None and self.policy.cors_enabled
         extra: list[tuple[bytes, bytes]] = []
-        if cors:
-            assert origin is not None
+        if self.policy.cors_enabled:
+            # With or without an Origin: a cache must not serve one origin's answer to another.
             extra.append((b"vary", b"Origin"))
-            if self.policy.cors_allowed(origin):
+            if origin is not None and self.policy.cors_allowed(origin):
                 extra.append((b"access-control-allow-origin", origin.encode("latin-1")))
                 extra.append((b"access-control-expose-headers", _EXPOSE))
 
@@ -398,7 +398,10 @@ class SecurityMiddleware:
                 if extra:
                     if b"vary" in present:  # one Vary, listing Origin too
                         raw = [
-                            (k, v + b", Origin") if k.lower() == b"vary" else (k, v) for k, v in raw
+                            (k, v + b", Origin")
+                            if k.lower() == b"vary" and b"origin" not in v.lower()
+                            else (k, v)
+                            for k, v in raw
                         ]
                         raw += extra[1:]
                     else:
