@@ -132,3 +132,32 @@ def test_public_bind_needs_a_token() -> None:
 )
 def test_is_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
+
+
+def test_host_and_origin_lists_from_file_and_environment(tmp_path: Path) -> None:
+    text = (
+        "[server]\nallowed_hosts = ['runs.example.com', '*.internal']\n"
+        "cors_origins = ['https://app.example.com']\n"
+    )
+    s = load_settings(write(tmp_path, text), env={})
+    assert s.server.allowed_hosts == ("runs.example.com", "*.internal")
+    assert s.server.cors_origins == ("https://app.example.com",)
+    env = {"RUNSTREAM_CORS_ORIGINS": " https://a.example , http://localhost:3000,"}
+    s = load_settings(write(tmp_path, text), env=env)
+    assert s.server.cors_origins == ("https://a.example", "http://localhost:3000")
+    assert load_settings(env={}).server.allowed_hosts == ()
+    with pytest.raises(ConfigError, match=r"server\.allowed_hosts: invalid value"):
+        load_settings(write(tmp_path, "[server]\nallowed_hosts = [1]\n"), env={})
+
+
+def test_any_cors_origin_needs_a_token() -> None:
+    with pytest.raises(ConfigError, match="cors_origins"):
+        load_settings(env={"RUNSTREAM_CORS_ORIGINS": "*"})
+    s = load_settings(env={"RUNSTREAM_CORS_ORIGINS": "*", "RUNSTREAM_TOKEN": "long-token-1"})
+    assert s.server.cors_origins == ("*",)
+
+
+def test_repr_masks_the_backend_password() -> None:
+    s = load_settings(env={"RUNSTREAM_BACKEND": "redis://user:hunter22@db:6379/0"})
+    assert s.server.backend == "redis://user:hunter22@db:6379/0"
+    assert "hunter22" not in repr(s) and "redis://user:***@db:6379/0" in repr(s)

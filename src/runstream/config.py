@@ -15,7 +15,9 @@ File layout::
 Environment: ``RUNSTREAM_CONFIG`` (file path), ``RUNSTREAM_TOKEN`` (read+write),
 ``RUNSTREAM_READ_TOKEN`` (read only), and ``RUNSTREAM_<FIELD>`` for every field
 of ``[server]`` and ``[limits]`` (``RUNSTREAM_BACKEND``, ``RUNSTREAM_PORT``,
-``RUNSTREAM_KEEPALIVE``, ``RUNSTREAM_MAX_BODY_BYTES``, ...).
+``RUNSTREAM_KEEPALIVE``, ``RUNSTREAM_MAX_BODY_BYTES``, ...). List settings
+(``allowed_hosts``, ``cors_origins``) are TOML arrays, comma-separated in the
+environment (``RUNSTREAM_CORS_ORIGINS=https://a.example,https://b.example``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any, Literal, TypeAlias
 from runstream.backends import DEFAULT_BACKEND_URL
 from runstream.core.jsonbody import DEFAULT_MAX_DEPTH
 from runstream.errors import ConfigError
+from runstream.redact import mask_secrets
 
 Scope: TypeAlias = Literal["read", "write"]
 SCOPES: frozenset[str] = frozenset({"read", "write"})
@@ -70,6 +73,17 @@ class ServerSettings:
     long_poll_max_wait: float = 30.0
     """Upper bound for ``wait=`` on JSON reads."""
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()
+    """``Host`` names answered besides loopback names (``name``, ``name:port``, ``*.domain``,
+    ``*`` = any). Empty: loopback names only on a loopback bind, any host on another bind."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``https://app.example.com``) whose pages may call the API; empty = CORS off.
+    ``*`` (any origin) needs a token."""
+
+    def __repr__(self) -> str:  # the backend URL may hold a password
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["backend"] = mask_secrets(self.backend)
+        return "ServerSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +177,12 @@ def _coerce(cls_name: str, name: str, ftype: Any, value: Any) -> Any:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
             result: Any = int(value)
+        elif kind.startswith("tuple"):
+            # TOML arrays, or comma-separated in the environment.
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+                raise ValueError(value)
+            result = tuple(i.strip() for i in items if i.strip())
         elif kind.startswith("float"):
             if isinstance(value, bool):
                 raise ValueError(value)
@@ -298,3 +318,8 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"limits.{name} must be >= 1")
     if lim.default_page_limit > lim.max_page_limit:
         raise ConfigError("limits.default_page_limit must be <= limits.max_page_limit")
+    if "*" in s.cors_origins and not settings.auth_enabled:
+        raise ConfigError(
+            'server.cors_origins = ["*"] without an access token would let every web page read '
+            "and write every stream; list the origins, or set a token"
+        )

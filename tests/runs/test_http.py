@@ -183,7 +183,8 @@ async def test_bad_create_requests_are_refused(api: Api) -> None:
         assert r.status_code == status, (body, r.text)
         error = r.json()["error"]
         assert (error["code"], error.get("field")) == (code, field), body
-    r = await api.client.post("/v1/runs", content=b"{not json")
+    json_type = {"Content-Type": "application/json"}
+    r = await api.client.post("/v1/runs", content=b"{not json", headers=json_type)
     assert r.status_code == 400
     assert (await api.client.get("/v1/runs")).json()["runs"] == []
 

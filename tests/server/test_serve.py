@@ -31,7 +31,7 @@ async def _raw_sse_client(
     # The stream reader reads ahead up to twice its limit: keep it small so it stops.
     reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 14)
     writer.write(
-        f"GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n"
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n"
         "Connection: close\r\n\r\n".encode()
     )
     await writer.drain()

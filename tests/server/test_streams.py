@@ -71,14 +71,16 @@ async def test_size_limits_are_413(http: httpx.AsyncClient) -> None:
         assert r.status_code == 413 and "at most 5 events" in r.json()["error"]["message"]
         r = await http.post("/v1/streams/s/events", json={"type": "x", "data": "y" * 2000})
         assert r.status_code == 413 and "limit is 1000" in r.json()["error"]["message"]
-        r = await http.post("/v1/streams/s/events", content=b"[" + b" " * 20_000 + b"]")
+        json_type = {"Content-Type": "application/json"}
+        body = b"[" + b" " * 20_000 + b"]"
+        r = await http.post("/v1/streams/s/events", content=body, headers=json_type)
         assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
         async def chunks():  # type: ignore[no-untyped-def]
             for _ in range(20):
                 yield b" " * 1000
 
-        r = await http.post("/v1/streams/s/events", content=chunks())
+        r = await http.post("/v1/streams/s/events", content=chunks(), headers=json_type)
         assert r.status_code == 413
 
 

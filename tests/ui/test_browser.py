@@ -78,6 +78,7 @@ class ServeProcess:
     config: Path
     db_url: str
     workers: int
+    token: str | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
 
@@ -91,8 +92,11 @@ class ServeProcess:
             "--config", str(self.config), "--backend", self.db_url,
             "--port", str(self.port), "--workers", str(self.workers),
         ]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSTREAM_")}
+        if self.token is not None:
+            env["RUNSTREAM_TOKEN"] = self.token
         log = open(self.config.parent / f"serve-{self.port}.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, env=env)
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -153,8 +157,8 @@ def serve_factory(tmp_path: Path) -> Iterator[Any]:
     config = write_config(tmp_path)
     db_url = f"sqlite:///{tmp_path / 'rs.db'}"
 
-    def make(workers: int) -> ServeProcess:
-        sp = ServeProcess(config, db_url, workers)
+    def make(workers: int, token: str | None = None) -> ServeProcess:
+        sp = ServeProcess(config, db_url, workers, token)
         sp.start()
         started.append(sp)
         return sp
@@ -173,17 +177,28 @@ async def page() -> AsyncIterator[Any]:
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         context = await browser.new_context(viewport={"width": 1280, "height": 800})
+        # Every test also checks that the page works under its Content-Security-Policy:
+        # anything the policy blocks is reported here and fails the test.
+        await context.add_init_script(
+            "window.__cspViolations = [];"
+            "document.addEventListener('securitypolicyviolation', (e) =>"
+            " window.__cspViolations.push(e.violatedDirective + ' ' + e.blockedURI));"
+        )
         pg = await context.new_page()
         errors: list[str] = []
         pg.on("pageerror", lambda exc: errors.append(str(exc)))
         yield pg
+        violations = await pg.evaluate("window.__cspViolations || []")
         await browser.close()
         assert errors == [], f"JavaScript errors on the page: {errors}"
+        assert violations == [], f"Content-Security-Policy violations: {violations}"
 
 
 async def wait_js(page: Any, expr: str, seconds: float = 30.0) -> Any:
     """Wait until ``expr`` is truthy in the page; return its value."""
-    handle = await page.wait_for_function(expr, timeout=seconds * 1000)
+    # As a function, not a bare expression: Playwright would eval() that in the page,
+    # which the page's Content-Security-Policy (rightly) refuses.
+    handle = await page.wait_for_function(f"() => ({expr})", timeout=seconds * 1000)
     return await handle.json_value()
 
 
@@ -274,3 +289,50 @@ async def test_hundred_thousand_line_log_keeps_the_dom_small_and_searchable(
     await page.locator("#log-rows .row.cur").filter(has_text="row 77777").wait_for(timeout=10_000)
     assert not await page.is_checked("#follow-tail")  # jumping to a match stops following
     await page.screenshot(path=str(ARTIFACTS / "run-100k-search.png"))
+
+
+async def test_token_never_appears_in_a_url_and_leaves_the_address_bar(
+    serve_factory: Any, page: Any
+) -> None:
+    token = "ui-t0ken-5e3b9c1d"
+    server = serve_factory(1, token=token)
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=auth) as http:
+        assert (await http.get("/v1/runs", headers={"Authorization": ""})).status_code == 401
+        r = await http.post("/v1/runs", json={"task": "big", "params": {"n": 3000}})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+    urls: list[str] = []
+    ws_frames: list[int] = []
+
+    def on_websocket(ws: Any) -> None:
+        urls.append(ws.url)
+        ws.on("framereceived", lambda payload: ws_frames.append(len(payload)))
+
+    page.on("request", lambda request: urls.append(request.url))
+    page.on("websocket", on_websocket)
+
+    await page.goto(f"{server.url}/?token={token}#/runs/{run_id}")
+    await wait_js(page, "window.__runstream.ended()", seconds=60)
+    stdout = "window.__runstream.lines().filter(l => l.stream === 'stdout').length"
+    assert await page.evaluate(stdout) == 3000
+    assert await page.evaluate("window.__runstream.mode()") == "ws"
+    assert ws_frames, "the log must have come over the WebSocket"
+    # The address bar lost the token but kept the route; history has no entry with it.
+    assert await page.evaluate("location.search") == ""
+    assert await page.evaluate("location.hash") == f"#/runs/{run_id}"
+    assert await page.evaluate("localStorage.getItem('runstream.token')") == token
+    await page.go_back()
+    assert page.url == "about:blank"
+    await page.go_forward()
+    assert page.url == f"{server.url}/#/runs/{run_id}"
+
+    # A fresh load takes the token from storage; the list works with it.
+    await page.goto(f"{server.url}/#/")
+    await page.locator(f"tr[data-run='{run_id}'] .badge.s-succeeded").wait_for(timeout=30_000)
+    assert any("/v1/runs" in u for u in urls) and any("/ws" in u for u in urls)
+    # Only the link the user opened carried it; nothing the page requested did.
+    opened = f"{server.url}/?token={token}"
+    leaked = [u for u in urls if token in u and u != opened]
+    assert leaked == [], f"the page put the token in a URL: {leaked}"
+    assert urls.count(opened) == 1

@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from runstream.backends.base import EventLog, Notifier
 from runstream.errors import ConfigError
+from runstream.redact import mask_secrets
 
 DEFAULT_BACKEND_URL = "sqlite:///./.runstream/runstream.db"
 
@@ -36,5 +37,6 @@ def open_backend(url: str = DEFAULT_BACKEND_URL) -> EventLog:
             ) from exc
         return RedisEventLog.from_url(url)
     raise ConfigError(
-        f"unknown backend URL {url!r}: use memory://, sqlite:///path/to/file.db or redis://host:port/db"
+        f"unknown backend URL {mask_secrets(url)!r}: use memory://, sqlite:///path/to/file.db "
+        "or redis://host:port/db"
     )

@@ -69,6 +69,7 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.protocol.cursor import Position
+from runstream.redact import mask_secrets
 
 __all__ = ["RedisEventLog", "RedisOptions"]
 
@@ -155,7 +156,7 @@ def parse_url(url: str) -> tuple[str, RedisOptions]:
     """
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
-        raise ConfigError(f"not a redis URL: {url!r}")
+        raise ConfigError(f"not a redis URL: {mask_secrets(url)!r}")
     values: dict[str, Any] = {}
     rest: list[tuple[str, str]] = []
     for key, value in parse_qsl(parts.query, keep_blank_values=True):

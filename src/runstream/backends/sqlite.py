@@ -72,6 +72,7 @@ from runstream.errors import (
     StreamNotFound,
     ValidationError,
 )
+from runstream.redact import mask_secrets
 
 __all__ = ["SQLiteEventLog"]
 
@@ -337,17 +338,17 @@ class SQLiteEventLog(EventLog):
         """
         parts = urlsplit(url)
         if parts.scheme.lower() != "sqlite":
-            raise ConfigError(f"not a sqlite URL: {url!r}")
+            raise ConfigError(f"not a sqlite URL: {mask_secrets(url)!r}")
         if parts.netloc:
             raise ConfigError(
-                f"invalid sqlite URL {url!r}: use sqlite:///relative/path.db "
+                f"invalid sqlite URL {mask_secrets(url)!r}: use sqlite:///relative/path.db "
                 "or sqlite:////absolute/path.db (three slashes before a relative path)"
             )
         # The first "/" separates the empty authority from the path.
         path = unquote(parts.path[1:])
         if not path or path.endswith("/") or path == ":memory:":
             raise ConfigError(
-                f"invalid sqlite URL {url!r}: name a database file, e.g. "
+                f"invalid sqlite URL {mask_secrets(url)!r}: name a database file, e.g. "
                 "sqlite:///./.runstream/runstream.db (in-memory databases are not supported; "
                 "use memory://)"
             )

@@ -35,6 +35,7 @@ from rich.text import Text
 
 from runstream.cli.render import EXIT_CANCELLED, EXIT_ERROR, Renderer, run_command
 from runstream.cli.runs_cmds import backend_option, resolve_backend
+from runstream.redact import mask_secrets
 
 __all__ = ["DEMO_PORT", "DEMO_TASKS", "demo", "progress_task"]
 
@@ -176,7 +177,7 @@ async def _tour(
         console.print(
             Text.assemble(
                 ("runstream demo", "bold"),
-                f" — serving the API and UI on {url}/ with {backend}",
+                f" — serving the API and UI on {url}/ with {mask_secrets(backend)}",
             )
         )
         codes: list[int] = []

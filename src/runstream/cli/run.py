@@ -53,6 +53,7 @@ from runstream.cli.runs_cmds import (
 )
 from runstream.cli.tail import follow_remote, on_interrupt, outcome_from_run
 from runstream.errors import RunstreamError, ValidationError
+from runstream.redact import mask_secrets
 from runstream.runs.model import RunRecord
 from runstream.runs.tasks import DEFAULT_GRACE, TaskSpec
 
@@ -324,7 +325,8 @@ async def _submit_and_follow(
             click.echo(run_id)
             return 0
         if not quiet and not as_json:
-            console.print(f"{run_id}  {server.rstrip('/')}/#/runs/{run_id}", style="dim")
+            shown = mask_secrets(server.rstrip("/"))
+            console.print(f"{run_id}  {shown}/#/runs/{run_id}", style="dim")
         stop = asyncio.Event()
         renderer = Renderer(
             json_mode=as_json, show_status=not quiet, console=console, on_broken_pipe=stop.set

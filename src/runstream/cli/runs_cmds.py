@@ -32,6 +32,7 @@ from runstream.backends import DEFAULT_BACKEND_URL
 from runstream.backends.base import EventLog
 from runstream.cli.render import run_command, status_style
 from runstream.errors import RunNotFound, StreamNotFound
+from runstream.redact import mask_secrets
 from runstream.runs.lifecycle import ALL_STATUSES
 from runstream.runs.store import RunStore
 
@@ -157,7 +158,7 @@ def server_hint(server: str) -> Iterator[None]:
         yield
     except RetriesExhausted as exc:
         raise RetriesExhausted(
-            f"{exc}. Is a runstream server running at {server}? Start one with "
+            f"{exc}. Is a runstream server running at {mask_secrets(server)}? Start one with "
             "`runstream serve`, or name it with --server / RUNSTREAM_SERVER."
         ) from exc
 

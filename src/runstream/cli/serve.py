@@ -6,6 +6,7 @@ import click
 
 from runstream.config import load_settings
 from runstream.errors import ConfigError
+from runstream.redact import mask_secrets
 
 
 @click.command()
@@ -44,7 +45,7 @@ def serve(
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
-        f"runstream serving {settings.server.backend} on "
+        f"runstream serving {mask_secrets(settings.server.backend)} on "
         f"http://{settings.server.host}:{settings.server.port}",
         err=True,
     )

@@ -30,6 +30,7 @@ import click
 
 from runstream.config import load_settings
 from runstream.errors import BackendError, ConfigError, RunstreamError
+from runstream.redact import mask_secrets
 
 if TYPE_CHECKING:
     from runstream.runs.redis_dispatch import WorkerOptions
@@ -103,8 +104,8 @@ def worker(
         url = settings.server.backend
         if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
             raise ConfigError(
-                f"runstream worker needs a redis:// backend (got {url!r}); with SQLite or "
-                "memory, runs execute inside `runstream serve` (--workers N)"
+                f"runstream worker needs a redis:// backend (got {mask_secrets(url)!r}); with "
+                "SQLite or memory, runs execute inside `runstream serve` (--workers N)"
             )
         from runstream.runs.redis_dispatch import (
             DEFAULT_LEASE,

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runstream.errors import ValidationError
+from runstream.redact import mask_secrets
 from runstream.runs.lifecycle import RunStatus, is_status
 from runstream.runs.model import RunRecord
 
@@ -277,5 +278,6 @@ def open_run_store(url: str) -> RunStore:
             ) from exc
         return RedisRunStore.from_url(url)
     raise ConfigError(
-        f"unknown backend URL {url!r}: use memory://, sqlite:///path/to/file.db or redis://host:port/db"
+        f"unknown backend URL {mask_secrets(url)!r}: use memory://, sqlite:///path/to/file.db "
+        "or redis://host:port/db"
     )

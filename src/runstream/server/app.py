@@ -3,7 +3,9 @@
 Routers: streams (``/v1/streams``) and service (``/healthz``, ``/readyz``,
 ``/metrics``, ``/``). Other layers add theirs through ``routers=`` (e.g. the
 runs API) and hook into start-up/shutdown through ``on_startup=``; both get the
-:class:`~runstream.server.runtime.Runtime` from ``app.state.runtime``.
+:class:`~runstream.server.runtime.Runtime` from ``app.state.runtime``. Every
+request passes :class:`~runstream.server.security.SecurityMiddleware` first
+(Host, CORS, content types, Origin).
 
 Streaming responses end when :meth:`Runtime.begin_shutdown` is called. The
 server in :mod:`runstream.server.serve` calls it as soon as it starts shutting
@@ -28,6 +30,7 @@ from runstream.server.fastpath import StreamsFastPath
 from runstream.server.hub import Hub, HubLimits, Subscription
 from runstream.server.metrics import LatencyMiddleware, Metrics
 from runstream.server.runtime import Runtime
+from runstream.server.security import SecurityMiddleware, SecurityPolicy
 
 StartupHook = Callable[[Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 """Called once the backend is started; may return a coroutine function run at shutdown."""
@@ -41,6 +44,9 @@ def create_app(
     on_startup: Sequence[StartupHook] = (),
 ) -> FastAPI:
     """Build the app. ``backend`` defaults to ``open_backend(settings.server.backend)``.
+
+    Raises :class:`~runstream.errors.ConfigError` for an ``allowed_hosts`` or
+    ``cors_origins`` entry that is not a host or an origin.
 
     A backend passed in is started by the app only if it is not yet started,
     and is closed by the app only if the app opened it.
@@ -102,4 +108,7 @@ def create_app(
     app.include_router(service.router)
     app.add_middleware(StreamsFastPath, runtime=runtime)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
+    # Outermost (added last): Host, CORS, content types and Origin are checked before the
+    # fast path or any route sees a request.
+    app.add_middleware(SecurityMiddleware, policy=SecurityPolicy.from_settings(settings))
     return app

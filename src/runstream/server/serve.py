@@ -7,6 +7,10 @@ patching uvicorn, :class:`Server` subclasses it and calls the app's
 :meth:`Runtime.begin_shutdown` at the start of its own ``shutdown``; every open
 stream then ends within ``shutdown_grace`` seconds.
 
+Secrets stay out of its logs: :func:`make_server` puts
+:class:`~runstream.redact.RedactingFilter` on uvicorn's loggers, so the access
+log shows ``?token=***``.
+
 Once started, the server also takes what it allocated while starting (modules,
 the app, the schemas: most of its heap) out of the cyclic garbage collector's
 way with :func:`gc.freeze`. A full collection otherwise walks all of it every
@@ -26,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from runstream.config import Settings
+from runstream.redact import install_log_redaction
 from runstream.server.app import create_app
 from runstream.server.runtime import Runtime
 
@@ -92,7 +97,10 @@ def make_server(
     }
     options.update(config)
     runtime: Runtime = app.state.runtime
-    return (server_class or Server)(uvicorn.Config(app, **options), runtime, settle_heap=settle)
+    uv_config = uvicorn.Config(app, **options)  # configures uvicorn's loggers
+    # uvicorn logs request paths with their query strings (?token= for EventSource).
+    install_log_redaction()
+    return (server_class or Server)(uv_config, runtime, settle_heap=settle)
 
 
 def serve(settings: Settings, app: FastAPI | None = None) -> None:

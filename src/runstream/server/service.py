@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from runstream.errors import RunstreamError
+from runstream.redact import mask_secrets
 from runstream.server.runtime import get_runtime
 
 router = APIRouter(tags=["service"])
@@ -38,7 +39,8 @@ async def readyz(request: Request) -> Response:
     try:
         await runtime.backend.ping()
     except RunstreamError as exc:
-        return JSONResponse({"status": "unavailable", "error": str(exc)}, status_code=503)
+        error = mask_secrets(str(exc))  # a driver's message may quote the URL
+        return JSONResponse({"status": "unavailable", "error": error}, status_code=503)
     return JSONResponse({"status": "ok", "backend": runtime.backend.scheme})
 
 
@@ -50,4 +52,5 @@ async def metrics(request: Request) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def index() -> Response:
-    return HTMLResponse(_PLACEHOLDER)
+    csp = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    return HTMLResponse(_PLACEHOLDER, headers={"Content-Security-Policy": csp})

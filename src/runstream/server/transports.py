@@ -23,6 +23,7 @@ from runstream.core.model import Page, StreamInfo
 from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, ValidationError
 from runstream.protocol.cursor import Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
+from runstream.server.auth import ws_subprotocol
 from runstream.server.errors import error_response
 from runstream.server.hub import Frame, Subscription
 from runstream.server.runtime import Runtime
@@ -324,7 +325,7 @@ async def serve_websocket(
         await deny_websocket(websocket, exc.http_status, exc.code, str(exc))
         return
     if sub is None:
-        await websocket.accept()
+        await websocket.accept(subprotocol=ws_subprotocol(websocket))
         await websocket.close(code=1000, reason="stream closed")
         return
     metrics = runtime.metrics
@@ -332,7 +333,7 @@ async def serve_websocket(
     gauge = metrics.open_connections.labels("ws")
     gauge.inc()
     try:
-        await websocket.accept()
+        await websocket.accept(subprotocol=ws_subprotocol(websocket))
         await run_guarded(
             _ws_pump(runtime, websocket, sub),
             sub,

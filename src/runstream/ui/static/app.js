@@ -17,9 +17,25 @@
   const $ = (id) => document.getElementById(id);
 
   // ---------- auth + HTTP ----------
+  // A token given as ?token= is kept in localStorage and taken out of the address bar at
+  // once, so it does not stay in the history, bookmarks or a shared screenshot. It is
+  // then only ever sent in headers: Authorization for fetch, a subprotocol for WebSocket.
   const params = new URLSearchParams(location.search);
-  if (params.get("token")) localStorage.setItem("runstream.token", params.get("token"));
+  if (params.has("token")) {
+    if (params.get("token")) localStorage.setItem("runstream.token", params.get("token"));
+    params.delete("token");
+    const query = params.toString();
+    history.replaceState(history.state, "", location.pathname + (query ? "?" + query : "") + location.hash);
+  }
   const token = localStorage.getItem("runstream.token") || "";
+  // The WebSocket subprotocols: "runstream", plus the token as runstream.bearer.<base64url>.
+  const wsProtocols = ["runstream"];
+  if (token) {
+    const bytes = new TextEncoder().encode(token);
+    let bin = "";
+    for (const b of bytes) bin += String.fromCharCode(b);
+    wsProtocols.push("runstream.bearer." + btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, ""));
+  }
 
   async function api(path, opts = {}) {
     const headers = Object.assign({ Accept: "application/json" }, opts.headers || {});
@@ -82,13 +98,15 @@
     CSI.lastIndex = 0;
     const flush = (text) => {
       if (!text) return;
-      const cls = [], style = [];
+      const cls = [];
       if (st.b) cls.push("a-b"); if (st.d) cls.push("a-d"); if (st.i) cls.push("a-i"); if (st.u) cls.push("a-u");
       let fg = st.fg, bg = st.bg;
       if (st.inv) { const t = fg; fg = bg || "#0b0d10"; bg = t || "#d7dae0"; }
-      if (fg) style.push("color:" + fg); if (bg) style.push("background:" + bg);
-      if (cls.length || style.length) {
-        out += `<span class="${cls.join(" ")}" style="${style.join(";")}">${esc(text)}</span>`;
+      // Colours go in data attributes and are applied through the CSSOM (paintColours):
+      // the page's Content-Security-Policy refuses inline style attributes.
+      const attrs = (fg ? ` data-fg="${fg}"` : "") + (bg ? ` data-bg="${bg}"` : "");
+      if (cls.length || attrs) {
+        out += `<span class="${cls.join(" ")}"${attrs}>${esc(text)}</span>`;
       } else out += esc(text);
     };
     while ((m = CSI.exec(s)) !== null) {
@@ -217,6 +235,12 @@
     view.dirty = true;
     requestAnimationFrame(render);
   }
+  function paintColours(root) {
+    for (const el of root.querySelectorAll("[data-fg],[data-bg]")) {
+      if (el.dataset.fg) el.style.color = el.dataset.fg;
+      if (el.dataset.bg) el.style.background = el.dataset.bg;
+    }
+  }
   function render() {
     view.dirty = false;
     const box = $("log");
@@ -240,6 +264,7 @@
     const rows = $("log-rows");
     rows.style.transform = `translateY(${first * ROW_H}px)`;
     rows.innerHTML = html;
+    paintColours(rows);
     $("log-count").textContent = `${total} lines`;
   }
   $("log").addEventListener("scroll", () => {
@@ -356,9 +381,8 @@
       const base = new URL(`v1/runs/${encodeURIComponent(view.runId)}/ws`, location.href);
       base.protocol = proto;
       base.searchParams.set("after", position());
-      if (token) base.searchParams.set("token", token);
       let opened = false, gotEvent = false;
-      const ws = new WebSocket(base);
+      const ws = new WebSocket(base, wsProtocols);
       view.ws = ws;
       ws.onopen = () => { opened = true; setConn("live", "live"); };
       ws.onmessage = (m) => {
