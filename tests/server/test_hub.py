@@ -28,9 +28,11 @@ class YieldingLog(MemoryEventLog):
         self.follows = 0
         self.rng = random.Random(0)
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         await asyncio.sleep(0)
-        result = await super()._read(stream, after, limit)
+        result = await super()._read(stream, after, limit, max_bytes)
         if self.during_read:
             batch, self.during_read = self.during_read, []
             await self._append(stream, batch, None)

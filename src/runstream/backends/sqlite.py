@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from runstream.backends.base import EventLog
+from runstream.backends.base import EventLog, event_size
 from runstream.core.model import (
     END_TYPE,
     AppendResult,
@@ -947,7 +947,9 @@ class SQLiteEventLog(EventLog):
                 raise BackendError(f"sqlite backend {self.path!r} is closed") from exc
             raise
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         def read(conn: sqlite3.Connection) -> tuple[StreamInfo, list[Event]]:
             # One read transaction: the state and the events are the same snapshot.
             conn.execute("BEGIN")
@@ -962,9 +964,13 @@ class SQLiteEventLog(EventLog):
                     (base + after, base + MAX_EVENT_ID, limit),
                 )
                 rows: list[Any] = []
-                while chunk := cursor.fetchmany(DECODE_CHUNK):
-                    rows += chunk
-                    time.sleep(0)  # as below: let the writer have the GIL
+                if max_bytes is None:
+                    while chunk := cursor.fetchmany(DECODE_CHUNK):
+                        rows += chunk
+                        time.sleep(0)  # as below: let the writer have the GIL
+                else:
+                    rows = _rows_within(cursor, max_bytes)
+                cursor.close()
             finally:
                 conn.execute("COMMIT")
             # Decoded here, off the event loop: a large page would stall every
@@ -1168,6 +1174,27 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:  # lone surrogates
         return False
     return True
+
+
+def _rows_within(cursor: sqlite3.Cursor, max_bytes: int) -> list[Any]:
+    """Rows ``(key, type, data, time)`` fetched one at a time while within ``max_bytes``.
+
+    The same cut as :func:`~runstream.backends.base.within_budget`. Row by row,
+    so that at most one event past the budget is ever loaded (a ``fetchmany``
+    of large events would load them all before any could be dropped).
+    """
+    rows: list[Any] = []
+    total = 0
+    for row in cursor:
+        total += event_size(row[1], row[2])
+        if rows and total > max_bytes:
+            break
+        rows.append(row)
+        if total >= max_bytes:
+            break
+        if len(rows) % DECODE_CHUNK == 0:
+            time.sleep(0)  # let the writer have the GIL
+    return rows
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
