@@ -7,6 +7,12 @@ patching uvicorn, :class:`Server` subclasses it and calls the app's
 :meth:`Runtime.begin_shutdown` at the start of its own ``shutdown``; every open
 stream then ends within ``shutdown_grace`` seconds.
 
+The connection-level limits uvicorn lacks (a timeout for requests that never
+finish arriving, a connection cap that still lets real clients in, quiet
+``accept()`` failures) come from :class:`~runstream.server.connections.ConnectionGuard`,
+whose protocol classes (uvicorn's own, subclassed) :func:`make_server` passes to
+uvicorn.
+
 Once started, the server also takes what it allocated while starting (modules,
 the app, the schemas: most of its heap) out of the cyclic garbage collector's
 way with :func:`gc.freeze`. A full collection otherwise walks all of it every
@@ -27,6 +33,7 @@ from fastapi import FastAPI
 
 from runstream.config import Settings
 from runstream.server.app import create_app
+from runstream.server.connections import ConnectionGuard, connection_limits
 from runstream.server.runtime import Runtime
 
 log = logging.getLogger("runstream.server")
@@ -39,20 +46,32 @@ class Server(uvicorn.Server):
     """A uvicorn server that ends the app's streaming responses when it starts shutting down."""
 
     def __init__(
-        self, config: uvicorn.Config, runtime: Runtime, *, settle_heap: bool = False
+        self,
+        config: uvicorn.Config,
+        runtime: Runtime,
+        *,
+        settle_heap: bool = False,
+        guard: ConnectionGuard | None = None,
     ) -> None:
         super().__init__(config)
         self.runtime = runtime
         self.settle_heap = settle_heap
+        self.guard = guard
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.guard is not None:
+            self.guard.install(asyncio.get_running_loop())
         await super().startup(sockets)
         if self.settle_heap and not self.should_exit:
             settle_heap()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.runtime.begin_shutdown()
-        await super().shutdown(sockets)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            if self.guard is not None:
+                self.guard.uninstall()
 
 
 def settle_heap() -> None:
@@ -80,7 +99,16 @@ def make_server(
     ``settle`` calls :func:`settle_heap` once started: for a process that only
     serves (it changes the collector for the whole process).
     """
-    s = settings.server
+    s, lim = settings.server, settings.limits
+    max_connections, backlog, nofile = connection_limits(lim.max_connections)
+    if lim.max_connections is not None and max_connections < lim.max_connections:
+        log.warning(
+            "limits.max_connections=%d does not fit the open-file limit (%d): using %d",
+            lim.max_connections,
+            nofile,
+            max_connections,
+        )
+    guard = ConnectionGuard(header_timeout=lim.header_timeout, max_connections=max_connections)
     options: dict[str, Any] = {
         "host": s.host,
         "port": s.port,
@@ -89,10 +117,17 @@ def make_server(
         # A backstop only: streams end on begin_shutdown well before this.
         "timeout_graceful_shutdown": max(5.0, s.shutdown_grace * 5),
         "proxy_headers": False,
+        "http": guard.http_protocol(),
+        "backlog": backlog,
     }
+    ws = guard.ws_protocol()
+    if ws is not None:
+        options["ws"] = ws
     options.update(config)
     runtime: Runtime = app.state.runtime
-    return (server_class or Server)(uvicorn.Config(app, **options), runtime, settle_heap=settle)
+    return (server_class or Server)(
+        uvicorn.Config(app, **options), runtime, settle_heap=settle, guard=guard
+    )
 
 
 def serve(settings: Settings, app: FastAPI | None = None) -> None:
