@@ -54,6 +54,9 @@ async def test_partial_request_gets_408_and_is_closed_after_the_header_timeout(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert 0.4 < took < 5, took
+    async with httpx.AsyncClient(base_url=live.url, timeout=5) as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'runstream_http_connections_dropped_total{reason="header_timeout"} 1.0' in metrics
 
 
 async def test_silent_connection_is_closed_after_the_header_timeout(
@@ -114,9 +117,13 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room(
     idle = [await connect(live.port) for _ in range(10)]
     async with httpx.AsyncClient(base_url=live.url, timeout=5) as http:
         assert (await http.get("/healthz")).status_code == 200
-    oldest_reader, _ = idle[0]
-    assert await read_to_eof(oldest_reader, 5) == b""  # closed to admit the request
-    assert await still_open(idle[-1][0])
+        oldest_reader, _ = idle[0]
+        assert await read_to_eof(oldest_reader, 5) == b""  # closed to admit the request
+        assert await still_open(idle[-1][0])
+        metrics = (await http.get("/metrics")).text
+    assert 'runstream_http_connections_dropped_total{reason="evicted"} 1.0' in metrics
+    assert "runstream_http_connections_limit 10.0" in metrics
+    assert "runstream_http_connections 10.0" in metrics  # 9 idle + the one asking
     for _, writer in idle:
         writer.close()
 

@@ -41,9 +41,10 @@ import errno
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Final, cast
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("runstream.server")
@@ -164,6 +165,7 @@ class ConnectionGuard:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._previous_handler: Any = None
+        self._connections: set[Any] = set()  # uvicorn's set of open connections, once seen
         self.timed_out = 0
         self.evicted = 0
         self.refused = 0
@@ -232,8 +234,43 @@ class ConnectionGuard:
 
     # -- called by the protocols ---------------------------------------------
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now (HTTP and WebSocket)."""
+        return len(self._connections)
+
+    def collect(self) -> Iterator[Metric]:
+        """Prometheus collector protocol: register the guard in a registry to export these."""
+        yield GaugeMetricFamily(
+            "runstream_http_connections",
+            "Open HTTP and WebSocket connections.",
+            self.open_connections,
+        )
+        yield GaugeMetricFamily(
+            "runstream_http_connections_limit",
+            "Most connections open at once (limits.max_connections).",
+            self.max_connections,
+        )
+        dropped = CounterMetricFamily(
+            "runstream_http_connections_dropped",
+            "Connections closed by the server before a request: header_timeout (no complete "
+            "request in time), evicted (oldest idle one, at the limit), refused (503 at the "
+            "limit).",
+            labels=["reason"],
+        )
+        dropped.add_metric(["header_timeout"], self.timed_out)
+        dropped.add_metric(["evicted"], self.evicted)
+        dropped.add_metric(["refused"], self.refused)
+        yield dropped
+        yield CounterMetricFamily(
+            "runstream_accept_errors",
+            "Failed accept() calls (EMFILE and friends: out of file descriptors or memory).",
+            self.accept_errors,
+        )
+
     def opened(self, conn: _GuardedHTTP, open_count: int) -> bool:
         """A new connection; ``False`` if it must be refused (at the cap, nothing to evict)."""
+        self._connections = conn.connections
         self.waiting(conn)
         if open_count <= self.max_connections:
             return True

@@ -23,6 +23,7 @@ every stream with it, for a tenth of a second or more.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import socket
@@ -59,9 +60,16 @@ class Server(uvicorn.Server):
         self.guard = guard
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.guard is not None:
-            self.guard.install(asyncio.get_running_loop())
-        await super().startup(sockets)
+        guard = self.guard
+        if guard is not None:
+            guard.install(asyncio.get_running_loop())
+        try:
+            await super().startup(sockets)
+        finally:
+            if guard is not None and not self.started:
+                guard.uninstall()
+        if guard is not None and self.started:
+            self.runtime.metrics.registry.register(guard)
         if self.settle_heap and not self.should_exit:
             settle_heap()
 
@@ -72,6 +80,8 @@ class Server(uvicorn.Server):
         finally:
             if self.guard is not None:
                 self.guard.uninstall()
+                with contextlib.suppress(KeyError):
+                    self.runtime.metrics.registry.unregister(self.guard)
 
 
 def settle_heap() -> None:
