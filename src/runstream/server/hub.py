@@ -94,7 +94,7 @@ def _encode(value: object) -> str:
 class Frame:
     """One item for clients: an event or a reset, in an epoch. Encodings are cached."""
 
-    __slots__ = ("_size", "_sse", "_ws", "epoch", "event", "reset")
+    __slots__ = ("_sse", "_ws", "epoch", "event", "reset", "size")
 
     def __init__(self, epoch: str, event: Event | None = None, reset: Reset | None = None) -> None:
         self.epoch = epoch
@@ -102,19 +102,11 @@ class Frame:
         self.reset = reset
         self._sse: bytes | None = None
         self._ws: str | None = None
-        self._size = -1
-
-    @property
-    def size(self) -> int:
-        """What the frame weighs against byte limits: its event's :func:`event_size` (resets: 0)."""
-        if self._size < 0:
-            event = self.event
-            if event is None:
-                self._size = 0
-            else:
-                data_json = event.data_json if event.data_json is not None else _encode(event.data)
-                self._size = event_size(event.type, data_json)
-        return self._size
+        self.size = 0
+        """What the frame weighs against byte limits: its event's :func:`event_size` (resets: 0;
+        an event read without its data text, which no backend does, counts its type only)."""
+        if event is not None:
+            self.size = event_size(event.type, event.data_json or "")
 
     @property
     def id(self) -> int:
@@ -448,7 +440,9 @@ class Subscription:
             if timer is not None:
                 timer.cancel()
         if self._buf:
-            return self._take()
+            frames, self._buf = self._buf, []
+            self._buf_bytes = 0
+            return frames
         return None if self.end_reason is not None else []
 
     async def _catch_up(self) -> list[Frame] | None:
