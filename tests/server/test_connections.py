@@ -1,4 +1,8 @@
-"""Connection limits over real sockets: header timeout, the connection cap, accept errors."""
+"""Connection limits over real sockets: header timeout, the connection cap, accept errors.
+
+The server tests run on both of uvicorn's HTTP parsers (httptools, h11): the
+guard wraps whichever is in use.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,32 @@ import asyncio
 import errno
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
 
+from runstream.config import Settings
+from runstream.server.app import create_app
 from runstream.server.connections import ConnectionGuard, connection_limits
-from tests.server.live import StartServer, make_settings, open_sse, publish
+from tests.server.live import LiveServer, make_settings, open_sse, publish, serve_in_task
+
+StartServer = Callable[[Settings], Awaitable[LiveServer]]
+
+
+@pytest.fixture(params=["httptools", "h11"])
+async def start_server(request: pytest.FixtureRequest) -> AsyncIterator[StartServer]:
+    servers: list[LiveServer] = []
+
+    async def start(settings: Settings) -> LiveServer:
+        live = await serve_in_task(create_app(settings), settings, http=request.param)
+        servers.append(live)
+        return live
+
+    yield start
+    for live in servers:
+        await live.stop()
+
 
 REQUEST = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 

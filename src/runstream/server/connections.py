@@ -177,14 +177,27 @@ class ConnectionGuard:
 
     # -- protocols for uvicorn.Config ------------------------------------------
 
-    def http_protocol(self) -> type[asyncio.Protocol]:
-        """uvicorn's HTTP protocol (httptools, or h11 without it), guarded by this instance."""
-        from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    def http_protocol(self, kind: str = "auto") -> type[asyncio.Protocol]:
+        """uvicorn's HTTP protocol guarded by this instance.
 
-        name = f"Guarded{AutoHTTPProtocol.__name__}"
-        return cast(
-            type[asyncio.Protocol], type(name, (_GuardedHTTP, AutoHTTPProtocol), {"guard": self})
-        )
+        ``kind``: ``"httptools"``, ``"h11"`` or ``"auto"`` (httptools if installed,
+        as uvicorn chooses).
+        """
+        base: type[asyncio.Protocol]
+        if kind == "h11":
+            from uvicorn.protocols.http.h11_impl import H11Protocol
+
+            base = H11Protocol
+        elif kind == "httptools":
+            from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+            base = HttpToolsProtocol
+        else:
+            from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+            base = AutoHTTPProtocol
+        name = f"Guarded{base.__name__}"
+        return cast(type[asyncio.Protocol], type(name, (_GuardedHTTP, base), {"guard": self}))
 
     def ws_protocol(self) -> type[asyncio.Protocol] | None:
         """uvicorn's WebSocket protocol with the abort extension, or ``None`` (keep uvicorn's)."""

@@ -106,6 +106,9 @@ def make_server(
 ) -> Server:
     """A :class:`Server` for ``app`` on the settings' host and port; ``config`` goes to uvicorn.
 
+    ``http`` may name the parser (``"httptools"``, ``"h11"``; default ``"auto"``): the
+    connection guard wraps whichever it is.
+
     ``settle`` calls :func:`settle_heap` once started: for a process that only
     serves (it changes the collector for the whole process).
     """
@@ -127,9 +130,11 @@ def make_server(
         # A backstop only: streams end on begin_shutdown well before this.
         "timeout_graceful_shutdown": max(5.0, s.shutdown_grace * 5),
         "proxy_headers": False,
-        "http": guard.http_protocol(),
         "backlog": backlog,
     }
+    http = config.pop("http", "auto")
+    # A parser by name keeps the guard; a protocol class given here replaces it.
+    options["http"] = guard.http_protocol(http) if isinstance(http, str) else http
     ws = guard.ws_protocol()
     if ws is not None:
         options["ws"] = ws
