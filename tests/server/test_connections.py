@@ -213,6 +213,32 @@ async def test_accept_errors_are_logged_once_per_interval(
     loop.set_exception_handler(None)
 
 
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_malformed_requests_are_logged_once_per_interval(start_server: StartServer) -> None:
+    live = await start_server(make_settings())
+    handler = Collect()
+    uvicorn_log = logging.getLogger("uvicorn.error")  # uvicorn's logger does not propagate
+    uvicorn_log.addHandler(handler)
+    try:
+        for _ in range(20):
+            reader, writer = await connect(live.port)
+            writer.write(b"NOT HTTP AT ALL\x00\r\n\r\n")
+            assert (await read_to_eof(reader, 5)).startswith(b"HTTP/1.1 400 ")
+            writer.close()
+    finally:
+        uvicorn_log.removeHandler(handler)
+    records = [r for r in handler.records if "Invalid HTTP request" in r.getMessage()]
+    assert len(records) == 1
+
+
 def test_default_cap_leaves_room_below_the_open_file_limit() -> None:
     cap, backlog, nofile = connection_limits(None)
     assert cap > 0 and cap + backlog < nofile

@@ -27,7 +27,8 @@ protocols (passed as ``http=`` / ``ws=``; nothing is patched):
   ``Connection: close`` and ``Retry-After``. The default cap is what the
   process's open-file limit leaves room for, so ``accept()`` does not fail.
 * **Accept errors** (``EMFILE`` and friends) are logged once, then at most
-  once per :data:`LOG_INTERVAL` with a count.
+  once per :data:`LOG_INTERVAL` with a count; so are uvicorn's warnings about
+  malformed requests (one per bad connection otherwise).
 * **Abort.** A streaming response to a client that stopped reading cannot be
   closed: a close first waits for the queued bytes to be taken. Every
   request's ASGI scope carries ``extensions["runstream.transport"]["abort"]``,
@@ -103,6 +104,35 @@ def connection_limits(configured: int | None) -> tuple[int, int, int]:
     return (fit if configured is None else min(configured, fit)), backlog, soft
 
 
+THROTTLED_UVICORN_MESSAGES: Final = frozenset(
+    {"Invalid HTTP request received.", "Unsupported upgrade request."}
+)
+"""uvicorn warnings logged once per bad connection: throttled like accept errors."""
+
+
+class _ThrottleFilter(logging.Filter):
+    """Lets each of :data:`THROTTLED_UVICORN_MESSAGES` through once per :data:`LOG_INTERVAL`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._next: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.msg
+        if not isinstance(msg, str) or msg not in THROTTLED_UVICORN_MESSAGES:
+            return True
+        now = time.monotonic()
+        if now < self._next.get(msg, 0.0):
+            self._skipped[msg] = self._skipped.get(msg, 0) + 1
+            return False
+        self._next[msg] = now + LOG_INTERVAL
+        skipped = self._skipped.pop(msg, 0)
+        if skipped:
+            record.msg = f"{msg} (and {skipped} more times since the last report)"
+        return True
+
+
 class _Throttled:
     """A log line at most once per ``interval``; the next one counts those left out."""
 
@@ -174,6 +204,7 @@ class ConnectionGuard:
         self._log_evict = _Throttled()
         self._log_refuse = _Throttled()
         self._log_accept = _Throttled()
+        self._uvicorn_filter = _ThrottleFilter()
 
     # -- protocols for uvicorn.Config ------------------------------------------
 
@@ -219,8 +250,10 @@ class ConnectionGuard:
         self._loop = loop
         self._previous_handler = loop.get_exception_handler()
         loop.set_exception_handler(self._on_loop_error)
+        logging.getLogger("uvicorn.error").addFilter(self._uvicorn_filter)
 
     def uninstall(self) -> None:
+        logging.getLogger("uvicorn.error").removeFilter(self._uvicorn_filter)
         if self._loop is not None and self._loop.get_exception_handler() == self._on_loop_error:
             self._loop.set_exception_handler(self._previous_handler)
         self._loop = None
