@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final
@@ -133,7 +134,7 @@ class EventStreamResponse(Response):
         keepalive = runtime.settings.server.keepalive
         page_bytes = runtime.settings.limits.max_page_bytes
         timed = watch.timed
-        loop = watch.clock.loop
+        now = time.monotonic
         await timed(
             send(
                 {
@@ -153,7 +154,7 @@ class EventStreamResponse(Response):
                 continue
             data = b"".join([f.sse() for f in frames])
             if len(data) <= page_bytes:
-                watch.since = loop.time()  # SendWatchdog.timed, inlined: the hot path
+                watch.since = now()  # SendWatchdog.timed, inlined: the hot path
                 await send(_body(data))
                 watch.since = -1.0
             else:
@@ -182,7 +183,7 @@ def _sse_writes(frames: list[Frame], page_bytes: int) -> Iterator[bytes]:
 class SendWatchdog:
     """Times each write to a streaming client; on one that takes too long, cuts the client.
 
-    A writer stamps :attr:`since` with ``loop.time()`` before a send and sets it
+    A writer stamps :attr:`since` with ``time.monotonic()`` before a send and sets it
     back to ``-1`` after (or wraps the send in :meth:`timed`): two attribute
     writes, because sends to a fan-out's clients run hundreds of thousands of
     times a second and a timer per send would cost more than the send. One
@@ -201,7 +202,7 @@ class SendWatchdog:
         self.clock = _SendClock.of(asyncio.get_running_loop())
 
     async def timed(self, write: Awaitable[None]) -> None:
-        self.since = self.clock.loop.time()
+        self.since = time.monotonic()
         try:
             await write
         finally:
@@ -212,7 +213,8 @@ class _SendClock:
     """The periodic check of one loop's :class:`SendWatchdog` instances (while any is open)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+        # Weak: the clock is the value of a weak-keyed map keyed by this loop.
+        self._loop = weakref.ref(loop)
         self.watches: set[SendWatchdog] = set()
         self.handle: asyncio.TimerHandle | None = None
 
@@ -226,7 +228,12 @@ class _SendClock:
     def add(self, watch: SendWatchdog) -> None:
         self.watches.add(watch)
         if self.handle is None:
-            self.handle = self.loop.call_later(self._interval(), self._tick)
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = self._loop()
+        if loop is not None:
+            self.handle = loop.call_later(self._interval(), self._tick)
 
     def discard(self, watch: SendWatchdog) -> None:
         self.watches.discard(watch)
@@ -237,14 +244,14 @@ class _SendClock:
 
     def _tick(self) -> None:
         self.handle = None
-        now = self.loop.time()
+        now = time.monotonic()
         late = [w for w in self.watches if w.since >= 0 and now - w.since > w.timeout]
         for watch in late:
             watch.since = -1.0
             if watch.on_expire is not None:
                 watch.on_expire()
         if self.watches:
-            self.handle = self.loop.call_later(self._interval(), self._tick)
+            self._schedule()
 
 
 _CLOCKS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SendClock]] = (
@@ -509,13 +516,13 @@ async def _ws_pump(
     runtime: Runtime, websocket: WebSocket, sub: Subscription, watch: SendWatchdog
 ) -> None:
     keepalive = runtime.settings.server.keepalive
-    loop = watch.clock.loop
+    now = time.monotonic
     while True:
         frames = await sub.get(idle=keepalive)
         if frames is None:
             return
         for frame in frames:
-            watch.since = loop.time()  # SendWatchdog.timed, inlined: the hot path
+            watch.since = now()  # SendWatchdog.timed, inlined: the hot path
             await websocket.send_text(frame.ws())
             watch.since = -1.0
         _count_frames(runtime, "ws", frames)
