@@ -183,8 +183,9 @@ class ConnectionGuard:
     """Header timeout and connection cap for one server; see the module docstring.
 
     Give :meth:`http_protocol` and :meth:`ws_protocol` to ``uvicorn.Config``
-    (``http=``, ``ws=``), call :meth:`install` on the serving loop once started
-    and :meth:`uninstall` when stopping.
+    (``http=``, ``ws=``), call :meth:`install` on the serving loop before it
+    accepts connections and :meth:`uninstall` when stopping; register it in a
+    Prometheus registry for its figures (:meth:`collect`).
     """
 
     def __init__(self, *, header_timeout: float, max_connections: int) -> None:
@@ -278,7 +279,7 @@ class ConnectionGuard:
         else:
             loop.default_exception_handler(context)
 
-    # -- called by the protocols ---------------------------------------------
+    # -- figures -------------------------------------------------------------
 
     @property
     def open_connections(self) -> int:
@@ -313,6 +314,8 @@ class ConnectionGuard:
             "Failed accept() calls (EMFILE and friends: out of file descriptors or memory).",
             self.accept_errors,
         )
+
+    # -- called by the protocols ---------------------------------------------
 
     def opened(self, conn: _GuardedHTTP, open_count: int) -> bool:
         """A new connection; ``False`` if it must be refused (at the cap, nothing to evict)."""
