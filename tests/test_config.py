@@ -76,6 +76,17 @@ def test_environment_overrides_file_and_flags_override_environment(tmp_path: Pat
     assert s.scopes_for("write-token-1") is None  # RUNSTREAM_TOKEN replaces [auth].token
 
 
+def test_resource_limits_from_file_and_environment(tmp_path: Path) -> None:
+    text = "[limits]\nmax_page_bytes = 65536\nheader_timeout = 2.5\nmax_connections = 500\n"
+    s = load_settings(write(tmp_path, text), env={"RUNSTREAM_SEND_TIMEOUT": "7"})
+    lim = s.limits
+    assert (lim.max_page_bytes, lim.header_timeout, lim.max_connections) == (65536, 2.5, 500)
+    assert lim.send_timeout == 7.0
+    default = load_settings(env={}).limits
+    assert default.max_connections is None  # from the open-file limit
+    assert default.max_page_bytes == 4 * 1024 * 1024
+
+
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, TOML)
     s = load_settings(env={"RUNSTREAM_CONFIG": str(path)})
@@ -95,6 +106,9 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ("[server]\nport = 70000\n", {}, "0-65535"),
         ("[server\n", {}, "cannot read config file"),
         ("[tasks]\nhello = 1\n", {}, "[tasks.hello] must be a table"),
+        ("[limits]\nmax_page_bytes = 0\n", {}, "limits.max_page_bytes must be >= 1"),
+        ("", {"RUNSTREAM_SEND_TIMEOUT": "0"}, "limits.send_timeout"),
+        ("[limits]\nmax_connections = 0\n", {}, "limits.max_connections must be >= 1"),
     ],
 )
 def test_invalid_settings_raise_config_error_naming_the_key(

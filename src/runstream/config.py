@@ -101,6 +101,20 @@ class LimitSettings:
     max_json_depth: int = DEFAULT_MAX_DEPTH
     """Deepest nesting accepted in a request body (arrays and objects; the append body's
     own array and event object count)."""
+    max_page_bytes: int = 4 * 1024 * 1024
+    """Bytes (event types and data JSON) of one page: a JSON read, an SSE or WebSocket
+    catch-up read, one write to a streaming client. A page holds at least one event."""
+    subscriber_buffer_bytes: int = 64 * 1024 * 1024
+    """Bytes queued for one live client before it is disconnected as too slow."""
+    send_timeout: float = 30.0
+    """Seconds one write to an SSE/WebSocket client may take (a client that stops
+    reading) before it is disconnected as too slow; it resumes from its last id."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a complete request line and headers, from when
+    it opens or its previous response ends; then it is closed."""
+    max_connections: int | None = None
+    """Open connections at once; ``None``: as many as the open-file limit allows.
+    At the limit a new connection replaces the oldest idle one, or gets 503."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,9 +327,17 @@ def _check(settings: Settings) -> None:
         "max_page_limit",
         "default_page_limit",
         "max_json_depth",
+        "max_page_bytes",
+        "subscriber_buffer_bytes",
     ):
         if getattr(lim, name) < 1:
             raise ConfigError(f"limits.{name} must be >= 1")
+    if lim.max_connections is not None and lim.max_connections < 1:
+        raise ConfigError(
+            "limits.max_connections must be >= 1 (or unset: from the open-file limit)"
+        )
+    if lim.send_timeout <= 0 or lim.header_timeout <= 0:
+        raise ConfigError("limits.send_timeout and limits.header_timeout must be > 0")
     if lim.default_page_limit > lim.max_page_limit:
         raise ConfigError("limits.default_page_limit must be <= limits.max_page_limit")
     if "*" in s.cors_origins and not settings.auth_enabled:

@@ -150,6 +150,91 @@ async def test_read_pages_with_limit_and_next_after(log: EventLog) -> None:
     assert page.next_after == 25 and page.closed is False
 
 
+# -- byte-bounded pages ---------------------------------------------------------------
+
+
+def expected_pages(sizes: list[int], max_bytes: int, limit: int) -> list[list[int]]:
+    """Ids per page as the contract cuts them: a prefix within the budget, never empty."""
+    pages: list[list[int]] = []
+    i = 0
+    while i < len(sizes):
+        page = [i + 1]
+        total = sizes[i]
+        i += 1
+        while i < len(sizes) and len(page) < limit and total + sizes[i] <= max_bytes:
+            total += sizes[i]
+            page.append(i + 1)
+            i += 1
+        pages.append(page)
+    return pages
+
+
+def read_all_pages(log: EventLog, stream: str, **kw: int) -> AsyncIterator[list[Event]]:
+    async def pages() -> AsyncIterator[list[Event]]:
+        after = 0
+        while True:
+            page = await log.read(stream, after=after, **kw)
+            if not page.events:
+                return
+            assert page.next_after == page.events[-1].id
+            after = page.next_after
+            yield list(page.events)
+
+    return pages()
+
+
+async def test_read_pages_are_cut_at_the_byte_budget(log: EventLog) -> None:
+    # Sizes are type + data JSON in UTF-8 bytes ("é" is 2, "😀" is 4): every backend
+    # must cut the pages at exactly the same events.
+    rng = random.Random(7)
+    events = [
+        NewEvent(f"t{i % 3}", "x" * rng.randrange(0, 300) + "é" * rng.randrange(0, 50) + "😀")
+        for i in range(60)
+    ]
+    await log.append("s", events)
+    sizes = [len(e.type.encode()) + len(e.data_json.encode()) for e in events]
+    for max_bytes, limit in ((1000, 1000), (700, 3), (sizes[0], 1000), (10**6, 7)):
+        got = [
+            [e.id for e in page]
+            async for page in read_all_pages(log, "s", max_bytes=max_bytes, limit=limit)
+        ]
+        assert got == expected_pages(sizes, max_bytes, limit), (max_bytes, limit)
+
+
+async def test_read_returns_one_event_even_over_the_budget(log: EventLog) -> None:
+    await log.append("s", [NewEvent("big", "x" * 5000), ev(2), NewEvent("big", "y" * 5000)])
+    got = [[e.id for e in page] async for page in read_all_pages(log, "s", max_bytes=100)]
+    assert got == [[1], [2], [3]]
+    page = await log.read("s", after=0, max_bytes=1)
+    assert [e.data for e in page.events] == ["x" * 5000] and page.next_after == 1
+
+
+async def test_byte_bounded_read_sees_the_end_and_the_close(log: EventLog) -> None:
+    await log.append("s", [NewEvent("n", "x" * 100) for _ in range(3)])
+    await log.close("s", "done")
+    pages = [page async for page in read_all_pages(log, "s", max_bytes=250)]
+    assert [[e.id for e in p] for p in pages] == [[1, 2], [3, 4]]
+    last = await log.read("s", after=2, max_bytes=250)
+    assert last.closed and last.events[-1].is_end
+
+
+async def test_byte_budget_must_be_positive(log: EventLog) -> None:
+    await log.append("s", ev(1))
+    with pytest.raises(ValidationError):
+        await log.read("s", max_bytes=0)
+
+
+async def test_follow_with_a_small_byte_budget_delivers_everything(log: EventLog) -> None:
+    log.follow_max_bytes = 3000
+    await log.append("s", [NewEvent("big", str(i) * 1000) for i in range(1, 10)])
+    await log.close("s")
+    items = await drain(log.follow("s"))
+    assert ids(items) == list(range(1, 11))
+    assert [e.data for e in items if isinstance(e, Event) and not e.is_end] == [
+        str(i) * 1000 for i in range(1, 10)
+    ]
+
+
 async def test_read_unknown_stream_raises_not_found(log: EventLog) -> None:
     with pytest.raises(StreamNotFound):
         await log.read("nope")
@@ -412,8 +497,10 @@ async def test_follow_now_skips_history_and_fixes_tail_on_entry(log: EventLog) -
     real_read = log._read
     caught_up = asyncio.Event()
 
-    async def spy(stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
-        result = await real_read(stream, after, limit)
+    async def spy(
+        stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
+        result = await real_read(stream, after, limit, max_bytes)
         caught_up.set()
         return result
 
@@ -439,9 +526,9 @@ async def test_event_appended_during_handover_is_delivered(log: EventLog) -> Non
     injected = asyncio.Event()
 
     async def read_then_append(
-        stream: str, after: int, limit: int
+        stream: str, after: int, limit: int, max_bytes: int | None = None
     ) -> tuple[StreamInfo, list[Event]]:
-        result = await real_read(stream, after, limit)
+        result = await real_read(stream, after, limit, max_bytes)
         if not result[1] and not injected.is_set():
             # The follower is caught up and about to wait: append exactly now.
             injected.set()

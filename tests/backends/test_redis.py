@@ -389,9 +389,11 @@ async def test_follower_gets_every_acked_event_once_across_redis_kill_and_restar
         follower_failed = asyncio.Event()
         real_read = backend._shared_read
 
-        async def spy_read(stream: str, after: int, limit: int) -> Any:
+        async def spy_read(
+            stream: str, after: int, limit: int, max_bytes: int | None = None
+        ) -> Any:
             try:
-                return await real_read(stream, after, limit)
+                return await real_read(stream, after, limit, max_bytes)
             except BackendUnavailable:
                 follower_failed.set()
                 raise
@@ -456,8 +458,10 @@ async def test_append_from_another_process_wakes_a_follower(
         found_nothing = asyncio.Event()
         real_read = reader._shared_read
 
-        async def spy_read(stream: str, after: int, limit: int) -> Any:
-            result = await real_read(stream, after, limit)
+        async def spy_read(
+            stream: str, after: int, limit: int, max_bytes: int | None = None
+        ) -> Any:
+            result = await real_read(stream, after, limit, max_bytes)
             if limit and not result[1]:
                 found_nothing.set()
             return result

@@ -170,8 +170,10 @@ async def test_follower_is_woken_by_a_write_on_another_node(
         waiting = asyncio.Event()
         real_read = reader._shared_read
 
-        async def spy_read(stream: str, after: int, limit: int) -> Any:
-            result = await real_read(stream, after, limit)
+        async def spy_read(
+            stream: str, after: int, limit: int, max_bytes: int | None = None
+        ) -> Any:
+            result = await real_read(stream, after, limit, max_bytes)
             if limit and not result[1]:
                 waiting.set()
             return result

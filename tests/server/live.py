@@ -34,16 +34,19 @@ class TestServer(Server):
         yield
 
 
-async def serve_in_task(app: FastAPI, settings: Settings, *, port: int = 0) -> LiveServer:
+async def serve_in_task(
+    app: FastAPI, settings: Settings, *, port: int = 0, **config: Any
+) -> LiveServer:
     """Start ``app`` on loopback in this loop; returns once it accepts connections.
 
     ``port`` 0 takes a free one; a given port may be one a stopped server just used.
+    ``config`` goes to :func:`make_server` (uvicorn options such as ``http="h11"``).
     """
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
-    server = make_server(app, settings, server_class=TestServer, log_level="warning")
+    server = make_server(app, settings, server_class=TestServer, log_level="warning", **config)
     task = asyncio.ensure_future(server.serve(sockets=[sock]))
     deadline = time.monotonic() + 20
     while not server.started:  # uvicorn exposes readiness only as a flag

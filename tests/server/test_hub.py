@@ -28,9 +28,11 @@ class YieldingLog(MemoryEventLog):
         self.follows = 0
         self.rng = random.Random(0)
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         await asyncio.sleep(0)
-        result = await super()._read(stream, after, limit)
+        result = await super()._read(stream, after, limit, max_bytes)
         if self.during_read:
             batch, self.during_read = self.during_read, []
             await self._append(stream, batch, None)
@@ -380,3 +382,46 @@ def test_frames_reuse_the_stored_data_text_and_match_a_fresh_encoding() -> None:
     odd = Event(7, "tick", {"a": 1}, 1.0, '{"a":1}'.replace("1", "1.0"))
     assert b'data: {"a":1.0}' in Frame("ep", odd).sse()
     assert '"data":{"a":1.0}' in Frame("ep", odd).ws()
+
+
+async def test_live_buffer_is_bounded_in_bytes_too(log: YieldingLog) -> None:
+    cut: list[Subscription] = []
+    hub = Hub(log, HubLimits(buffer=10_000, buffer_bytes=5000), on_slow=cut.append)
+    try:
+        await log.append("s", events(1))
+        slow = hub.subscribe("s", Position(1), transport="test")
+        assert await slow.get(idle=0.01) == []
+        for i in range(3):  # 3 x ~2 KB: over 5000 bytes at the third, far under 10,000 events
+            await log.append("s", NewEvent("big", "x" * 2000 + str(i)))
+            for _ in range(3):
+                await asyncio.sleep(0)
+        assert slow.end_reason == "slow_consumer" and cut == [slow]
+        assert await slow.get() is None
+        slow.close()
+    finally:
+        await hub.close()
+
+
+async def test_one_event_larger_than_the_buffer_bytes_is_still_delivered(log: YieldingLog) -> None:
+    hub = Hub(log, HubLimits(buffer_bytes=100))
+    try:
+        await log.append("s", events(1))
+        async with hub.subscribe("s", Position(1), transport="test") as sub:
+            assert await sub.get(idle=0.01) == []
+            await log.append("s", NewEvent("big", "x" * 1000))
+            frames = await sub.get(idle=5)
+            assert frames and frames[0].event is not None and frames[0].event.data == "x" * 1000
+            assert sub.end_reason is None
+    finally:
+        await hub.close()
+
+
+async def test_catch_up_reads_pages_bounded_in_bytes(log: YieldingLog) -> None:
+    hub = Hub(log, HubLimits(page_bytes=2500))
+    try:
+        await log.append("s", [NewEvent("big", "x" * 1000) for _ in range(5)])
+        async with hub.subscribe("s", Position(0), transport="test") as sub:
+            pages = [[f.id for f in await sub.get(idle=5) or []] for _ in range(3)]
+        assert pages == [[1, 2], [3, 4], [5]]
+    finally:
+        await hub.close()

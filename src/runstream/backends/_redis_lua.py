@@ -184,3 +184,34 @@ redis.call('PUBLISH', ARGV[1], ARGV[2])
 return keep - first
 """
 )
+
+READ = """
+-- A byte-bounded page. KEYS: log, meta. ARGV: first entry id to read ("<after+1>-0"),
+-- limit (events), max_bytes. Returns {meta as HGETALL, entries as XRANGE}: the longest
+-- run of entries, at least one, whose sizes (#type + #data, bytes) sum to at most
+-- max_bytes, as runstream.backends.base.within_budget cuts it. The meta and the
+-- entries are one snapshot. Entries are fetched in chunks sized from the average
+-- so far (the first alone), so the script never holds more than about one entry
+-- past the budget, whatever the event sizes.
+local meta = redis.call('HGETALL', KEYS[2])
+if #meta == 0 then return {meta, {}} end
+local limit, budget = tonumber(ARGV[2]), tonumber(ARGV[3])
+local out, total, start, want = {}, 0, ARGV[1], 1
+while #out < limit do
+  local n = math.min(want, limit - #out)
+  local chunk = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', n)
+  for _, entry in ipairs(chunk) do
+    local f = entry[2]
+    for i = 1, #f, 2 do
+      if f[i] == 't' or f[i] == 'd' then total = total + #f[i + 1] end
+    end
+    if #out > 0 and total > budget then return {meta, out} end
+    out[#out + 1] = entry
+    if total >= budget then return {meta, out} end
+  end
+  if #chunk < n then break end
+  start = '(' .. chunk[#chunk][1]
+  want = math.max(1, math.min(256, math.floor((budget - total) * #out / total) + 1))
+end
+return {meta, out}
+"""

@@ -20,11 +20,11 @@ import asyncio
 import json
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
-from runstream.core.jsonbody import check_text
+from runstream.core.jsonbody import check_text, is_utf8
 from runstream.core.model import (
     END_TYPE,
     JSON,
@@ -38,6 +38,7 @@ from runstream.core.model import (
     Producer,
     Reset,
     StreamInfo,
+    encode_data,
     validate_event_type,
     validate_stream_name,
 )
@@ -49,6 +50,9 @@ _log = logging.getLogger("runstream.backends")
 DEFAULT_PAGE_LIMIT = 1000
 MAX_PAGE_LIMIT = 10_000
 FOLLOW_BATCH = 1000
+FOLLOW_MAX_BYTES = 4 * 1024 * 1024
+"""Byte budget (see :func:`event_size`) of each read a follower makes: with large
+events, a follower that fell behind reads a few at a time, not a thousand."""
 SAFETY_POLL_SECONDS = 10.0
 """Followers re-read state at least this often even without a wake-up, so a
 close or delete that no notification reported is still noticed.
@@ -109,26 +113,16 @@ def events_from_rows(stream: str, rows: Sequence[StoredRow], log: EventLog) -> l
     if (
         isinstance(values, list)
         and len(values) == len(rows)
-        and _utf8(joined)
+        and is_utf8(joined)
         and _valid_types("".join([r[1] for r in rows]), rows)
     ):
         return [Event(i, t, v, tm, d) for (i, t, d, tm), v in zip(rows, values, strict=True)]
     return [_row_event(stream, row, log) for row in rows]
 
 
-def _utf8(text: str) -> bool:
-    if text.isascii():
-        return True
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _valid_types(joined: str, rows: Sequence[StoredRow]) -> bool:
     return (
-        _utf8(joined)
+        is_utf8(joined)
         and "\n" not in joined
         and "\r" not in joined
         and "\0" not in joined
@@ -140,12 +134,47 @@ def _row_event(stream: str, row: StoredRow, log: EventLog) -> Event:
     id_, type_, text, time = row
     try:
         validate_event_type(type_, allow_reserved=True)
-        if not _utf8(text):
+        if not is_utf8(text):
             raise ValueError("data holds text UTF-8 cannot encode")
         value = json.loads(text)
     except (ValidationError, ValueError, RecursionError) as exc:
         return log.unreadable(stream, id_, time, f"{type(exc).__name__}: {exc}")
     return Event(id_, type_, value, time, text)
+
+
+def utf8_len(text: str) -> int:
+    """Length of ``text`` encoded as UTF-8 (a lone surrogate counts 3 bytes, never raises)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def event_size(type_: str, data_json: str) -> int:
+    """What an event weighs against a page's byte budget: UTF-8 bytes of its type and data JSON.
+
+    The same on every backend, so a byte-bounded read cuts pages at the same events
+    everywhere (see :meth:`EventLog.read`).
+    """
+    return utf8_len(type_) + utf8_len(data_json)
+
+
+def within_budget(events: Iterable[Event], max_bytes: int | None) -> list[Event]:
+    """The longest prefix of ``events`` whose sizes sum to at most ``max_bytes``, never empty.
+
+    The first event is always included, whatever its size, so a reader always moves on.
+    Stops consuming ``events`` as soon as the budget is reached.
+    """
+    if max_bytes is None:
+        return list(events)
+    page: list[Event] = []
+    total = 0
+    for event in events:
+        data_json = event.data_json if event.data_json is not None else encode_data(event.data)
+        total += event_size(event.type, data_json)
+        if page and total > max_bytes:
+            break
+        page.append(event)
+        if total >= max_bytes:
+            break
+    return page
 
 
 class Notifier:
@@ -199,6 +228,7 @@ class EventLog(ABC):
     def __init__(self) -> None:
         self.notifier = Notifier()
         self.safety_poll = SAFETY_POLL_SECONDS
+        self.follow_max_bytes: int = FOLLOW_MAX_BYTES
         self.unreadable_events = 0
         """Stored entries served as :data:`UNREADABLE_TYPE` items since start (a metric)."""
 
@@ -275,11 +305,15 @@ class EventLog(ABC):
         return await self._append(stream, events, None)
 
     @abstractmethod
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         """Return the stream's state and up to ``limit`` events with ``id > after``.
 
-        The state and the events must be one consistent snapshot. Raise
-        :class:`StreamNotFound` if the stream does not exist.
+        With ``max_bytes``, only as many events as :func:`within_budget` keeps
+        (at least one), and without loading more than one event past the
+        budget. The state and the events must be one consistent snapshot.
+        Raise :class:`StreamNotFound` if the stream does not exist.
         """
 
     @abstractmethod
@@ -401,24 +435,31 @@ class EventLog(ABC):
         limit: int = DEFAULT_PAGE_LIMIT,
         *,
         epoch: str | None = None,
+        max_bytes: int | None = None,
     ) -> Page:
         """Read up to ``limit`` events after position ``after``.
 
-        Raises :class:`HistoryLost` (410) if ``epoch`` is given and differs, or
-        ``after`` is older than the retained history or beyond its end; the
-        caller must restart from the exception's ``first_id - 1``.
+        With ``max_bytes``, the page also stops before the event that would take
+        the sum of :func:`event_size` over ``max_bytes``; it always holds at
+        least one event if there is one, so a reader always progresses, and
+        ``next_after`` is the last id it holds. Every backend cuts at the same
+        events. Raises :class:`HistoryLost` (410) if ``epoch`` is given and
+        differs, or ``after`` is older than the retained history or beyond its
+        end; the caller must restart from the exception's ``first_id - 1``.
         """
         validate_stream_name(stream)
         if not 1 <= limit <= MAX_PAGE_LIMIT:
             raise ValidationError(f"limit must be 1-{MAX_PAGE_LIMIT}", field="limit")
         if after < 0:
             raise ValidationError("after must be >= 0", field="after")
-        info, events = await self._read(stream, after, limit)
+        if max_bytes is not None and max_bytes < 1:
+            raise ValidationError("max_bytes must be >= 1", field="max_bytes")
+        info, events = await self._read(stream, after, limit, max_bytes)
         pos, reset = check_position(info, after, epoch)
         if reset is not None:
             raise HistoryLost(stream, epoch=info.epoch, first_id=info.first_id, reason=reset.reason)
         if pos != after:
-            info, events = await self._read(stream, pos, limit)
+            info, events = await self._read(stream, pos, limit, max_bytes)
         next_after = events[-1].id if events else pos
         closed = info.closed and next_after >= info.last_id
         return Page(stream, info.epoch, tuple(events), next_after, closed)
@@ -470,7 +511,9 @@ class EventLog(ABC):
             fut = self.notifier.watch(stream)
             try:
                 try:
-                    info, events = await self._read(stream, pos, FOLLOW_BATCH)
+                    info, events = await self._read(
+                        stream, pos, FOLLOW_BATCH, self.follow_max_bytes
+                    )
                 except StreamNotFound:
                     raise StreamDeleted(stream) from None
                 if info.epoch != cur_epoch:

@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from runstream.backends.base import EventLog
+from runstream.backends.base import EventLog, within_budget
 from runstream.core.model import (
     END_TYPE,
     JSON,
@@ -75,11 +75,17 @@ class MemoryEventLog(EventLog):
         self.notifier.notify(stream)
         return AppendResult(stream, st.info.epoch, first_id, last_id)
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         st = self._get(stream)
         # ids are contiguous from the first retained one, so the offset is arithmetic.
         start = max(0, after - (st.info.first_id - 1))
-        return st.info, st.events[start : start + limit]
+        if max_bytes is None:
+            return st.info, st.events[start : start + limit]
+        events = st.events
+        end = min(len(events), start + limit)
+        return st.info, within_budget((events[i] for i in range(start, end)), max_bytes)
 
     async def info(self, stream: str) -> StreamInfo:
         return self._get(stream).info

@@ -92,6 +92,7 @@ LISTEN_HEALTH_SECONDS = 10
 """Idle time after which the pub/sub connection is checked with a PING."""
 
 _ReadResult = tuple[StreamInfo, tuple[Event, ...]]
+_ReadKey = tuple[int, int, int | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,11 +277,12 @@ class RedisEventLog(EventLog):
         self._close_script = self._redis.register_script(lua.CLOSE)
         self._delete_script = self._redis.register_script(lua.DELETE)
         self._trim_script = self._redis.register_script(lua.TRIM)
+        self._read_script = self._redis.register_script(lua.READ)
         self._listener: asyncio.Task[None] | None = None
         self._listening = asyncio.Event()
         self._closed = False
-        # Reads in flight that a new caller may join: stream -> (after, limit) -> task.
-        self._shared: dict[str, dict[tuple[int, int], asyncio.Task[_ReadResult]]] = {}
+        # Reads in flight that a new caller may join: stream -> (after, limit, max_bytes) -> task.
+        self._shared: dict[str, dict[_ReadKey, asyncio.Task[_ReadResult]]] = {}
 
     @classmethod
     def from_url(cls, url: str) -> RedisEventLog:
@@ -508,11 +510,15 @@ class RedisEventLog(EventLog):
         except BackendError as exc:
             log.warning("stream %r stored but not indexed for listing: %s", stream, exc)
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
-        info, events = await self._shared_read(stream, after, limit)
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
+        info, events = await self._shared_read(stream, after, limit, max_bytes)
         return info, list(events)
 
-    async def _shared_read(self, stream: str, after: int, limit: int) -> _ReadResult:
+    async def _shared_read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> _ReadResult:
         """Read ``stream``, joining an identical read already in flight if nothing changed since.
 
         A wake-up drops the joinable reads of its stream (:meth:`_wake`), so a
@@ -520,18 +526,18 @@ class RedisEventLog(EventLog):
         """
         self._check_open()
         joinable = self._shared.setdefault(stream, {})
-        key = (after, limit)
+        key = (after, limit, max_bytes)
         task = joinable.get(key)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._read_once(stream, after, limit))
+            task = asyncio.get_running_loop().create_task(
+                self._read_once(stream, after, limit, max_bytes)
+            )
             joinable[key] = task
             task.add_done_callback(lambda t: self._read_done(stream, key, t))
         # Shielded: one caller giving up must not cancel the read for the others.
         return await asyncio.shield(task)
 
-    def _read_done(
-        self, stream: str, key: tuple[int, int], task: asyncio.Task[_ReadResult]
-    ) -> None:
+    def _read_done(self, stream: str, key: _ReadKey, task: asyncio.Task[_ReadResult]) -> None:
         joinable = self._shared.get(stream)
         if joinable is not None and joinable.get(key) is task:
             del joinable[key]
@@ -540,7 +546,9 @@ class RedisEventLog(EventLog):
         if not task.cancelled():
             task.exception()  # retrieved here so an unawaited failure is not reported as lost
 
-    async def _read_once(self, stream: str, after: int, limit: int) -> _ReadResult:
+    async def _read_once(
+        self, stream: str, after: int, limit: int, max_bytes: int | None
+    ) -> _ReadResult:
         log_key, meta_key, _ = self.keys(stream)
         meta: dict[str, str]
         entries: list[tuple[str, dict[str, str]]]
@@ -548,6 +556,13 @@ class RedisEventLog(EventLog):
             if limit == 0:
                 meta = await self._redis.hgetall(meta_key)  # type: ignore[assignment]
                 entries = []
+            elif max_bytes is not None:
+                # A script, so that Redis itself stops at the byte budget (XRANGE counts only).
+                flat_meta, raw = await self._read_script(
+                    keys=[log_key, meta_key], args=[f"{after + 1}-0", limit, max_bytes]
+                )
+                meta = _pairs(flat_meta)
+                entries = [(entry_id, _pairs(fields)) for entry_id, fields in raw]
             else:
                 async with self._redis.pipeline(transaction=True) as pipe:
                     pipe.hgetall(meta_key)

@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from runstream.backends.base import EventLog, events_from_rows
+from runstream.backends.base import EventLog, event_size, events_from_rows
+from runstream.core.jsonbody import is_utf8
 from runstream.core.model import (
     END_TYPE,
     AppendResult,
@@ -948,7 +949,9 @@ class SQLiteEventLog(EventLog):
                 raise BackendError(f"sqlite backend {self.path!r} is closed") from exc
             raise
 
-    async def _read(self, stream: str, after: int, limit: int) -> tuple[StreamInfo, list[Event]]:
+    async def _read(
+        self, stream: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> tuple[StreamInfo, list[Event]]:
         def read(conn: sqlite3.Connection) -> tuple[StreamInfo, list[Event]]:
             # One read transaction: the state and the events are the same snapshot.
             conn.execute("BEGIN")
@@ -957,7 +960,7 @@ class SQLiteEventLog(EventLog):
                 if row is None:
                     raise StreamNotFound(stream)
                 base = _base(row[0])
-                rows = _fetch_events(conn, (base + after, base + MAX_EVENT_ID, limit))
+                rows = _fetch_events(conn, (base + after, base + MAX_EVENT_ID, limit), max_bytes)
             finally:
                 conn.execute("COMMIT")
             # Decoded here, off the event loop: a large page would stall every
@@ -1006,7 +1009,7 @@ class SQLiteEventLog(EventLog):
         if limit <= 0:
             return []
         for label, value in (("prefix", prefix), ("start_after", start_after)):
-            if not isinstance(value, str) or "\0" in value or not _encodable(value):
+            if not isinstance(value, str) or "\0" in value or not is_utf8(value):
                 raise ValidationError(f"{label} must be a text string", field=label)
         # Names compare as UTF-8 bytes in SQLite, which is code point order, like Python.
         sql = f"SELECT {_INFO_COLUMNS} FROM streams WHERE name > ? AND name >= ?"
@@ -1130,25 +1133,32 @@ _SELECT_EVENTS_AS_BYTES = (
 )
 
 
-def _fetch_events(conn: sqlite3.Connection, params: tuple[int, int, int]) -> list[Any]:
-    """Rows ``(key, type, data, time)`` of one page, whatever bytes another program stored.
+def _fetch_events(
+    conn: sqlite3.Connection, params: tuple[int, int, int], max_bytes: int | None
+) -> list[Any]:
+    """Rows ``(key, type, data, time)`` of one page, within ``max_bytes`` if given.
 
-    sqlite3 fails a whole fetch on text that is not UTF-8. Then the page is read
-    again as bytes and decoded here, keeping undecodable bytes as surrogates, so
-    that :func:`events_from_rows` serves those rows as unreadable items instead
-    of the page failing on every read.
+    Whatever bytes another program stored: sqlite3 fails a whole fetch on text
+    that is not UTF-8. Then the page is read again as bytes and decoded here,
+    keeping undecodable bytes as surrogates, so that :func:`events_from_rows`
+    serves those rows as unreadable items instead of the page failing on every read.
     """
-    rows: list[Any] = []
     try:
         cursor = conn.execute(_SELECT_EVENTS, params)
-        while chunk := cursor.fetchmany(DECODE_CHUNK):
-            rows += chunk
-            time.sleep(0)  # as in the decoding: let the writer have the GIL
-        return rows
+        try:
+            if max_bytes is not None:
+                return _rows_within(cursor, max_bytes)
+            rows: list[Any] = []
+            while chunk := cursor.fetchmany(DECODE_CHUNK):
+                rows += chunk
+                time.sleep(0)  # as in the decoding: let the writer have the GIL
+            return rows
+        finally:
+            cursor.close()
     except sqlite3.OperationalError as exc:
         if "decode" not in str(exc):
             raise
-    return [
+    decoded = (
         (
             key,
             bytes(t).decode("utf-8", "surrogateescape"),
@@ -1156,15 +1166,33 @@ def _fetch_events(conn: sqlite3.Connection, params: tuple[int, int, int]) -> lis
             tm,
         )
         for key, t, d, tm in conn.execute(_SELECT_EVENTS_AS_BYTES, params)
-    ]
+    )
+    return list(decoded) if max_bytes is None else _rows_within(decoded, max_bytes)
 
 
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:  # lone surrogates
-        return False
-    return True
+def _lenient(raw: bytes) -> str:
+    return bytes(raw).decode("utf-8", "surrogateescape")
+
+
+def _rows_within(cursor: Iterable[Any], max_bytes: int) -> list[Any]:
+    """Rows ``(key, type, data, time)`` fetched one at a time while within ``max_bytes``.
+
+    The same cut as :func:`~runstream.backends.base.within_budget`. Row by row,
+    so that at most one event past the budget is ever loaded (a ``fetchmany``
+    of large events would load them all before any could be dropped).
+    """
+    rows: list[Any] = []
+    total = 0
+    for row in cursor:
+        total += event_size(row[1], row[2])
+        if rows and total > max_bytes:
+            break
+        rows.append(row)
+        if total >= max_bytes:
+            break
+        if len(rows) % DECODE_CHUNK == 0:
+            time.sleep(0)  # let the writer have the GIL
+    return rows
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:

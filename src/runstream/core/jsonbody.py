@@ -132,6 +132,17 @@ def _spell(link: Any) -> str:
     return str(link) + "".join(reversed(keys))
 
 
+def is_utf8(text: str) -> bool:
+    """True if UTF-8 can encode ``text`` (it holds no lone surrogate)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def check_text(text: str, *, where: str) -> str:
     """Return ``text`` if UTF-8 can hold it, else raise :class:`ValidationError` at ``where``."""
     if text.isascii():

@@ -57,6 +57,8 @@ def create_app(
     lim = settings.limits
     hub_limits = HubLimits(
         buffer=lim.subscriber_buffer,
+        buffer_bytes=lim.subscriber_buffer_bytes,
+        page_bytes=lim.max_page_bytes,
         per_stream=lim.max_subscribers_per_stream,
         total=lim.max_subscribers,
         reconcile_interval=settings.server.reconcile_interval,

@@ -14,9 +14,12 @@ between the last page and the first live frame; frames the feed delivers that
 the subscriber already read from the log (``id <= sub.pos``) are dropped. No
 gap, no duplicate.
 
-A live subscriber whose buffer exceeds its limit is ended with reason
-``"slow_consumer"`` and its buffer dropped: the producer is never slowed and
-memory stays bounded, and the client resumes from the last id it received.
+Catch-up reads are bounded in events and in bytes (``HubLimits.page_bytes``,
+at least one event per read). A live subscriber whose buffer exceeds its limit
+(events or bytes) is ended with reason ``"slow_consumer"`` and its buffer
+dropped: the producer is never slowed and memory stays bounded, and the client
+resumes from the last id it received. Transports cut a client that stops taking
+writes the same way (:meth:`Subscription.cut_slow`).
 
 Lifecycle is reconciled from state: besides what the log says (end entry,
 deletion), a periodic pass compares each feed with ``info()`` and with any
@@ -40,7 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Literal, cast
 
-from runstream.backends.base import EventLog
+from runstream.backends.base import EventLog, event_size
 from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data
 from runstream.errors import (
     HistoryLost,
@@ -55,7 +58,7 @@ from runstream.protocol.sse import encode_event
 log = logging.getLogger("runstream.server.hub")
 
 CATCH_UP_PAGE: Final = 2000
-"""Events per log read while a subscriber catches up."""
+"""Events per log read while a subscriber catches up (also bounded by ``HubLimits.page_bytes``)."""
 
 # One encoder for every frame: json.dumps with options builds a new encoder per call,
 # which is most of the cost of encoding a page of history. Same output as encode_data().
@@ -91,7 +94,7 @@ def _encode(value: object) -> str:
 class Frame:
     """One item for clients: an event or a reset, in an epoch. Encodings are cached."""
 
-    __slots__ = ("_sse", "_ws", "epoch", "event", "reset")
+    __slots__ = ("_sse", "_ws", "epoch", "event", "reset", "size")
 
     def __init__(self, epoch: str, event: Event | None = None, reset: Reset | None = None) -> None:
         self.epoch = epoch
@@ -99,6 +102,11 @@ class Frame:
         self.reset = reset
         self._sse: bytes | None = None
         self._ws: str | None = None
+        self.size = 0
+        """What the frame weighs against byte limits: its event's :func:`event_size` (resets: 0;
+        an event read without its data text, which no backend does, counts its type only)."""
+        if event is not None:
+            self.size = event_size(event.type, event.data_json or "")
 
     @property
     def id(self) -> int:
@@ -150,6 +158,8 @@ class Frame:
 @dataclass(frozen=True, slots=True)
 class HubLimits:
     buffer: int = 5000
+    buffer_bytes: int = 64 * 1024 * 1024
+    page_bytes: int = 4 * 1024 * 1024
     per_stream: int = 10_000
     total: int = 50_000
     reconcile_interval: float = 5.0
@@ -311,6 +321,7 @@ class Subscription:
         # A list, not a deque: it is only appended to and drained whole, and an
         # idle client's empty deque would cost ten times more.
         self._buf: list[Frame] = []
+        self._buf_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
         # A stream that does not exist yet (a run queued a moment ago) is waited for,
@@ -346,10 +357,13 @@ class Subscription:
                 return  # already read from the log during catch-up
             self.pos = frame.event.id
         self._buf.append(frame)
-        if len(self._buf) > self.hub.limits.buffer:
-            self._buf.clear()
-            self.hub._slow(self)
-            self._end("slow_consumer")
+        self._buf_bytes += frame.size
+        limits = self.hub.limits
+        if len(self._buf) > limits.buffer:
+            self.cut_slow(f"more than {limits.buffer} events buffered")
+            return
+        if self._buf_bytes > limits.buffer_bytes and len(self._buf) > 1:
+            self.cut_slow(f"more than {limits.buffer_bytes} bytes buffered")
             return
         if frame.is_end:
             self._end("end")
@@ -358,6 +372,24 @@ class Subscription:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def _take(self) -> list[Frame]:
+        frames, self._buf = self._buf, []
+        self._buf_bytes = 0
+        return frames
+
+    def cut_slow(self, why: str) -> None:
+        """End as a slow consumer (reason ``"slow_consumer"``): logged, counted, buffer dropped.
+
+        For the hub's own buffer limits and for transports whose client stopped
+        taking writes; the client resumes from the last id it received.
+        """
+        if self.end_reason is not None:
+            return
+        self._buf.clear()
+        self._buf_bytes = 0
+        self.hub._slow(self, why)
+        self._end("slow_consumer")
 
     def _end(self, reason: EndReason | str) -> None:
         if self.end_reason is not None:
@@ -380,8 +412,7 @@ class Subscription:
         """
         while True:
             if self._buf:
-                frames, self._buf = self._buf, []
-                return frames
+                return self._take()
             if self.end_reason is not None:
                 return None
             if self.live:
@@ -404,6 +435,7 @@ class Subscription:
                 timer.cancel()
         if self._buf:
             frames, self._buf = self._buf, []
+            self._buf_bytes = 0
             return frames
         return None if self.end_reason is not None else []
 
@@ -411,7 +443,13 @@ class Subscription:
         """One step of catch-up: a page read, or the join. ``None``/``[]`` means call again."""
         backend = self.hub.backend
         try:
-            page = await backend.read(self.stream, self.pos, CATCH_UP_PAGE, epoch=self.epoch)
+            page = await backend.read(
+                self.stream,
+                self.pos,
+                CATCH_UP_PAGE,
+                epoch=self.epoch,
+                max_bytes=self.hub.limits.page_bytes,
+            )
         except HistoryLost as exc:
             if self.end_reason is not None:
                 return None
@@ -476,6 +514,7 @@ class Subscription:
         self._closed = True
         self._end("cancelled")
         self._buf.clear()
+        self._buf_bytes = 0
         self.hub._release(self)
 
 
@@ -579,13 +618,13 @@ class Hub:
             feed.task.cancel()
             self._feed_done(feed)
 
-    def _slow(self, sub: Subscription) -> None:
+    def _slow(self, sub: Subscription, why: str) -> None:
         log.warning(
-            "disconnecting slow %s consumer of stream %r: more than %d events buffered at id %d;"
+            "disconnecting slow %s consumer of stream %r: %s at id %d;"
             " it resumes from the last id it received",
             sub.transport,
             sub.stream,
-            self.limits.buffer,
+            why,
             sub.pos,
         )
         if self.on_slow is not None:

@@ -4,6 +4,14 @@ Each is a thin writer over a :class:`~runstream.server.hub.Subscription`; the
 positions, resets and hand-over live in the hub. These functions take the
 stream name as an argument, so other routers (runs) can serve a stream under
 their own paths with the same semantics.
+
+Every page is bounded in bytes as well as events (``limits.max_page_bytes``):
+JSON reads and catch-up reads ask the backend for no more, and SSE writes a
+burst of live frames in writes of at most that size. Every write to a streaming
+client is timed (``limits.send_timeout``): a client that stops reading, during
+catch-up or live, is cut as a slow consumer and resumes from its last id. Its
+connection is then aborted if it still has not taken what was queued after
+``shutdown_grace`` (a plain close would wait for it forever).
 """
 
 from __future__ import annotations
@@ -11,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, Final
 
 from starlette.requests import Request
@@ -24,6 +34,7 @@ from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, Valida
 from runstream.protocol.cursor import Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
 from runstream.server.auth import ws_subprotocol
+from runstream.server.connections import abort_handle
 from runstream.server.errors import error_response
 from runstream.server.hub import Frame, Subscription
 from runstream.server.runtime import Runtime
@@ -103,12 +114,15 @@ class EventStreamResponse(Response):
         metrics.connections.labels("sse").inc()
         gauge = metrics.open_connections.labels("sse")
         gauge.inc()
+        watch = SendWatchdog(runtime.settings.limits.send_timeout)
         try:
             await run_guarded(
-                self._pump(send),
+                self._pump(send, watch),
                 sub,
                 lambda: _wait_disconnect(receive),
                 runtime.settings.server.shutdown_grace,
+                watchdog=watch,
+                abort=abort_handle(scope),
             )
         finally:
             gauge.dec()
@@ -116,23 +130,134 @@ class EventStreamResponse(Response):
             sub.close()
             metrics.disconnects.labels("sse", reason or "client_left").inc()
 
-    async def _pump(self, send: Send) -> None:
+    async def _pump(self, send: Send, watch: SendWatchdog) -> None:
         sub, runtime = self.sub, self.runtime
         keepalive = runtime.settings.server.keepalive
-        await send(
-            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        page_bytes = runtime.settings.limits.max_page_bytes
+        timed = watch.timed
+        now = time.monotonic
+        await timed(
+            send(
+                {
+                    "type": "http.response.start",
+                    "status": self.status_code,
+                    "headers": self.raw_headers,
+                }
+            )
         )
-        await send(_body(encode_retry(runtime.settings.server.retry_ms)))
+        await timed(send(_body(encode_retry(runtime.settings.server.retry_ms))))
         while True:
             frames = await sub.get(idle=keepalive)
             if frames is None:
                 break
             if not frames:
-                await send(_body(PING))
+                await timed(send(_body(PING)))
                 continue
-            await send(_body(b"".join([f.sse() for f in frames])))
+            data = b"".join([f.sse() for f in frames])
+            if len(data) <= page_bytes:
+                watch.since = now()  # SendWatchdog.timed, inlined: the hot path
+                await send(_body(data))
+                watch.since = -1.0
+            else:
+                del data
+                for chunk in _sse_writes(frames, page_bytes):
+                    await timed(send(_body(chunk)))
             _count_frames(runtime, "sse", frames)
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await timed(send({"type": "http.response.body", "body": b"", "more_body": False}))
+
+
+def _sse_writes(frames: list[Frame], page_bytes: int) -> Iterator[bytes]:
+    """The SSE encoding of ``frames`` in writes of at most ``page_bytes`` (or one frame)."""
+    parts: list[bytes] = []
+    size = 0
+    for frame in frames:
+        data = frame.sse()
+        if parts and size + len(data) > page_bytes:
+            yield b"".join(parts)
+            parts, size = [], 0
+        parts.append(data)
+        size += len(data)
+    if parts:
+        yield b"".join(parts)
+
+
+class SendWatchdog:
+    """Times each write to a streaming client; on one that takes too long, cuts the client.
+
+    A writer stamps :attr:`since` with ``time.monotonic()`` before a send and sets it
+    back to ``-1`` after (or wraps the send in :meth:`timed`): two attribute
+    writes, because sends to a fan-out's clients run hundreds of thousands of
+    times a second and a timer per send would cost more than the send. One
+    :class:`_SendClock` per event loop checks the open watchdogs periodically
+    and calls :attr:`on_expire` (set by :func:`run_guarded`) for a send that has
+    been waiting longer than ``timeout``: the server's send only waits while the
+    connection's buffer is full, that is while the client is not reading.
+    """
+
+    __slots__ = ("clock", "on_expire", "since", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.since = -1.0
+        self.on_expire: Callable[[], None] | None = None
+        self.clock = _SendClock.of(asyncio.get_running_loop())
+
+    async def timed(self, write: Awaitable[None]) -> None:
+        self.since = time.monotonic()
+        try:
+            await write
+        finally:
+            self.since = -1.0
+
+
+class _SendClock:
+    """The periodic check of one loop's :class:`SendWatchdog` instances (while any is open)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Weak: the clock is the value of a weak-keyed map keyed by this loop.
+        self._loop = weakref.ref(loop)
+        self.watches: set[SendWatchdog] = set()
+        self.handle: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _SendClock:
+        clock = _CLOCKS.get(loop)
+        if clock is None:
+            clock = _CLOCKS[loop] = cls(loop)
+        return clock
+
+    def add(self, watch: SendWatchdog) -> None:
+        self.watches.add(watch)
+        if self.handle is None:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = self._loop()
+        if loop is not None:
+            self.handle = loop.call_later(self._interval(), self._tick)
+
+    def discard(self, watch: SendWatchdog) -> None:
+        self.watches.discard(watch)
+
+    def _interval(self) -> float:
+        # A quarter of the shortest timeout (at most 1 s): a send is cut within 125% of it.
+        return min([1.0, *(w.timeout / 4 for w in self.watches)])
+
+    def _tick(self) -> None:
+        self.handle = None
+        now = time.monotonic()
+        late = [w for w in self.watches if w.since >= 0 and now - w.since > w.timeout]
+        for watch in late:
+            watch.since = -1.0
+            if watch.on_expire is not None:
+                watch.on_expire()
+        if self.watches:
+            self._schedule()
+
+
+_CLOCKS: Final[weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _SendClock]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def run_guarded(
@@ -140,14 +265,22 @@ async def run_guarded(
     sub: Subscription,
     client_gone: Callable[[], Coroutine[Any, Any, None]],
     grace: float,
+    *,
+    watchdog: SendWatchdog | None = None,
+    abort: Callable[[], None] | None = None,
 ) -> None:
     """Run ``writer`` in the current task until it returns, or cut it short.
 
-    It is cancelled when ``client_gone()`` returns (the client left), or when the
+    It is cancelled when ``client_gone()`` returns (the client left), when the
     subscription ended (end, slow consumer, shutdown) and the writer is still
     running ``grace`` seconds later (stuck sending to a client that does not
-    read). The writer runs in the caller's task and only one helper task
-    watches the client: a connection costs two tasks, not three.
+    read), or when a write timed by ``watchdog`` takes too long (the
+    subscription then ends as ``"slow_consumer"``). In the last two cases
+    ``abort`` (drop the connection) is called ``grace`` seconds after the cut
+    unless the connection closed by then: what was queued for a client that
+    does not read would otherwise be held until it does. The writer runs in the
+    caller's task and only one helper task watches the client: a connection
+    costs two tasks, not three.
     """
     task = asyncio.current_task()
     assert task is not None
@@ -160,8 +293,23 @@ async def run_guarded(
             state["cut"] = True
             task.cancel()
 
+    def cut_stuck() -> None:
+        if state["running"] and not state["cut"]:
+            cut()
+            if abort is not None:
+                loop.call_later(grace, abort)
+
     def on_end(_: object) -> None:
-        timer.append(loop.call_later(grace, cut))
+        timer.append(loop.call_later(grace, cut_stuck))
+
+    def on_slow_write() -> None:
+        assert watchdog is not None
+        sub.cut_slow(f"a write did not complete in {watchdog.timeout:g} s")
+        cut_stuck()
+
+    if watchdog is not None:
+        watchdog.on_expire = on_slow_write
+        watchdog.clock.add(watchdog)
 
     listen = asyncio.ensure_future(client_gone())
     listen.add_done_callback(cut)
@@ -174,6 +322,9 @@ async def run_guarded(
         task.uncancel()
     finally:
         state["running"] = False
+        if watchdog is not None:
+            watchdog.on_expire = None
+            watchdog.clock.discard(watchdog)
         sub.ended.remove_done_callback(on_end)
         for handle in timer:
             handle.cancel()
@@ -272,8 +423,9 @@ async def long_poll(
     if position.now:
         info = await backend.info(stream)
         offset = info.last_id - 1 if info.closed else info.last_id
+    max_bytes = lim.max_page_bytes
     try:
-        page = await backend.read(stream, offset, limit, epoch=position.epoch)
+        page = await backend.read(stream, offset, limit, epoch=position.epoch, max_bytes=max_bytes)
     except HistoryLost:
         runtime.metrics.resets.labels("longpoll").inc()
         raise
@@ -289,7 +441,7 @@ async def long_poll(
     finally:
         sub.close()
         gauge.dec()
-    page = await backend.read(stream, page.next_after, limit, epoch=page.epoch)
+    page = await backend.read(stream, page.next_after, limit, epoch=page.epoch, max_bytes=max_bytes)
     metrics.events_delivered.labels("longpoll").inc(len(page.events))
     return page
 
@@ -332,13 +484,17 @@ async def serve_websocket(
     metrics.connections.labels("ws").inc()
     gauge = metrics.open_connections.labels("ws")
     gauge.inc()
+    grace = runtime.settings.server.shutdown_grace
+    watch = SendWatchdog(runtime.settings.limits.send_timeout)
     try:
         await websocket.accept(subprotocol=ws_subprotocol(websocket))
         await run_guarded(
-            _ws_pump(runtime, websocket, sub),
+            _ws_pump(runtime, websocket, sub, watch),
             sub,
             lambda: _ws_listen(websocket),
-            runtime.settings.server.shutdown_grace,
+            grace,
+            watchdog=watch,
+            abort=abort_handle(websocket.scope),
         )
     except (WebSocketDisconnect, OSError, RuntimeError):
         pass
@@ -351,18 +507,25 @@ async def serve_websocket(
         ).inc()
         code, text = WS_CLOSE.get(reason or "", (1000, ""))
         if reason not in (None, "cancelled"):
+            # Bounded: the close frame waits behind whatever a stuck client has not taken.
             with contextlib.suppress(Exception):
-                await websocket.close(code=code, reason=text)
+                async with asyncio.timeout(grace * 2):
+                    await websocket.close(code=code, reason=text)
 
 
-async def _ws_pump(runtime: Runtime, websocket: WebSocket, sub: Subscription) -> None:
+async def _ws_pump(
+    runtime: Runtime, websocket: WebSocket, sub: Subscription, watch: SendWatchdog
+) -> None:
     keepalive = runtime.settings.server.keepalive
+    now = time.monotonic
     while True:
         frames = await sub.get(idle=keepalive)
         if frames is None:
             return
         for frame in frames:
+            watch.since = now()  # SendWatchdog.timed, inlined: the hot path
             await websocket.send_text(frame.ws())
+            watch.since = -1.0
         _count_frames(runtime, "ws", frames)
 
 
