@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from runstream.client import _env
 from runstream.client._http import (
     RETRYABLE_STATUS,
     error_from_response,
@@ -20,7 +21,7 @@ from runstream.client._http import (
     retry_after,
     stream_info_from_json,
 )
-from runstream.client.follow import Follower, FollowOptions
+from runstream.client.follow import Follower, FollowOptions, Transport
 from runstream.client.handlers import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DRAIN_TIMEOUT,
@@ -74,7 +75,14 @@ class AsyncClient:
     connections. ``token_refresh`` is an async function returning a new
     bearer token; it is called once when the server answers 401, then the
     request is retried. ``follow_options`` sets the defaults of every
-    :meth:`follow` (watchdogs, retry budget, fallback, reset mode).
+    :meth:`follow` (watchdogs, retry budget, fallback, transport, reset mode).
+
+    What is not given here comes from the environment, then the defaults:
+    ``url`` from ``RUNSTREAM_URL`` (else ``RUNSTREAM_SERVER``, else
+    ``http://127.0.0.1:8787``), ``token`` from ``RUNSTREAM_TOKEN``, and
+    ``follow_options`` from :meth:`FollowOptions.from_env` (watchdog,
+    reconnect and transport variables). Raises :class:`ConfigError` for an
+    invalid variable.
 
     One client may be used by many tasks at once; it must be used from the
     event loop it was first used on.
@@ -82,7 +90,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         token: str | None = None,
         token_refresh: TokenRefresh | None = None,
@@ -92,11 +100,11 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
+        self.url = (url or _env.server_url() or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else _env.token()
         self.token_refresh = token_refresh
         self.retry = retry
-        self.follow_options = follow_options or FollowOptions()
+        self.follow_options = follow_options or FollowOptions.from_env()
         self._http = httpx.AsyncClient(
             base_url=self.url,
             timeout=timeout,
@@ -363,6 +371,7 @@ class AsyncClient:
         metrics: Metrics | None = None,
         options: FollowOptions | None = None,
         run: bool = False,
+        transport: Transport | None = None,
         **overrides: Any,
     ) -> Follower:
         """Follow ``stream`` from ``after`` (``None``: the beginning; ``"now"``; an id;
@@ -371,13 +380,18 @@ class AsyncClient:
         Yields :class:`Event` items and, when history was lost, :class:`Reset`
         items (or raises :class:`HistoryLost` with ``reset="raise"``); the last
         item is the end event (``event.is_end``; ``data`` holds the final
-        status). ``overrides`` set :class:`FollowOptions` fields for this call,
-        e.g. ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
-        follows a run through ``/v1/runs/{id}/events``.
+        status). ``transport`` is ``"auto"`` (SSE, falling back to long-poll
+        while streaming keeps failing), ``"sse"``, ``"ws"`` (WebSocket) or
+        ``"poll"``; every one gives the same guarantees. ``overrides`` set
+        other :class:`FollowOptions` fields for this call, e.g.
+        ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
+        follows a run through ``/v1/runs/{id}/events`` (``/ws``).
 
         Close it (``async with`` / :meth:`Follower.aclose`) if you stop early;
         setting ``stop_event`` ends the iteration promptly.
         """
+        if transport is not None:
+            overrides["transport"] = transport
         opts = replace(options or self.follow_options, **overrides)
         path = f"/v1/runs/{stream}/events" if run else None
         follower = Follower(

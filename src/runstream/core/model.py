@@ -28,7 +28,14 @@ END_TYPE = "end"
 RESET_TYPE = "reset"
 """Type of the control message that reports lost history. Never stored."""
 
-RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE})
+HEARTBEAT_TYPE = "ping"
+"""Type of the WebSocket heartbeat message (``{"type": "ping", "time": ...}``, no ``id``).
+
+Sent on an idle WebSocket at the keepalive interval, so a client's idle
+watchdog has something to see. Never stored; reserved so that no event can
+be mistaken for it."""
+
+RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE, HEARTBEAT_TYPE})
 
 STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
 MAX_TYPE_LENGTH = 100
@@ -159,7 +166,10 @@ class Event:
     ``data_json`` is the data as the backend stored it (compact JSON, what
     :func:`encode_data` gives for ``data``) when the backend read it that way;
     writers of SSE and WebSocket frames use it instead of encoding ``data``
-    again. It takes no part in equality.
+    again. ``epoch`` is the epoch the event belongs to when the reader knows
+    it (the SDK sets it on every event it delivers); with the stream name and
+    ``id`` it identifies the event for good (see :meth:`idempotency_key`).
+    Neither takes part in equality.
     """
 
     id: int
@@ -167,11 +177,23 @@ class Event:
     data: JSON
     time: float
     data_json: str | None = field(default=None, compare=False, repr=False)
+    epoch: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_end(self) -> bool:
         """True for the entry that closed the stream (``data`` holds status and reason)."""
         return self.type == END_TYPE
+
+    def idempotency_key(self, stream: str) -> str:
+        """``"<stream>:<epoch>:<id>"``: the same for every delivery of this event, and only it.
+
+        A stream re-created (or a backend that lost its data) starts a new
+        epoch, so ids reused there get different keys. Raises
+        :class:`ValidationError` when the epoch is unknown.
+        """
+        if self.epoch is None:
+            raise ValidationError("this event's epoch is unknown: no idempotency key")
+        return f"{stream}:{self.epoch}:{self.id}"
 
     def to_json(self) -> dict[str, JSON]:
         return {"id": self.id, "type": self.type, "data": self.data, "time": rfc3339(self.time)}
