@@ -21,12 +21,14 @@ from runstream.client._http import (
     retry_after,
     stream_info_from_json,
 )
+from runstream.client.checkpoint import CheckpointStore, CheckpointWriter, Watermark
 from runstream.client.follow import Follower, FollowOptions, Transport
 from runstream.client.handlers import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_QUEUE_SIZE,
     Context,
+    DeadLetter,
     EventHandler,
     HandlerRegistry,
     KeyFn,
@@ -430,6 +432,10 @@ class AsyncClient:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         metrics: Metrics | None = None,
         run: bool = False,
+        checkpoint: CheckpointStore | None = None,
+        checkpoint_name: str | None = None,
+        handler_retry: RetryPolicy | None = None,
+        dead_letter: DeadLetter | None = None,
         **overrides: Any,
     ) -> Event | None:
         """Follow ``stream`` and hand every event to the registered handlers until it ends.
@@ -438,25 +444,72 @@ class AsyncClient:
         ``stop_event`` is set or this client closes: the read and any backoff
         sleep are cancelled, then running and queued handler jobs get
         ``drain_timeout`` seconds to finish. Raises what :meth:`follow` raises.
+
+        ``checkpoint`` (a :class:`CheckpointStore`) makes the position durable
+        under ``checkpoint_name`` (default: the stream name): a saved position
+        replaces ``after`` at start, and the position saved moves only past
+        items whose handlers all finished, so after a crash every event is
+        handled at least once (give ``ctx.idempotency_key(event)`` to what your
+        handler writes to).
+
+        A handler that raises is called again per ``handler_retry`` (a
+        :class:`RetryPolicy`: ``max_attempts`` retries after the first call,
+        full-jitter backoff; ``None``: no retry). Once retries are spent the
+        item goes to ``dead_letter(item, ctx, exc)`` (or is logged as given up)
+        and counts as handled: the checkpoint moves past it. If ``dead_letter``
+        raises, the listener stops with :class:`HandlerFailed` and the
+        checkpoint stays before that item.
         """
         metrics = metrics or Metrics()
+        writer: CheckpointWriter | None = None
+        watermark: Watermark | None = None
+        if checkpoint is not None:
+            name = checkpoint_name or stream
+            saved = await checkpoint.load(name)
+            if saved is not None:
+                after = saved
+                metrics.checkpoint = saved
+            writer = CheckpointWriter(checkpoint, name, metrics, saved=saved)
+            watermark = Watermark(saved, on_advance=writer.update)
         follower = self.follow(
             stream, after, stop_event=stop_event, metrics=metrics, run=run, **overrides
         )
         ctx = Context(stream=stream, metrics=metrics, client=self, follower=follower)
-        pool = WorkerPool(metrics, concurrency=concurrency, queue_size=queue_size)
+        pool = WorkerPool(
+            metrics,
+            concurrency=concurrency,
+            queue_size=queue_size,
+            retry=handler_retry,
+            dead_letter=dead_letter,
+            watermark=watermark,
+        )
+        pump = asyncio.create_task(self._pump(follower, pool, ctx))
+        failed = asyncio.ensure_future(pool.failed.wait())
         try:
-            while True:
-                try:
-                    item, received = await follower.next_with_receipt()
-                except StopAsyncIteration:
-                    break
-                await dispatch(self.registry, pool, item, ctx, received)
+            await asyncio.wait((pump, failed), return_when=asyncio.FIRST_COMPLETED)
+            if pump.done():
+                pump.result()
         finally:
+            failed.cancel()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
             await follower.aclose()
             self._followers.discard(follower)
             await pool.drain(drain_timeout)
+            if writer is not None:
+                await writer.aclose()
+        if pool.failure is not None:
+            raise pool.failure
         return follower.end
+
+    async def _pump(self, follower: Follower, pool: WorkerPool, ctx: Context) -> None:
+        while True:
+            try:
+                item, received = await follower.next_with_receipt()
+            except StopAsyncIteration:
+                return
+            await dispatch(self.registry, pool, item, ctx, received)
 
     # -- lifecycle ---------------------------------------------------------------------
 
