@@ -9,6 +9,9 @@ from hypothesis import strategies as st
 
 from runstream.core.model import (
     END_TYPE,
+    HEARTBEAT_TYPE,
+    RESERVED_TYPES,
+    RESET_TYPE,
     EncodedEvents,
     Event,
     NewEvent,
@@ -62,6 +65,21 @@ def test_end_type_is_reserved() -> None:
     with pytest.raises(ValidationError):
         NewEvent(END_TYPE, None)
     assert Event(3, END_TYPE, {"status": "ok"}, 0.0).is_end
+
+
+@pytest.mark.parametrize("type_", sorted(RESERVED_TYPES))
+def test_control_message_types_are_reserved(type_: str) -> None:
+    assert {END_TYPE, RESET_TYPE, HEARTBEAT_TYPE} <= RESERVED_TYPES
+    with pytest.raises(ValidationError, match="reserved"):
+        NewEvent(type_, None)
+
+
+def test_an_event_knows_its_idempotency_key_once_its_epoch_is_known() -> None:
+    event = Event(7, "tick", 1, 0.0, epoch="ab12")
+    assert event.idempotency_key("run:1") == "run:1:ab12:7"
+    assert event == Event(7, "tick", 1, 0.0)  # the epoch takes no part in equality
+    with pytest.raises(ValidationError):
+        Event(7, "tick", 1, 0.0).idempotency_key("s")
 
 
 def test_producer_validates_id_and_seq() -> None:
