@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -97,6 +98,23 @@ def test_epochs_are_distinct_and_colon_free() -> None:
 def test_times_are_rfc3339_utc() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339(1700000000.1234) == "2023-11-14T22:13:20.123Z"
+
+
+def datetime_rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-2e9, max_value=4e9, allow_nan=False),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s + 0.9999995),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s - 0.0000005),
+        st.integers(min_value=-2_000_000_000, max_value=4_000_000_000).map(float),
+    )
+)
+def test_rfc3339_is_exactly_what_datetime_formats(ts: float) -> None:
+    assert rfc3339(ts) == datetime_rfc3339(ts)
+    assert rfc3339(ts + 1.5) == datetime_rfc3339(ts + 1.5)  # another second: the cache moves
 
 
 def test_stream_info_json_uses_wire_names() -> None:
