@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+import httpx
 import pytest
 
 from runstream.client._async import AsyncClient
@@ -307,3 +308,33 @@ async def test_deleting_the_stream_while_following_raises_stream_not_found(
         with pytest.raises(StreamNotFound):
             await collect(follower)
     assert ids(got) == [1, 2]
+
+
+async def test_websocket_reads_the_epoch_first_under_the_first_event_timer(
+    live_server: LiveServer, proxy: FaultProxy
+) -> None:
+    # WebSocket events carry no epoch: the follower asks for it once, and a stalled
+    # answer is a first-event timeout like a stalled stream, not a 30 s hang.
+    first = True
+
+    def plan(head: bytes) -> Fault:
+        nonlocal first
+        if head.startswith(b"GET /v1/streams/wsinfo HTTP") and first:
+            first = False
+            return Fault("stall_first")
+        return Fault()
+
+    proxy.plan = plan
+    await fill(live_server, "wsinfo", 2)
+    metrics = Metrics()
+    # One request per connection, so the stalled one is not reused.
+    async with AsyncClient(proxy.url, transport=no_reuse()) as c:
+        follower = c.follow("wsinfo", transport="ws", first_event=0.3, metrics=metrics)
+        items = await collect(follower)
+    assert ids(items) == [1, 2, 3] and {e.epoch for e in items if isinstance(e, Event)} != {None}
+    assert metrics.watchdog_kills == {"first_event": 1}
+    assert f"after={follower.epoch}%3A0" in proxy.log[-1].request.decode()
+
+
+def no_reuse() -> httpx.AsyncHTTPTransport:
+    return httpx.AsyncHTTPTransport(limits=httpx.Limits(max_keepalive_connections=0))

@@ -708,7 +708,8 @@ class Follower:
         scheme = "wss" if base.scheme == "https" else "ws"
         url = base.copy_with(scheme=scheme).join(self._ws_path.lstrip("/"))
         pos = self._pos
-        if pos.pinned or pos.offset > 0:
+        if pos.epoch is not None or pos.pinned:
+            # "<epoch>:0" too: the server then checks the epoch from the first connection.
             url = url.copy_merge_params({"after": pos.token})
         return str(url)
 
@@ -736,7 +737,9 @@ class Follower:
 
         loop = asyncio.get_running_loop()
         if self._pos.epoch is None:
-            await self._learn_epoch()
+            # Under the first-event timer too: a stalled answer must not hold the follower.
+            self._timers.start(loop.time())
+            await self._guard(self._learn_epoch())
         self._timers.start(loop.time())
         delivered_before = self.metrics.events
         async with _ws.Connection(
