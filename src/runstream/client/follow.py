@@ -38,18 +38,15 @@ end entry is handed over as the last item.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeAlias, TypeVar, cast
+from collections.abc import Awaitable
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import httpx
 
-from runstream.client._env import follow_settings_from_env
+from runstream.client._channel import Channel, Item
 from runstream.client._http import (
     RETRYABLE_STATUS,
     error_from_response,
@@ -59,8 +56,9 @@ from runstream.client._http import (
     parse_time,
     retry_after,
 )
+from runstream.client._options import TRANSPORTS, FollowOptions, Transport
 from runstream.client.metrics import Metrics
-from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
+from runstream.client.policy import GiveUp, ReconnectState
 from runstream.client.watchdog import WatchdogConfig, WatchdogTimers
 from runstream.core.model import HEARTBEAT_TYPE, RESET_TYPE, Event, Reset
 from runstream.errors import (
@@ -73,82 +71,16 @@ from runstream.protocol.cursor import NOW, parse_position
 from runstream.protocol.position import ReaderPosition
 from runstream.protocol.sse import SSEDecoder, SSEMessage, check_response
 
+__all__ = ["TRANSPORTS", "FollowOptions", "Follower", "Item", "Session", "Transport"]
+
 log = logging.getLogger("runstream.client")
 
 T = TypeVar("T")
-Item: TypeAlias = Event | Reset
-Transport: TypeAlias = Literal["auto", "sse", "ws", "poll"]
-TRANSPORTS: tuple[Transport, ...] = ("auto", "sse", "ws", "poll")
 
-DEFAULT_FIRST_EVENT = 30.0
-DEFAULT_IDLE = 45.0
-"""Three times the server's default keepalive interval (15 s)."""
-DEFAULT_POLL_WAIT = 20.0
-DEFAULT_POLL_LIMIT = 1000
-DEFAULT_BUFFER = 64
 CONNECT_TIMEOUT = 10.0
-WS_CLOSE_TIMEOUT = 1.0
-"""How long closing a WebSocket waits for the server's close frame before dropping it."""
 POLL_MIN_INTERVAL = 0.25
 """Floor between two empty long-polls, in case a server answers without waiting."""
 MAX_ERROR_BODY = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class FollowOptions:
-    """How a follower behaves; every field has a sensible default.
-
-    Watchdogs (seconds, 0 = off): ``first_event`` until the first byte of an
-    attempt, ``idle`` between any bytes (keepalives and heartbeats count),
-    ``stale`` between real events. ``reset``: ``"yield"`` a :class:`Reset`
-    item or ``"raise"`` :class:`HistoryLost`. ``transport``: ``"auto"`` (SSE,
-    long-poll fallback), ``"sse"`` (never poll), ``"ws"`` (WebSocket, never
-    poll) or ``"poll"`` (only long-poll). ``buffer`` is how many received
-    items may wait for the consumer before reading pauses.
-
-    :meth:`from_env` reads the watchdogs, backoff and transport from
-    ``RUNSTREAM_*`` variables (see ``docs/listening.md``).
-    """
-
-    first_event: float = DEFAULT_FIRST_EVENT
-    idle: float = DEFAULT_IDLE
-    stale: float = 0.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    reset: Literal["yield", "raise"] = "yield"
-    transport: Transport = "auto"
-    poll_wait: float = DEFAULT_POLL_WAIT
-    poll_limit: int = DEFAULT_POLL_LIMIT
-    buffer: int = DEFAULT_BUFFER
-    max_line: int = 1 << 20
-    max_event: int = 8 << 20
-
-    def __post_init__(self) -> None:
-        if self.reset not in ("yield", "raise"):
-            raise ValidationError("reset must be 'yield' or 'raise'", field="reset")
-        if self.transport not in TRANSPORTS:
-            raise ValidationError(
-                "transport must be 'auto', 'sse', 'ws' or 'poll'", field="transport"
-            )
-        if self.buffer < 1 or self.poll_limit < 1 or self.poll_wait < 0:
-            raise ValidationError("buffer and poll_limit must be >= 1, poll_wait >= 0")
-        WatchdogConfig(self.first_event, self.idle, self.stale)  # validates
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **fields: Any) -> FollowOptions:
-        """Defaults, overridden by the environment, overridden by ``fields``.
-
-        Reads ``RUNSTREAM_FIRST_EVENT_TIMEOUT``, ``RUNSTREAM_IDLE_TIMEOUT``,
-        ``RUNSTREAM_STALE_TIMEOUT`` (seconds, ``0`` = off),
-        ``RUNSTREAM_TRANSPORT`` and ``RUNSTREAM_RECONNECT_*`` (the
-        :class:`RetryPolicy` fields). Raises :class:`~runstream.errors.ConfigError`
-        naming the variable when a value is invalid.
-        """
-        values, retry = follow_settings_from_env(env)
-        options = cls(**{**values, **fields})
-        if retry and "retry" not in fields:
-            retry_policy = dataclasses.replace(options.retry, **retry)
-            options = dataclasses.replace(options, retry=retry_policy)
-        return options
 
 
 class Session(Protocol):
@@ -177,59 +109,6 @@ class _SSEUnavailable(Exception):
 
 class _End(Exception):
     pass
-
-
-class _Channel:
-    """A bounded hand-over buffer between the reader task and the consumer."""
-
-    def __init__(self, size: int) -> None:
-        self._items: deque[tuple[Item, float]] = deque()
-        self._size = size
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._closed = False
-        self._exc: BaseException | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def full(self) -> bool:
-        return len(self._items) >= self._size
-
-    async def put(self, item: Item, received: float) -> bool:
-        """Queue ``item``; False if the channel was closed instead (nothing handed over)."""
-        while self.full and not self._closed:
-            self._writable.clear()
-            await self._writable.wait()
-        if self._closed:
-            return False
-        self._items.append((item, received))
-        self._readable.set()
-        return True
-
-    async def get(self) -> tuple[Item, float]:
-        while not self._items:
-            if self._closed:
-                if self._exc is not None:
-                    raise self._exc
-                raise StopAsyncIteration
-            self._readable.clear()
-            await self._readable.wait()
-        item = self._items.popleft()
-        self._writable.set()
-        return item
-
-    def close(self, exc: BaseException | None = None, *, discard: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._exc = exc
-        if discard:
-            self._items.clear()
-        self._readable.set()
-        self._writable.set()
 
 
 class Follower:
@@ -273,7 +152,7 @@ class Follower:
             allow_fallback=opts.transport == "auto",
         )
         self._timers = WatchdogTimers(WatchdogConfig(opts.first_event, opts.idle, opts.stale))
-        self._channel = _Channel(opts.buffer)
+        self._channel = Channel(opts.buffer)
         self._stop_event = stop_event
         self._reader: asyncio.Task[None] | None = None
         self._stop_watch: asyncio.Task[None] | None = None
