@@ -114,6 +114,7 @@ def datetime_rfc3339(ts: float) -> str:
 )
 def test_rfc3339_is_exactly_what_datetime_formats(ts: float) -> None:
     assert rfc3339(ts) == datetime_rfc3339(ts)
+    assert rfc3339(ts) == datetime_rfc3339(ts)  # the same time again (one append's events)
     assert rfc3339(ts + 1.5) == datetime_rfc3339(ts + 1.5)  # another second: the cache moves
 
 
