@@ -24,6 +24,9 @@ misbehaved", so callers can decide what is worth retrying::
         ├── StreamTimeout           a watchdog timer fired (first event, idle, stale)
         ├── RetriesExhausted        reconnect budget used up for one outage
         └── TooManySubscribers      a server's subscriber limit is reached (HTTP 429)
+    HandlerFailed                   a listener's handler kept failing and its dead-letter
+                                    hook failed too: the listener stopped (its checkpoint
+                                    stays before that event)
 
 Backend libraries' exceptions (``sqlite3``, ``redis``) never escape: backends
 translate them into :class:`BackendError` and keep the original as
@@ -37,6 +40,7 @@ __all__ = [
     "BackendUnavailable",
     "ConfigError",
     "HTTPStatusError",
+    "HandlerFailed",
     "HistoryLost",
     "IllegalTransition",
     "InvalidParams",
@@ -249,3 +253,18 @@ class TooManySubscribers(RemoteError):
 
     code = "too_many_subscribers"
     http_status = 429
+
+
+class HandlerFailed(RunstreamError):
+    """A handler kept failing on an item and the dead-letter hook raised too.
+
+    ``run_forever`` stops: the item is not settled, so a checkpoint stays
+    before it and a restarted listener handles it again. ``__cause__`` is
+    the dead-letter hook's exception; ``handler_error`` the handler's.
+    """
+
+    code = "handler_failed"
+
+    def __init__(self, message: str, *, handler_error: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.handler_error = handler_error

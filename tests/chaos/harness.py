@@ -1,4 +1,4 @@
-"""The chaos harness: a paced publisher, four kinds of subscriber, timed resets, a verdict.
+"""The chaos harness: a paced publisher, six kinds of subscriber, timed resets, a verdict.
 
 Pieces, each usable on its own:
 
@@ -15,7 +15,8 @@ Pieces, each usable on its own:
 * Subscribers: :class:`RawSSE` (``Last-Event-ID`` resume, as a browser's
   ``EventSource`` does, with the decoder's state carried over), :class:`WebSocketSub`
   (``?after=<epoch>:<id>``), :class:`LongPoll` (JSON ``?after=&wait=``) and
-  :class:`SDKFollow` (``AsyncClient.follow``). Raw clients do *no* de-duplication
+  :class:`SDKFollow` (``AsyncClient.follow``, once per SDK transport: ``auto``,
+  ``ws``, ``poll``). Raw clients do *no* de-duplication
   of their own: what they record is exactly what the server sent after resume.
 * :func:`verdict` — lost / duplicated / reordered / id mismatches of one
   subscriber's deliveries against the acknowledged events, and recovery times
@@ -49,7 +50,7 @@ import websockets
 from websockets.asyncio.client import connect as ws_connect
 
 from runstream.client import AsyncClient, FollowOptions, RetryPolicy
-from runstream.core.model import END_TYPE, Event, Reset
+from runstream.core.model import END_TYPE, HEARTBEAT_TYPE, Event, Reset
 from runstream.protocol.sse import SSEDecoder, SSEMessage, reconnect_headers
 from tests.client.faultproxy import FaultProxy, random_plan
 from tests.conftest import free_port
@@ -421,6 +422,8 @@ class WebSocketSub(Subscriber):
                         self.connects += 1
                         async for raw in ws:
                             msg = json.loads(raw)
+                            if "id" not in msg and msg["type"] == HEARTBEAT_TYPE:
+                                continue
                             if msg["type"] == "reset":
                                 self.resets.append(msg["data"])
                                 continue
@@ -471,9 +474,13 @@ class LongPoll(Subscriber):
 
 
 class SDKFollow(Subscriber):
-    """``AsyncClient.follow`` with short backoff (so recoveries are measured, not waited out)."""
+    """``AsyncClient.follow`` with short backoff (so recoveries are measured, not waited out).
+
+    ``transport`` is the follower's (``auto``: SSE with the long-poll fallback).
+    """
 
     kind = "sdk"
+    transport = "auto"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -491,6 +498,7 @@ class SDKFollow(Subscriber):
                 fallback_after=3,
                 probe_interval=2,
             ),
+            transport=self.transport,  # type: ignore[arg-type]
         )
         async with AsyncClient(
             self.base_url, headers=self.headers, follow_options=options
@@ -508,7 +516,24 @@ class SDKFollow(Subscriber):
             self.connects = sum(self.reconnects.values()) + 1
 
 
-SUBSCRIBER_KINDS: tuple[type[Subscriber], ...] = (RawSSE, WebSocketSub, LongPoll, SDKFollow)
+class SDKFollowWS(SDKFollow):
+    kind = "sdk_ws"
+    transport = "ws"
+
+
+class SDKFollowPoll(SDKFollow):
+    kind = "sdk_poll"
+    transport = "poll"
+
+
+SUBSCRIBER_KINDS: tuple[type[Subscriber], ...] = (
+    RawSSE,
+    WebSocketSub,
+    LongPoll,
+    SDKFollow,
+    SDKFollowWS,
+    SDKFollowPoll,
+)
 
 
 # -- verdict ---------------------------------------------------------------------------
@@ -744,7 +769,7 @@ async def stream_scenario(
     disrupt: Disruption | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Publish numbered events to ``stream`` while the four subscribers follow it under resets.
+    """Publish numbered events to ``stream`` while the subscribers follow it under resets.
 
     ``disrupt`` runs alongside (after the first acknowledged append) and
     returns the monotonic times of the crashes it caused. Returns the summary

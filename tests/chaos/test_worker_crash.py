@@ -3,7 +3,7 @@
 On a private Redis: a real ``runstream serve --workers 0`` (API only) and two
 ``runstream worker`` processes (lease 1 s). A command task prints numbered
 lines ``n 0`` .. ``n N-1`` and declares ``retries = 1``. Once subscribers have
-seen part of the output, the worker running it gets SIGKILL. The four
+seen part of the output, the worker running it gets SIGKILL. The
 subscribers follow the run's stream (``/v1/runs/{id}/...``) through proxies
 that reset their connections every 50-500 ms.
 

@@ -125,6 +125,22 @@ async def test_ls_show_cancel_over_http(runs_server: RunsServer, tmp_path: Path)
     assert json.loads(shown.out)["status"] == "cancelled"
 
 
+async def test_server_url_precedence_flag_then_runstream_url_then_runstream_server(
+    runs_server: RunsServer, tmp_path: Path
+) -> None:
+    detached = await cli("run", "lines", "-d", "--server", runs_server.url, cwd=tmp_path)
+    run_id = detached.out.strip()
+    nowhere = "http://127.0.0.1:9"  # the discard port: nothing answers
+    cases = [
+        (["--server", runs_server.url], {"RUNSTREAM_URL": nowhere}),
+        ([], {"RUNSTREAM_URL": runs_server.url, "RUNSTREAM_SERVER": nowhere}),
+    ]
+    for flags, env in cases:
+        shown = await cli("show", run_id, "--json", *flags, cwd=tmp_path, env=env)
+        assert shown.code == 0, (flags, env, shown.err)
+        assert json.loads(shown.out)["id"] == run_id
+
+
 PRODUCER = """
 import sys, time
 n = int(sys.argv[1])

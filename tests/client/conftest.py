@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from runstream.backends.memory import MemoryEventLog
-from runstream.config import ServerSettings, Settings
+from runstream.config import ServerSettings, Settings, Token
 from runstream.server.app import create_app
 from runstream.server.serve import Server, make_server
 
@@ -38,6 +38,7 @@ async def start_server(
     retry_ms: int = 5,
     keepalive: float = 0.1,
     tasks: dict[str, dict[str, object]] | None = None,
+    tokens: tuple[Token, ...] = (),
     **server: object,
 ) -> tuple[LiveServer, asyncio.Task[None], tuple[Server, socket.socket]]:
     """Start the app (plus the runs API when ``tasks`` are declared) on a free port."""
@@ -57,6 +58,7 @@ async def start_server(
             **server,  # type: ignore[arg-type]
         ),
         tasks=tasks or {},
+        tokens=tokens,
     )
     backend = MemoryEventLog()
     if tasks:

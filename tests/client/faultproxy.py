@@ -9,8 +9,8 @@ server-to-client direction (the client's request always reaches the server):
 * ``stall_first`` — connect upstream, forward nothing back (stall before the first byte);
 * ``stall``       — forward ``at`` bytes, then nothing more, connection left open;
 * ``accept_close``— accept and close at once, before reading anything;
-* ``garbage``     — after ``at`` bytes, at the next SSE frame boundary, inject junk
-  frames (bad ids, bad JSON, binary, NUL) and keep forwarding;
+* ``garbage``     — after ``at`` bytes, at the next SSE (or WebSocket) frame boundary,
+  inject junk frames (bad ids, bad JSON, binary, NUL) and keep forwarding;
 * ``fragment``    — forward in tiny random pieces, then cut the connection
   after ``at`` bytes, mid-piece (truncated chunks).
 
@@ -42,6 +42,23 @@ JUNK_FRAMES = (
     b"id: a\x00b\ndata: {}\n\n",
     b": a comment in the middle\n\n",
 )
+
+WS_JUNK_MESSAGES = (
+    (0x1, b"not json at all"),
+    (0x1, b'{"id": "seven", "type": "tick", "data": 1}'),
+    (0x1, b'{"type": "tick", "data": 1}'),
+    (0x1, b"[1, 2, 3]"),
+    (0x1, b'{"type": "ping", "time": "yesterday"}'),
+    (0x1, b'{"id": 5, "type": 7}'),
+    (0x2, b"\xff\xfe\x00\x01binary"),
+)
+"""(opcode, payload) of junk WebSocket messages: none of them is a usable event."""
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A final, unmasked (server-to-client) WebSocket frame of under 126 bytes."""
+    assert len(payload) < 126
+    return bytes([0x80 | opcode, len(payload)]) + payload
 
 
 @dataclass(slots=True)
@@ -251,6 +268,9 @@ class FaultProxy:
         """
         head = await src.readuntil(b"\r\n\r\n")
         dst.write(head)
+        if head.startswith(b"HTTP/1.1 101"):
+            await self._garbage_ws(src, dst, at)
+            return
         chunked = b"transfer-encoding: chunked" in head.lower()
         body = 0
         tail = b""
@@ -270,6 +290,35 @@ class FaultProxy:
                 self.injected["garbage"] += 1
                 break
         # Then carry on healthy for a while and cut, so the stream keeps being exercised.
+        budget = 2 * at + 2000
+        while budget > 0 and (data := await src.read(min(CHUNK, budget))):
+            dst.write(data)
+            await dst.drain()
+            budget -= len(data)
+        dst.close()
+
+    async def _garbage_ws(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, at: int
+    ) -> None:
+        """WebSocket version of :meth:`_garbage`: junk messages between two server frames."""
+        body = 0
+        while body < at:
+            head = await src.readexactly(2)
+            size = head[1] & 0x7F
+            ext = b""
+            if size == 126:
+                ext = await src.readexactly(2)
+                size = int.from_bytes(ext, "big")
+            elif size == 127:
+                ext = await src.readexactly(8)
+                size = int.from_bytes(ext, "big")
+            payload = await src.readexactly(size)
+            dst.write(head + ext + payload)
+            await dst.drain()
+            body += 2 + len(ext) + size
+        junk = self.rng.sample(WS_JUNK_MESSAGES, 3)
+        dst.write(b"".join(ws_frame(op, payload) for op, payload in junk))
+        self.injected["garbage"] += 1
         budget = 2 * at + 2000
         while budget > 0 and (data := await src.read(min(CHUNK, budget))):
             dst.write(data)

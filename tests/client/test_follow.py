@@ -33,8 +33,9 @@ async def test_follow_reads_history_then_end(live_server: LiveServer, proxy: Fau
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["auto", "sse", "ws", "poll"])
 async def test_ten_thousand_events_through_random_faults_arrive_exactly_once_in_order(
-    live_server: LiveServer, proxy: FaultProxy
+    live_server: LiveServer, proxy: FaultProxy, transport: str
 ) -> None:
     total = 10_000
     seed = int(os.environ.get("RUNSTREAM_CHAOS_SEED", "20261123"))
@@ -57,6 +58,7 @@ async def test_ten_thousand_events_through_random_faults_arrive_exactly_once_in_
         retry=RetryPolicy(
             base_delay=0.002, max_delay=0.05, max_attempts=40, max_elapsed=60, probe_interval=0.3
         ),
+        transport=transport,  # type: ignore[arg-type]
     )
 
     async def produce(client: AsyncClient) -> None:
@@ -81,6 +83,7 @@ async def test_ten_thousand_events_through_random_faults_arrive_exactly_once_in_
     lost = total + 1 - len(set(ids))
     dup = len(ids) - len(set(ids))
     report = {
+        "transport": transport,
         "events": len(events),
         "faults_injected": dict(proxy.injected),
         "faults_total": proxy.faults_injected,

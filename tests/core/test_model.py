@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from datetime import UTC, datetime
 
 import pytest
 from hypothesis import given
@@ -9,6 +10,9 @@ from hypothesis import strategies as st
 
 from runstream.core.model import (
     END_TYPE,
+    HEARTBEAT_TYPE,
+    RESERVED_TYPES,
+    RESET_TYPE,
     EncodedEvents,
     Event,
     NewEvent,
@@ -64,6 +68,21 @@ def test_end_type_is_reserved() -> None:
     assert Event(3, END_TYPE, {"status": "ok"}, 0.0).is_end
 
 
+@pytest.mark.parametrize("type_", sorted(RESERVED_TYPES))
+def test_control_message_types_are_reserved(type_: str) -> None:
+    assert {END_TYPE, RESET_TYPE, HEARTBEAT_TYPE} <= RESERVED_TYPES
+    with pytest.raises(ValidationError, match="reserved"):
+        NewEvent(type_, None)
+
+
+def test_an_event_knows_its_idempotency_key_once_its_epoch_is_known() -> None:
+    event = Event(7, "tick", 1, 0.0, epoch="ab12")
+    assert event.idempotency_key("run:1") == "run:1:ab12:7"
+    assert event == Event(7, "tick", 1, 0.0)  # the epoch takes no part in equality
+    with pytest.raises(ValidationError):
+        Event(7, "tick", 1, 0.0).idempotency_key("s")
+
+
 def test_producer_validates_id_and_seq() -> None:
     for pid, seq in (("", 1), ("p", -1), ("p", True), ("x" * 201, 1)):
         with pytest.raises(ValidationError):
@@ -79,6 +98,24 @@ def test_epochs_are_distinct_and_colon_free() -> None:
 def test_times_are_rfc3339_utc() -> None:
     assert rfc3339(0) == "1970-01-01T00:00:00.000Z"
     assert rfc3339(1700000000.1234) == "2023-11-14T22:13:20.123Z"
+
+
+def datetime_rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@given(
+    st.one_of(
+        st.floats(min_value=-2e9, max_value=4e9, allow_nan=False),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s + 0.9999995),
+        st.integers(min_value=0, max_value=4_000_000_000).map(lambda s: s - 0.0000005),
+        st.integers(min_value=-2_000_000_000, max_value=4_000_000_000).map(float),
+    )
+)
+def test_rfc3339_is_exactly_what_datetime_formats(ts: float) -> None:
+    assert rfc3339(ts) == datetime_rfc3339(ts)
+    assert rfc3339(ts) == datetime_rfc3339(ts)  # the same time again (one append's events)
+    assert rfc3339(ts + 1.5) == datetime_rfc3339(ts + 1.5)  # another second: the cache moves
 
 
 def test_stream_info_json_uses_wire_names() -> None:

@@ -445,21 +445,24 @@ class Reference:
     comments: int = 0
     malformed: int = 0
 
+    extension: bool = True
+    """Also keep runstream's ``time`` field (a standard parser ignores it: ``False``)."""
+
     def parse(self, body: bytes) -> None:
         text = body.decode("utf-8", "replace")
         text = text.removeprefix("\ufeff")
         lines = re.split("\r\n|\r|\n", text)
         lines.pop()  # the end of the body: an incomplete line (or "") is discarded
-        data, event, id_buffer = "", "", ""
+        data, event, id_buffer, time = "", "", "", ""
         for line in lines:
             if line == "":
                 self.last_event_id = id_buffer
                 if data:
                     data = data.removesuffix("\n")
                     self.messages.append(
-                        SSEMessage(event or "message", data, self.last_event_id, self.retry)
+                        SSEMessage(event or "message", data, self.last_event_id, self.retry, time)
                     )
-                data, event = "", ""
+                data, event, time = "", "", ""
                 continue
             if line.startswith(":"):
                 self.comments += 1
@@ -480,9 +483,14 @@ class Reference:
                     self.retry = int(value)
                 else:
                     self.malformed += 1
+            elif name == "time" and self.extension:
+                time = value
+            # "Otherwise: The field is ignored."
 
 
-field_names = st.sampled_from(["data", "event", "id", "retry", "Data", "ID", "x", "", "data "])
+field_names = st.sampled_from(
+    ["data", "event", "id", "retry", "time", "Data", "ID", "Time", "x", "", "data "]
+)
 field_values = st.one_of(
     st.text(alphabet=st.characters(exclude_categories=["Cs"], exclude_characters="\r\n")),
     st.from_regex(r"\A[0-9]{1,6}\Z"),
@@ -572,6 +580,39 @@ def test_encode_event_orders_retry_id_event_data() -> None:
     frame = encode_event('{"a":1}', event="stdout", id="e:7", retry=1500)
     assert frame == b'retry: 1500\nid: e:7\nevent: stdout\ndata: {"a":1}\n\n'
     assert encode_event("x") == b"data: x\n\n"
+
+
+def test_time_field_comes_before_data_and_decodes_as_message_time() -> None:
+    frame = encode_event('{"a":1}', event="t", id="e:7", time="2026-12-04T10:00:00.123Z")
+    assert frame == b'id: e:7\nevent: t\ntime: 2026-12-04T10:00:00.123Z\ndata: {"a":1}\n\n'
+    messages, _ = decode_all(frame + b"data: next\n\n")
+    assert messages == [
+        SSEMessage("t", '{"a":1}', "e:7", None, "2026-12-04T10:00:00.123Z"),
+        SSEMessage("message", "next", "e:7", None, ""),  # the time does not carry over
+    ]
+    with pytest.raises(ValidationError):
+        encode_event("x", time="a\nid: 9")
+
+
+def test_time_is_per_event_and_a_standard_parser_sees_the_same_events_without_it() -> None:
+    body = (
+        b"id: e:1\nevent: t\ntime: 2026-12-04T10:00:00Z\ndata: 1\n\n"
+        b"id: e:2\nevent: t\ndata: 2\n\n"
+        b"time: orphan\n\n"  # a time alone dispatches nothing
+        b"id: e:3\ndata: 3\n\n"
+    )
+    messages, _ = decode_all(body)
+    assert [(m.id, m.time) for m in messages] == [
+        ("e:1", "2026-12-04T10:00:00Z"),
+        ("e:2", ""),
+        ("e:3", ""),
+    ]
+    standard = Reference(extension=False)  # WHATWG: "Otherwise: The field is ignored."
+    standard.parse(body)
+    assert [(m.event, m.data, m.id) for m in standard.messages] == [
+        (m.event, m.data, m.id) for m in messages
+    ]
+    assert standard.malformed == 0  # an unknown field is not an error either
 
 
 def test_encode_event_splits_every_kind_of_line_ending_into_data_lines() -> None:

@@ -49,10 +49,13 @@ async def test_sse_raw_wire_format(client: httpx.AsyncClient) -> None:
     await client.post("/v1/streams/raw/close")
     r = await client.get("/v1/streams/raw/events", headers={"Accept": "text/event-stream"})
     epoch = (await client.get("/v1/streams/raw")).json()["epoch"]
+    page = await client.get("/v1/streams/raw/events", headers={"Accept": "application/json"})
+    t1, t2 = (e["time"] for e in page.json()["events"])
+    # ``time:`` is the server timestamp, as in JSON; standard parsers ignore the field.
     assert r.text == (
         "retry: 2000\n\n"
-        f'id: {epoch}:1\nevent: t\ndata: {{"a":[1,2]}}\n\n'
-        f'id: {epoch}:2\nevent: end\ndata: {{"status":null,"reason":null}}\n\n'
+        f'id: {epoch}:1\nevent: t\ntime: {t1}\ndata: {{"a":[1,2]}}\n\n'
+        f'id: {epoch}:2\nevent: end\ntime: {t2}\ndata: {{"status":null,"reason":null}}\n\n'
     )
 
 

@@ -49,6 +49,7 @@ async def test_valid_names_with_dots_colons_and_dashes(http: httpx.AsyncClient) 
         (b"[]", "at least one event"),
         (b'{"data": 1}', "missing 'type'"),
         (b'{"type": "end"}', "reserved"),
+        (b'{"type": "ping"}', "reserved"),
         (b'{"type": "x", "extra": 1}', "unknown event fields"),
         (b'"just a string"', "each event must be an object"),
         (b'{"type": ""}', "1-100 characters"),

@@ -2,12 +2,12 @@
 
 Each works two ways:
 
-* with ``--server URL`` (or ``RUNSTREAM_SERVER``), over the HTTP API through
-  the SDK;
+* with ``--server URL`` (or ``RUNSTREAM_URL``, the SDK's variable, or the
+  older ``RUNSTREAM_SERVER``), over the HTTP API through the SDK;
 * otherwise against the local store named by ``--backend`` (default
   ``RUNSTREAM_BACKEND`` or ``sqlite:///./.runstream/runstream.db``), so runs
   recorded by ``runstream run -- CMD`` show up with no server running. An
-  explicit ``--backend`` wins over ``RUNSTREAM_SERVER``.
+  explicit ``--backend`` wins over those variables.
 
 Runs are handled as their JSON objects (the API's shape, which
 :meth:`RunRecord.to_json` also produces), so both ways print the same tables.
@@ -31,6 +31,7 @@ from rich.text import Text
 from runstream.backends import DEFAULT_BACKEND_URL
 from runstream.backends.base import EventLog
 from runstream.cli.render import run_command, status_style
+from runstream.client import _env as client_env
 from runstream.errors import RunNotFound, StreamNotFound
 from runstream.redact import mask_secrets
 from runstream.runs.lifecycle import ALL_STATUSES
@@ -72,7 +73,8 @@ def backend_option(func: F) -> F:
 
 
 def server_options(default: str | None = None) -> Callable[[F], F]:
-    """``--server`` (env ``RUNSTREAM_SERVER``) and ``--token`` (env ``RUNSTREAM_TOKEN``)."""
+    """``--server`` (env ``RUNSTREAM_URL``, else ``RUNSTREAM_SERVER``) and ``--token``
+    (env ``RUNSTREAM_TOKEN``): the same variables as the SDK's ``AsyncClient()``."""
 
     def decorate(func: F) -> F:
         return _server_options(func, default)
@@ -83,7 +85,7 @@ def server_options(default: str | None = None) -> Callable[[F], F]:
 def _server_options(func: F, default: str | None) -> F:
     func = click.option(
         "--token",
-        envvar="RUNSTREAM_TOKEN",
+        envvar=client_env.TOKEN,
         default=None,
         metavar="TOKEN",
         help="Bearer token for the server [env RUNSTREAM_TOKEN].",
@@ -91,10 +93,12 @@ def _server_options(func: F, default: str | None) -> F:
     shown = default or "local store"
     return click.option(
         "--server",
-        envvar="RUNSTREAM_SERVER",
+        # The first one set wins: the SDK reads them in the same order.
+        envvar=[client_env.URL, client_env.URL_ALIAS],
         default=default,
         metavar="URL",
-        help=f"runstream server to talk to [env RUNSTREAM_SERVER; default {shown}].",
+        help="runstream server to talk to "
+        f"[env RUNSTREAM_URL or RUNSTREAM_SERVER; default {shown}].",
     )(func)
 
 
@@ -159,7 +163,7 @@ def server_hint(server: str) -> Iterator[None]:
     except RetriesExhausted as exc:
         raise RetriesExhausted(
             f"{exc}. Is a runstream server running at {mask_secrets(server)}? Start one with "
-            "`runstream serve`, or name it with --server / RUNSTREAM_SERVER."
+            "`runstream serve`, or name it with --server / RUNSTREAM_URL."
         ) from exc
 
 

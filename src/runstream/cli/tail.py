@@ -174,7 +174,7 @@ def tail(
 ) -> None:
     """Follow a run's output until it ends; exit with the run's exit code.
 
-    Talks to the server (--server, default $RUNSTREAM_SERVER or
+    Talks to the server (--server, default $RUNSTREAM_URL or
     http://127.0.0.1:8787) and keeps following through server restarts. With
     --backend it reads the local store instead (no server needed).
     """

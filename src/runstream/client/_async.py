@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from runstream.client import _env
 from runstream.client._http import (
     RETRYABLE_STATUS,
     error_from_response,
@@ -20,12 +21,14 @@ from runstream.client._http import (
     retry_after,
     stream_info_from_json,
 )
-from runstream.client.follow import Follower, FollowOptions
+from runstream.client.checkpoint import CheckpointStore, CheckpointWriter, Watermark
+from runstream.client.follow import Follower, FollowOptions, Transport
 from runstream.client.handlers import (
     DEFAULT_CONCURRENCY,
     DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_QUEUE_SIZE,
     Context,
+    DeadLetter,
     EventHandler,
     HandlerRegistry,
     KeyFn,
@@ -74,7 +77,14 @@ class AsyncClient:
     connections. ``token_refresh`` is an async function returning a new
     bearer token; it is called once when the server answers 401, then the
     request is retried. ``follow_options`` sets the defaults of every
-    :meth:`follow` (watchdogs, retry budget, fallback, reset mode).
+    :meth:`follow` (watchdogs, retry budget, fallback, transport, reset mode).
+
+    What is not given here comes from the environment, then the defaults:
+    ``url`` from ``RUNSTREAM_URL`` (else ``RUNSTREAM_SERVER``, else
+    ``http://127.0.0.1:8787``), ``token`` from ``RUNSTREAM_TOKEN``, and
+    ``follow_options`` from :meth:`FollowOptions.from_env` (watchdog,
+    reconnect and transport variables). Raises :class:`ConfigError` for an
+    invalid variable.
 
     One client may be used by many tasks at once; it must be used from the
     event loop it was first used on.
@@ -82,7 +92,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         token: str | None = None,
         token_refresh: TokenRefresh | None = None,
@@ -92,11 +102,11 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.url = url.rstrip("/")
-        self.token = token
+        self.url = (url or _env.server_url() or DEFAULT_URL).rstrip("/")
+        self.token = token if token is not None else _env.token()
         self.token_refresh = token_refresh
         self.retry = retry
-        self.follow_options = follow_options or FollowOptions()
+        self.follow_options = follow_options or FollowOptions.from_env()
         self._http = httpx.AsyncClient(
             base_url=self.url,
             timeout=timeout,
@@ -363,6 +373,7 @@ class AsyncClient:
         metrics: Metrics | None = None,
         options: FollowOptions | None = None,
         run: bool = False,
+        transport: Transport | None = None,
         **overrides: Any,
     ) -> Follower:
         """Follow ``stream`` from ``after`` (``None``: the beginning; ``"now"``; an id;
@@ -371,13 +382,18 @@ class AsyncClient:
         Yields :class:`Event` items and, when history was lost, :class:`Reset`
         items (or raises :class:`HistoryLost` with ``reset="raise"``); the last
         item is the end event (``event.is_end``; ``data`` holds the final
-        status). ``overrides`` set :class:`FollowOptions` fields for this call,
-        e.g. ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
-        follows a run through ``/v1/runs/{id}/events``.
+        status). ``transport`` is ``"auto"`` (SSE, falling back to long-poll
+        while streaming keeps failing), ``"sse"``, ``"ws"`` (WebSocket) or
+        ``"poll"``; every one gives the same guarantees. ``overrides`` set
+        other :class:`FollowOptions` fields for this call, e.g.
+        ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
+        follows a run through ``/v1/runs/{id}/events`` (``/ws``).
 
         Close it (``async with`` / :meth:`Follower.aclose`) if you stop early;
         setting ``stop_event`` ends the iteration promptly.
         """
+        if transport is not None:
+            overrides["transport"] = transport
         opts = replace(options or self.follow_options, **overrides)
         path = f"/v1/runs/{stream}/events" if run else None
         follower = Follower(
@@ -416,6 +432,10 @@ class AsyncClient:
         drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
         metrics: Metrics | None = None,
         run: bool = False,
+        checkpoint: CheckpointStore | None = None,
+        checkpoint_name: str | None = None,
+        handler_retry: RetryPolicy | None = None,
+        dead_letter: DeadLetter | None = None,
         **overrides: Any,
     ) -> Event | None:
         """Follow ``stream`` and hand every event to the registered handlers until it ends.
@@ -424,25 +444,72 @@ class AsyncClient:
         ``stop_event`` is set or this client closes: the read and any backoff
         sleep are cancelled, then running and queued handler jobs get
         ``drain_timeout`` seconds to finish. Raises what :meth:`follow` raises.
+
+        ``checkpoint`` (a :class:`CheckpointStore`) makes the position durable
+        under ``checkpoint_name`` (default: the stream name): a saved position
+        replaces ``after`` at start, and the position saved moves only past
+        items whose handlers all finished, so after a crash every event is
+        handled at least once (give ``ctx.idempotency_key(event)`` to what your
+        handler writes to).
+
+        A handler that raises is called again per ``handler_retry`` (a
+        :class:`RetryPolicy`: ``max_attempts`` retries after the first call,
+        full-jitter backoff; ``None``: no retry). Once retries are spent the
+        item goes to ``dead_letter(item, ctx, exc)`` (or is logged as given up)
+        and counts as handled: the checkpoint moves past it. If ``dead_letter``
+        raises, the listener stops with :class:`HandlerFailed` and the
+        checkpoint stays before that item.
         """
         metrics = metrics or Metrics()
+        writer: CheckpointWriter | None = None
+        watermark: Watermark | None = None
+        if checkpoint is not None:
+            name = checkpoint_name or stream
+            saved = await checkpoint.load(name)
+            if saved is not None:
+                after = saved
+                metrics.checkpoint = saved
+            writer = CheckpointWriter(checkpoint, name, metrics, saved=saved)
+            watermark = Watermark(saved, on_advance=writer.update)
         follower = self.follow(
             stream, after, stop_event=stop_event, metrics=metrics, run=run, **overrides
         )
         ctx = Context(stream=stream, metrics=metrics, client=self, follower=follower)
-        pool = WorkerPool(metrics, concurrency=concurrency, queue_size=queue_size)
+        pool = WorkerPool(
+            metrics,
+            concurrency=concurrency,
+            queue_size=queue_size,
+            retry=handler_retry,
+            dead_letter=dead_letter,
+            watermark=watermark,
+        )
+        pump = asyncio.create_task(self._pump(follower, pool, ctx))
+        failed = asyncio.ensure_future(pool.failed.wait())
         try:
-            while True:
-                try:
-                    item, received = await follower.next_with_receipt()
-                except StopAsyncIteration:
-                    break
-                await dispatch(self.registry, pool, item, ctx, received)
+            await asyncio.wait((pump, failed), return_when=asyncio.FIRST_COMPLETED)
+            if pump.done():
+                pump.result()
         finally:
+            failed.cancel()
+            if not pump.done():
+                pump.cancel()
+                await asyncio.gather(pump, return_exceptions=True)
             await follower.aclose()
             self._followers.discard(follower)
             await pool.drain(drain_timeout)
+            if writer is not None:
+                await writer.aclose()
+        if pool.failure is not None:
+            raise pool.failure
         return follower.end
+
+    async def _pump(self, follower: Follower, pool: WorkerPool, ctx: Context) -> None:
+        while True:
+            try:
+                item, received = await follower.next_with_receipt()
+            except StopAsyncIteration:
+                return
+            await dispatch(self.registry, pool, item, ctx, received)
 
     # -- lifecycle ---------------------------------------------------------------------
 

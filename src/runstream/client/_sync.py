@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from runstream.client._async import DEFAULT_TIMEOUT, DEFAULT_URL, REQUEST_RETRY, AsyncClient
+from runstream.client._async import DEFAULT_TIMEOUT, REQUEST_RETRY, AsyncClient
 from runstream.client.follow import Follower, FollowOptions, Item
 from runstream.client.handlers import EventHandler, KeyFn, ResetHandler, Where
 from runstream.client.metrics import Metrics
@@ -141,12 +141,13 @@ class Client:
     (run in worker threads) or ``async def`` (run on the client's loop).
     ``stop_event`` arguments are :class:`threading.Event` objects. Close the
     client (``with Client(...) as client:`` or :meth:`close`) to stop its
-    thread and connections.
+    thread and connections. ``url``, ``token`` and the follow options come
+    from the environment when not given, as for :class:`AsyncClient`.
     """
 
     def __init__(
         self,
-        url: str = DEFAULT_URL,
+        url: str | None = None,
         *,
         token: str | None = None,
         token_refresh: Callable[[], str] | None = None,

@@ -1,26 +1,38 @@
-"""Following a stream exactly once across reconnects, watchdogs and a polling fallback.
+"""Following a stream exactly once across reconnects, watchdogs, transports and a polling fallback.
 
-A :class:`Follower` runs one *reader task* that owns the connection: it
-connects (SSE, or the JSON long-poll when streaming keeps failing), feeds the
-body to :class:`~runstream.protocol.sse.SSEDecoder` (our own WHATWG-conformant
-decoder: it never raises, is bounded, and exposes the comment/byte counters
-the idle watchdog needs, which httpx-sse does not), checks every event against
-the position, and hands the survivors to the consumer through a small bounded
-buffer. When the buffer is full the reader stops reading (backpressure) and its
-watchdog timers are paused, so a slow consumer never looks like a dead server.
+A :class:`Follower` runs one *reader task* that owns the connection. Each
+connection attempt uses one transport:
 
-Exactly-once rests on three rules:
+* ``sse`` — ``GET …/events`` as ``text/event-stream``, fed to our own
+  WHATWG-conformant :class:`~runstream.protocol.sse.SSEDecoder` (it never
+  raises, is bounded, and exposes the comment/byte counters the idle watchdog
+  needs, which httpx-sse does not); the server time comes in the ``time:``
+  field that standard parsers ignore;
+* ``ws`` — the WebSocket endpoint ``…/ws?after=`` (the ``websockets``
+  library): one JSON message per event, ``{"type": "ping"}`` heartbeats while
+  idle, close code 1000 once the stream is over;
+* ``poll`` — the JSON long-poll ``?after=&wait=``; also what ``auto`` (SSE
+  first) falls back to while streaming keeps failing.
 
-* the position ``(epoch, last id)`` advances only for events handed over;
-  reconnects send it as ``Last-Event-ID: <epoch>:<id>``;
+Whatever the transport, every received event goes through one
+:class:`~runstream.protocol.position.ReaderPosition`, which is where
+exactly-once lives:
+
+* the position ``(epoch, last id)`` advances only for items handed over;
+  reconnects resume from it (``Last-Event-ID`` on SSE, ``after=`` otherwise);
 * ids at or below the position are dropped (a server replaying history);
 * ids in one epoch are contiguous, so an event that skips ahead means the
   connection lost or mangled something: the connection is dropped (reason
-  ``"gap"``) and the follower resumes from the position.
+  ``"gap"``) and the follower resumes from the position. That is also why a
+  message that cannot be parsed at all may simply be skipped: if it was an
+  event, the next one reveals the gap.
 
-A ``reset`` (history lost) is handed over as a :class:`~runstream.core.model.Reset`
-item (default) or raised as :class:`~runstream.errors.HistoryLost`
-(``reset="raise"``). The end entry is handed over as the last item.
+Survivors go to the consumer through a small bounded buffer. When it is full
+the reader stops reading (backpressure) and its watchdog timers are paused,
+so a slow consumer never looks like a dead server. A ``reset`` (history
+lost) is handed over as a :class:`~runstream.core.model.Reset` item (default)
+or raised as :class:`~runstream.errors.HistoryLost` (``reset="raise"``). The
+end entry is handed over as the last item.
 """
 
 from __future__ import annotations
@@ -29,25 +41,26 @@ import asyncio
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, TypeAlias, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import httpx
 
+from runstream.client._channel import Channel, Item
 from runstream.client._http import (
     RETRYABLE_STATUS,
     error_from_response,
     event_from_json,
     excerpt,
     expect_json,
+    parse_time,
     retry_after,
 )
+from runstream.client._options import TRANSPORTS, FollowOptions, Transport
 from runstream.client.metrics import Metrics
-from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
+from runstream.client.policy import GiveUp, ReconnectState
 from runstream.client.watchdog import WatchdogConfig, WatchdogTimers
-from runstream.core.model import END_TYPE, RESET_TYPE, Event, Reset
+from runstream.core.model import HEARTBEAT_TYPE, RESET_TYPE, Event, Reset
 from runstream.errors import (
     HistoryLost,
     ProtocolError,
@@ -55,57 +68,19 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.protocol.cursor import NOW, parse_position
-from runstream.protocol.sse import SSEDecoder, check_response
+from runstream.protocol.position import ReaderPosition
+from runstream.protocol.sse import SSEDecoder, SSEMessage, check_response
+
+__all__ = ["TRANSPORTS", "FollowOptions", "Follower", "Item", "Session", "Transport"]
 
 log = logging.getLogger("runstream.client")
 
 T = TypeVar("T")
-Item: TypeAlias = Event | Reset
 
-DEFAULT_FIRST_EVENT = 30.0
-DEFAULT_IDLE = 45.0
-"""Three times the server's default keepalive interval (15 s)."""
-DEFAULT_POLL_WAIT = 20.0
-DEFAULT_POLL_LIMIT = 1000
-DEFAULT_BUFFER = 64
 CONNECT_TIMEOUT = 10.0
 POLL_MIN_INTERVAL = 0.25
 """Floor between two empty long-polls, in case a server answers without waiting."""
 MAX_ERROR_BODY = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class FollowOptions:
-    """How a follower behaves; every field has a sensible default.
-
-    Watchdogs (seconds, 0 = off): ``first_event`` until the first byte of an
-    attempt, ``idle`` between any bytes (keepalives count), ``stale`` between
-    real events. ``reset``: ``"yield"`` a :class:`Reset` item or ``"raise"``
-    :class:`HistoryLost`. ``transport``: ``"auto"`` (SSE, long-poll fallback),
-    ``"sse"`` (never poll) or ``"poll"`` (only long-poll). ``buffer`` is how
-    many received items may wait for the consumer before reading pauses.
-    """
-
-    first_event: float = DEFAULT_FIRST_EVENT
-    idle: float = DEFAULT_IDLE
-    stale: float = 0.0
-    retry: RetryPolicy = field(default_factory=RetryPolicy)
-    reset: Literal["yield", "raise"] = "yield"
-    transport: Literal["auto", "sse", "poll"] = "auto"
-    poll_wait: float = DEFAULT_POLL_WAIT
-    poll_limit: int = DEFAULT_POLL_LIMIT
-    buffer: int = DEFAULT_BUFFER
-    max_line: int = 1 << 20
-    max_event: int = 8 << 20
-
-    def __post_init__(self) -> None:
-        if self.reset not in ("yield", "raise"):
-            raise ValidationError("reset must be 'yield' or 'raise'", field="reset")
-        if self.transport not in ("auto", "sse", "poll"):
-            raise ValidationError("transport must be 'auto', 'sse' or 'poll'", field="transport")
-        if self.buffer < 1 or self.poll_limit < 1 or self.poll_wait < 0:
-            raise ValidationError("buffer and poll_limit must be >= 1, poll_wait >= 0")
-        WatchdogConfig(self.first_event, self.idle, self.stale)  # validates
 
 
 class Session(Protocol):
@@ -136,66 +111,13 @@ class _End(Exception):
     pass
 
 
-_STOP = object()
-
-
-class _Channel:
-    """A bounded hand-over buffer between the reader task and the consumer."""
-
-    def __init__(self, size: int) -> None:
-        self._items: deque[tuple[Item, float]] = deque()
-        self._size = size
-        self._readable = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
-        self._closed = False
-        self._exc: BaseException | None = None
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def full(self) -> bool:
-        return len(self._items) >= self._size
-
-    async def put(self, item: Item, received: float) -> None:
-        while self.full and not self._closed:
-            self._writable.clear()
-            await self._writable.wait()
-        if self._closed:
-            return
-        self._items.append((item, received))
-        self._readable.set()
-
-    async def get(self) -> tuple[Item, float]:
-        while not self._items:
-            if self._closed:
-                if self._exc is not None:
-                    raise self._exc
-                raise StopAsyncIteration
-            self._readable.clear()
-            await self._readable.wait()
-        item = self._items.popleft()
-        self._writable.set()
-        return item
-
-    def close(self, exc: BaseException | None = None, *, discard: bool = False) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._exc = exc
-        if discard:
-            self._items.clear()
-        self._readable.set()
-        self._writable.set()
-
-
 class Follower:
     """An async iterator of :class:`Event` and :class:`Reset` items from one stream.
 
     Obtain it from ``AsyncClient.follow()``. Iterate it with ``async for``;
     close it with :meth:`aclose` (or ``async with``) if you stop before the end
     — that cancels the read and the backoff sleep and closes the connection.
+    Every event it yields carries its ``epoch``.
 
     Raises (from iteration): :class:`RetriesExhausted` when an outage outlasts
     the retry budget; :class:`HTTPStatusError` / :class:`StreamNotFound` /
@@ -210,6 +132,7 @@ class Follower:
         stream: str,
         *,
         path: str | None = None,
+        ws_path: str | None = None,
         after: int | str | None = None,
         options: FollowOptions | None = None,
         metrics: Metrics | None = None,
@@ -221,6 +144,7 @@ class Follower:
         self.metrics = metrics or Metrics()
         self._session = session
         self._path = path or f"/v1/streams/{stream}/events"
+        self._ws_path = ws_path or self._path.removesuffix("/events") + "/ws"
         opts = self.options
         self._state = state or ReconnectState(
             opts.retry,
@@ -228,23 +152,15 @@ class Follower:
             allow_fallback=opts.transport == "auto",
         )
         self._timers = WatchdogTimers(WatchdogConfig(opts.first_event, opts.idle, opts.stale))
-        self._channel = _Channel(opts.buffer)
+        self._channel = Channel(opts.buffer)
         self._stop_event = stop_event
         self._reader: asyncio.Task[None] | None = None
         self._stop_watch: asyncio.Task[None] | None = None
         self._closed = False
-        # Position: last id handed over, its epoch, and whether the next id is known.
-        self._resolve_now = False
-        self.epoch: str | None = None
-        self.offset = 0
-        self._pinned = False
+        self._resolve_now = isinstance(after, str) and after.strip() == NOW
+        self._pos = ReaderPosition() if self._resolve_now else ReaderPosition.parse(after)
         self._strikes: dict[int, int] = {}
-        if isinstance(after, str) and after.strip() == NOW:
-            self._resolve_now = True
-        elif after is not None and after != "":
-            pos = parse_position(after, allow_now=False)
-            self.epoch, self.offset = pos.epoch, pos.offset
-            self._pinned = pos.offset > 0 or pos.epoch is not None
+        self._ws_clean_closes = 0
         self.end: Event | None = None
         self.refreshed_auth = False
 
@@ -276,8 +192,22 @@ class Follower:
 
     @property
     def position(self) -> str:
-        """Where this follower would resume: ``"<epoch>:<id>"`` or ``"<id>"``."""
-        return f"{self.epoch}:{self.offset}" if self.epoch is not None else str(self.offset)
+        """Where this follower would resume: ``"<epoch>:<id>"`` or ``"<id>"``.
+
+        It counts only items handed over (taken from the buffer or not), so it
+        is a safe resume point for a new follower after this one is closed.
+        """
+        return self._pos.token
+
+    @property
+    def epoch(self) -> str | None:
+        """The epoch of the stream's history being followed (``None`` until known)."""
+        return self._pos.epoch
+
+    @property
+    def offset(self) -> int:
+        """The id of the last event handed over (0: none yet)."""
+        return self._pos.offset
 
     @property
     def buffered(self) -> int:
@@ -318,10 +248,12 @@ class Follower:
                 try:
                     if self._resolve_now:
                         await self._resolve_tail()
-                    if mode == "stream":
-                        await self._stream_once()
-                    else:
+                    if mode == "poll":
                         await self._poll_once()
+                    elif self.options.transport == "ws":
+                        await self._ws_once()
+                    else:
+                        await self._sse_once()
                     continue
                 except _End:
                     self._channel.close()
@@ -353,29 +285,128 @@ class Follower:
         except BaseException as exc:
             self._channel.close(exc)
 
-    async def _deliver(self, item: Item, received: float) -> None:
-        loop = asyncio.get_running_loop()
-        if self._channel.full:
-            self._timers.pause(loop.time())
+    # -- what every transport does with what it received ------------------------
+
+    async def _on_event(
+        self,
+        id: int,
+        type: str,
+        data: Any,
+        server_time: float,
+        epoch: str | None,
+        received: float,
+        *,
+        raw: str | None = None,
+    ) -> None:
+        """One received event: decide with the position, then hand it over or not.
+
+        ``data`` is the decoded data, or ``None`` with ``raw`` holding text
+        still to decode (SSE: decoded only for events that are not dropped).
+        Raises :class:`_Retry` (gap, epoch mismatch, mangled data) or
+        :class:`_End` once the end entry is handed over.
+        """
+        verdict = self._pos.on_event(id, type, epoch)
+        if verdict == "duplicate":
+            self.metrics.duplicates_dropped += 1
+            return
+        if verdict == "after_end":
+            return
+        if verdict == "epoch_mismatch":
+            # The server owes a reset first; a fresh request gets one.
+            raise _Retry("epoch_mismatch")
+        if verdict == "gap":
+            log.warning(
+                "runstream follow %s: got id %d after %d; resuming from %d",
+                self.stream,
+                id,
+                self._pos.offset,
+                self._pos.offset,
+            )
+            raise _Retry("gap")
+        if raw is not None:
             try:
-                await self._channel.put(item, received)
-            finally:
-                self._timers.resume(loop.time())
-        else:
-            await self._channel.put(item, received)
-        if isinstance(item, Event):
-            self.offset = item.id
-            self._pinned = True
-            self._strikes.clear()
-            self.metrics.events += 1
-            self.metrics.last_id = item.id
-            self.metrics.epoch = self.epoch
-            self._state.on_event()
-            if item.type == END_TYPE:
-                self.end = item
-                raise _End
-        else:
-            self.metrics.resets += 1
+                data = json.loads(raw)
+            except ValueError:
+                self._bad_data(id, epoch, raw)
+                return
+        event = Event(id, type, data, server_time, epoch=epoch or self._pos.epoch)
+        self._timers.on_event(received)
+        if not await self._hand_over(event, received):
+            return
+        self._pos.delivered(id, type, event.epoch)
+        self._strikes.clear()
+        m = self.metrics
+        m.events += 1
+        m.last_id = id
+        m.epoch = self._pos.epoch
+        self._state.on_event()
+        if verdict == "end":
+            self.end = event
+            raise _End
+
+    async def _on_reset(self, reset: Reset, received: float) -> None:
+        """History was lost: hand over (or raise) the reset and move the position."""
+        log.warning(
+            "runstream follow %s: history lost (%s); continuing after %d in epoch %s",
+            self.stream,
+            reset.reason,
+            reset.after,
+            reset.epoch,
+        )
+        self.metrics.resets += 1
+        if self.options.reset == "raise":
+            self._pos.reset(reset)
+            raise HistoryLost(
+                self.stream, epoch=reset.epoch, first_id=reset.after + 1, reason=reset.reason
+            )
+        item = Reset(reset.epoch, reset.after, reset.reason, self._pos.offset)
+        if await self._hand_over(item, received):
+            self._pos.reset(item)
+            self.metrics.epoch = reset.epoch
+
+    async def _hand_over(self, item: Item, received: float) -> bool:
+        loop = asyncio.get_running_loop()
+        if not self._channel.full:
+            return await self._channel.put(item, received)
+        self._timers.pause(loop.time())
+        try:
+            return await self._channel.put(item, received)
+        finally:
+            self._timers.resume(loop.time())
+
+    def _bad_data(self, offset: int, epoch: str | None, data: str) -> None:
+        """Event ``offset`` has data that is not JSON.
+
+        The first time, the connection is dropped and the event asked for again
+        (it may have been mangled in transit). If it comes back bad, it is
+        skipped for good: logged, counted, and the position moves past it.
+        """
+        self._malformed(f"event {offset} has data that is not JSON: {excerpt(data)!r}")
+        strikes = self._strikes.get(offset, 0) + 1
+        self._strikes[offset] = strikes
+        if strikes < 2:
+            raise _Retry("malformed")
+        log.error(
+            "runstream follow %s: skipping event %d: its data is not JSON", self.stream, offset
+        )
+        self._pos.skip(offset, epoch)
+
+    def _malformed(self, what: str) -> None:
+        self.metrics.malformed += 1
+        log.warning("runstream follow %s: skipped malformed message: %s", self.stream, what)
+
+    def _reset_from(self, obj: Any) -> Reset:
+        """A :class:`Reset` from a reset message's data; a malformed one drops the connection."""
+        try:
+            return Reset(
+                str(obj["epoch"]),
+                int(obj["after"]),
+                obj.get("reason", "trimmed"),
+                int(obj.get("requested", self._pos.offset)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            self._malformed(f"reset with unusable data {excerpt(json.dumps(obj))!r}")
+            raise _Retry("malformed") from None
 
     async def _guard(self, aw: Awaitable[T]) -> T:
         """Await ``aw`` under the watchdog timers; a trip becomes a retry."""
@@ -408,17 +439,15 @@ class Follower:
         except httpx.TransportError as exc:
             raise _Retry("network") from exc
         if resp.status_code == 404:
-            self.epoch, self.offset = None, 0
+            self._pos = ReaderPosition.at_tail(None)
         elif resp.status_code == 200:
             info = expect_json(resp.text, what=f"info of {self.stream!r}")
             last = int(info.get("last_id", 0))
             closed = info.get("status") == "closed"
-            self.epoch = str(info["epoch"])
             # A closed stream still hands over its end entry, like the server does.
-            self.offset = max(0, last - 1) if closed else last
+            self._pos = ReaderPosition(max(0, last - 1) if closed else last, str(info["epoch"]))
         else:
             await self._raise_for_status(resp.status_code, resp.text, resp.headers)
-        self._pinned = True
         self._resolve_now = False
 
     async def _raise_for_status(self, status: int, text: str, headers: Any) -> None:
@@ -432,6 +461,11 @@ class Follower:
             status, text, what=f"following {self.stream!r}", stream=self.stream
         )
 
+    def _opened(self) -> None:
+        self._state.on_open()
+        self.refreshed_auth = False
+        self.metrics.connections += 1
+
     # -- SSE ---------------------------------------------------------------------
 
     def _request_headers(self) -> tuple[dict[str, str], dict[str, str]]:
@@ -443,13 +477,14 @@ class Follower:
         }
         headers.update(self._session.auth_headers())
         params: dict[str, str] = {}
-        if self.epoch is not None:
-            headers["Last-Event-ID"] = f"{self.epoch}:{self.offset}"
-        elif self.offset > 0:
-            params["after"] = str(self.offset)
+        pos = self._pos
+        if pos.epoch is not None:
+            headers["Last-Event-ID"] = pos.token
+        elif pos.offset > 0:
+            params["after"] = str(pos.offset)
         return headers, params
 
-    async def _stream_once(self) -> None:
+    async def _sse_once(self) -> None:
         loop = asyncio.get_running_loop()
         http = self._session.http
         headers, params = self._request_headers()
@@ -472,9 +507,7 @@ class Follower:
                 if kind == "fail":
                     body = await self._guard(self._read_limited(response))
                     await self._fail_stream(response, body)
-                self._state.on_open()
-                self.refreshed_auth = False
-                self.metrics.connections += 1
+                self._opened()
                 # aiter_bytes undoes a Content-Encoding the server applied anyway.
                 chunks = response.aiter_bytes()
                 while True:
@@ -492,16 +525,41 @@ class Follower:
                     if decoder.retry is not None:
                         self._state.on_server_retry(decoder.retry)
                     for msg in messages:
-                        item = self._check_sse(msg.event, msg.data, msg.id)
-                        if item is not None:
-                            self._timers.on_event(received)
-                            await self._deliver(item, received)
+                        await self._on_sse(msg, received)
             except httpx.TransportError as exc:
                 log.info("runstream follow %s: connection failed: %r", self.stream, exc)
                 raise _Retry("network") from exc
         finally:
             if response is not None:
                 await response.aclose()
+
+    async def _on_sse(self, msg: SSEMessage, received: float) -> None:
+        if msg.event == RESET_TYPE:
+            try:
+                obj = json.loads(msg.data)
+            except ValueError:
+                obj = msg.data
+            await self._on_reset(self._reset_from(obj), received)
+            return
+        if not msg.id:
+            self._malformed("event without an id")
+            return
+        try:
+            pos = parse_position(msg.id, allow_now=False)
+        except ValidationError:
+            self._malformed(f"event with an unusable id {msg.id!r}")
+            return
+        # Servers before the time field: the receive time is the best there is.
+        server_time = parse_time(msg.time) if msg.time else 0.0
+        await self._on_event(
+            pos.offset,
+            msg.event,
+            None,
+            server_time or time.time(),
+            pos.epoch,
+            received,
+            raw=msg.data,
+        )
 
     async def _read_limited(self, response: httpx.Response) -> str:
         data = bytearray()
@@ -522,101 +580,111 @@ class Follower:
             )
         await self._raise_for_status(status, body, response.headers)
 
-    def _check_sse(self, event_type: str, data: str, sse_id: str) -> Item | None:
-        """Decide what one SSE message means for the position; raise to reconnect."""
-        if event_type == RESET_TYPE:
-            return self._reset_from(data)
-        try:
-            pos = parse_position(sse_id, allow_now=False)
-        except ValidationError:
-            self._malformed(f"event with an unusable id {sse_id!r}")
-            return None
-        if not sse_id:
-            self._malformed("event without an id")
-            return None
-        if pos.epoch is not None and self.epoch is not None and pos.epoch != self.epoch:
-            # The server should have sent a reset first; a fresh request will.
-            raise _Retry("epoch_mismatch")
-        if not self._accept_id(pos.offset):
-            return None
-        try:
-            value = json.loads(data)
-        except ValueError:
-            self._bad_data(pos.offset, data)
-            return None
-        if pos.epoch is not None:
-            self.epoch = pos.epoch
-        return Event(pos.offset, event_type, value, time.time())
+    # -- WebSocket -----------------------------------------------------------------
 
-    def _accept_id(self, offset: int) -> bool:
-        """False for a duplicate; raises a retry for a gap."""
-        if offset <= self.offset:
-            self.metrics.duplicates_dropped += 1
-            return False
-        if self._pinned and offset != self.offset + 1:
-            log.warning(
-                "runstream follow %s: got id %d after %d; resuming from %d",
-                self.stream,
-                offset,
-                self.offset,
-                self.offset,
-            )
-            raise _Retry("gap")
-        return True
+    def _ws_url(self) -> str:
+        base = self._session.http.base_url
+        scheme = "wss" if base.scheme == "https" else "ws"
+        url = base.copy_with(scheme=scheme).join(self._ws_path.lstrip("/"))
+        pos = self._pos
+        if pos.epoch is not None or pos.pinned:
+            # "<epoch>:0" too: the server then checks the epoch from the first connection.
+            url = url.copy_merge_params({"after": pos.token})
+        return str(url)
 
-    def _bad_data(self, offset: int, data: str) -> None:
-        """Event ``offset`` has data that is not JSON.
+    async def _learn_epoch(self) -> None:
+        """WebSocket events do not carry the epoch: read it from the stream's state.
 
-        The first time, the connection is dropped and the event asked for again
-        (it may have been mangled in transit). If it comes back bad, it is
-        skipped for good: logged, counted, and the position moves past it.
+        Resuming with ``after=<epoch>:<id>`` then lets the server notice a
+        re-created stream and send a reset, as SSE's ``Last-Event-ID`` does. A
+        stream that does not exist (yet) leaves it unknown.
         """
-        self._malformed(f"event {offset} has data that is not JSON: {excerpt(data)!r}")
-        strikes = self._strikes.get(offset, 0) + 1
-        self._strikes[offset] = strikes
-        if strikes < 2:
-            raise _Retry("malformed")
-        log.error(
-            "runstream follow %s: skipping event %d: its data is not JSON", self.stream, offset
-        )
-        self.offset = offset
-        self._pinned = True
-
-    def _malformed(self, what: str) -> None:
-        self.metrics.malformed += 1
-        log.warning("runstream follow %s: skipped malformed message: %s", self.stream, what)
-
-    def _reset_from(self, data: str) -> Reset | None:
         try:
-            obj = json.loads(data)
-            reset = Reset(
-                str(obj["epoch"]),
-                int(obj["after"]),
-                obj.get("reason", "trimmed"),
-                int(obj.get("requested", self.offset)),
+            resp = await self._session.http.get(
+                f"/v1/streams/{self.stream}", headers=self._session.auth_headers()
             )
-        except (ValueError, KeyError, TypeError):
-            self._malformed(f"reset with unusable data {excerpt(data)!r}")
-            raise _Retry("malformed") from None
-        return self._apply_reset(reset)
+        except httpx.TransportError as exc:
+            raise _Retry("network") from exc
+        if resp.status_code == 200:
+            info = expect_json(resp.text, what=f"info of {self.stream!r}")
+            self._pos.learn_epoch(str(info["epoch"]))
+        elif resp.status_code != 404:
+            await self._raise_for_status(resp.status_code, resp.text, resp.headers)
 
-    def _apply_reset(self, reset: Reset) -> Reset:
-        self.epoch = reset.epoch
-        self.offset = reset.after
-        self._pinned = True
-        log.warning(
-            "runstream follow %s: history lost (%s); continuing after %d in epoch %s",
-            self.stream,
-            reset.reason,
-            reset.after,
-            reset.epoch,
+    async def _ws_once(self) -> None:
+        from runstream.client import _ws
+
+        loop = asyncio.get_running_loop()
+        if self._pos.epoch is None:
+            # Under the first-event timer too: a stalled answer must not hold the follower.
+            self._timers.start(loop.time())
+            await self._guard(self._learn_epoch())
+        self._timers.start(loop.time())
+        delivered_before = self.metrics.events
+        async with _ws.Connection(
+            self._ws_url(),
+            self._session.auth_headers(),
+            max_size=self.options.max_event + MAX_ERROR_BODY,
+        ) as conn:
+            try:
+                await self._guard(conn.open())
+                # The handshake answer is the first sign of life, as SSE's response head is.
+                self._timers.on_bytes(loop.time())
+                self._opened()
+                while True:
+                    message = await self._guard(conn.recv())
+                    received = loop.time()
+                    self._timers.on_bytes(received)
+                    self.metrics.bytes_received += len(message)
+                    await self._on_ws(message, received)
+            except _ws.Rejected as exc:
+                await self._raise_for_status(exc.status, exc.body, exc.headers)
+            except _ws.Closed as exc:
+                await self._ws_closed(exc.code, exc.reason, self.metrics.events > delivered_before)
+            except _ws.Broken as exc:
+                log.info("runstream follow %s: connection failed: %s", self.stream, exc)
+                raise _Retry("network") from exc
+
+    async def _ws_closed(self, code: int, reason: str, delivered: bool) -> None:
+        """The server closed the WebSocket (before the end entry, or we would be done)."""
+        if code == 1000:
+            # "The stream is over" (closed, or already read to its end). Before
+            # believing it without the end entry, ask once more: a connection
+            # that closes again without delivering anything confirms it.
+            self._ws_clean_closes = 0 if delivered else self._ws_clean_closes + 1
+            if self._ws_clean_closes >= 2:
+                raise _End
+            raise _Retry("eof", 0.0)
+        if 4400 <= code < 4600 and code != 4404:
+            # A refusal sent as a close code (servers without HTTP denials): 4000 + status.
+            await self._raise_for_status(code - 4000, reason, None)
+        reasons = {1013: "slow_consumer", 1011: "server_error", 4404: "deleted"}
+        raise _Retry(reasons.get(code, "eof"))
+
+    async def _on_ws(self, message: str | bytes, received: float) -> None:
+        try:
+            obj = json.loads(message)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            # If it was an event, the next one reveals the gap.
+            self._malformed(f"message that is not a JSON object: {excerpt(str(message))!r}")
+            return
+        kind = obj.get("type")
+        if "id" not in obj:
+            if kind == HEARTBEAT_TYPE:
+                return  # a sign of life only: the idle timer already saw it
+            if kind == RESET_TYPE:
+                await self._on_reset(self._reset_from(obj.get("data")), received)
+                return
+        try:
+            event = event_from_json(obj)
+        except ProtocolError as exc:
+            self._malformed(str(exc))
+            return
+        await self._on_event(
+            event.id, event.type, event.data, event.time or time.time(), None, received
         )
-        if self.options.reset == "raise":
-            self.metrics.resets += 1
-            raise HistoryLost(
-                self.stream, epoch=reset.epoch, first_id=reset.after + 1, reason=reset.reason
-            )
-        return reset
 
     # -- long-poll ---------------------------------------------------------------
 
@@ -630,16 +698,24 @@ class Follower:
             "wait": f"{opts.poll_wait:g}",
         }
         # The server may legitimately hold the request for ``poll_wait``; beyond that,
-        # the idle (else first-event) watchdog's allowance applies.
-        read_timeout = opts.poll_wait + (opts.idle or opts.first_event or CONNECT_TIMEOUT)
+        # the idle (else first-event) watchdog's allowance applies. (``stale`` has
+        # nothing to catch here: every poll is a new request to the server.)
+        kind: Literal["idle", "first_event"] | None = (
+            "idle" if opts.idle else "first_event" if opts.first_event else None
+        )
+        allowance = opts.idle or opts.first_event or CONNECT_TIMEOUT
         started = loop.time()
         try:
             resp = await self._session.http.get(
                 self._path,
                 headers=headers,
                 params=params,
-                timeout=httpx.Timeout(CONNECT_TIMEOUT, read=read_timeout),
+                timeout=httpx.Timeout(CONNECT_TIMEOUT, read=opts.poll_wait + allowance),
             )
+        except httpx.ReadTimeout as exc:
+            if kind is not None:
+                self.metrics.watchdog_kills[kind] += 1
+            raise _Retry("poll_timeout") from exc
         except httpx.TimeoutException as exc:
             raise _Retry("poll_timeout") from exc
         except httpx.TransportError as exc:
@@ -655,9 +731,9 @@ class Follower:
                 str(err.get("epoch", "")),
                 max(0, first_id - 1),
                 err.get("reason", "trimmed"),
-                self.offset,
+                self._pos.offset,
             )
-            await self._deliver(self._apply_reset(reset), received)
+            await self._on_reset(reset, received)
             return
         if resp.status_code != 200:
             await self._raise_for_status(resp.status_code, resp.text, resp.headers)
@@ -668,19 +744,17 @@ class Follower:
                 f"reading {self.stream!r}: unexpected answer {excerpt(resp.text)!r}"
             )
         epoch = page.get("epoch")
-        if isinstance(epoch, str) and self.epoch is not None and epoch != self.epoch:
+        epoch = epoch if isinstance(epoch, str) else None
+        if epoch is not None and self._pos.epoch is not None and epoch != self._pos.epoch:
             raise _Retry("epoch_mismatch")
-        if isinstance(epoch, str):
-            self.epoch = epoch
-        events = page["events"]
+        events = cast(list[Any], page["events"])
         for obj in events:
             try:
                 event = event_from_json(obj)
             except ProtocolError as exc:
                 self._malformed(str(exc))
                 raise _Retry("malformed") from None
-            if self._accept_id(event.id):
-                await self._deliver(event, received)
+            await self._on_event(event.id, event.type, event.data, event.time, epoch, received)
         if page.get("closed") is True:
             raise _End
         self._state.on_poll_ok(received)

@@ -46,6 +46,8 @@ class Metrics:
     ``reconnects`` counts reconnections by reason (``"network"``, ``"eof"``,
     ``"http_503"``, ``"first_event"``, ``"idle"``, ``"stale"``, ``"gap"``, ...);
     ``watchdog_kills`` counts connections dropped by each watchdog timer.
+    ``handler_exceptions`` counts every failed handler call, ``handler_retries``
+    the calls made again, ``dead_lettered`` the items given up on.
     """
 
     events: int = 0
@@ -55,6 +57,8 @@ class Metrics:
     malformed: int = 0
     duplicates_dropped: int = 0
     handler_exceptions: int = 0
+    handler_retries: int = 0
+    dead_lettered: int = 0
     handled: int = 0
     latency: LatencyStats = field(default_factory=LatencyStats)
     queue_depth: int = 0
@@ -63,6 +67,9 @@ class Metrics:
     mode: str = "stream"
     connections: int = 0
     bytes_received: int = 0
+    checkpoint: str | None = None
+    """The last position saved to the checkpoint store (``run_forever(checkpoint=...)``)."""
+    checkpoint_errors: int = 0
 
     @property
     def reconnect_count(self) -> int:
@@ -79,6 +86,8 @@ class Metrics:
             "malformed": self.malformed,
             "duplicates_dropped": self.duplicates_dropped,
             "handler_exceptions": self.handler_exceptions,
+            "handler_retries": self.handler_retries,
+            "dead_lettered": self.dead_lettered,
             "handled": self.handled,
             "latency": {
                 "count": self.latency.count,
@@ -91,6 +100,8 @@ class Metrics:
             "mode": self.mode,
             "connections": self.connections,
             "bytes_received": self.bytes_received,
+            "checkpoint": self.checkpoint,
+            "checkpoint_errors": self.checkpoint_errors,
         }
 
 
@@ -127,6 +138,11 @@ class _Collector:
         yield counter("resets", "History-lost resets received", m.resets)
         yield counter("malformed", "Malformed messages skipped", m.malformed)
         yield counter("handler_exceptions", "Handler calls that raised", m.handler_exceptions)
+        yield counter("handler_retries", "Handler calls retried after a failure", m.handler_retries)
+        yield counter(
+            "dead_lettered", "Items given up on after their handler's retries", m.dead_lettered
+        )
+        yield counter("checkpoint_errors", "Checkpoint saves that failed", m.checkpoint_errors)
         rec = CounterMetricFamily(
             f"{p}_reconnects", "Reconnections by reason", labels=[*keys, "reason"]
         )

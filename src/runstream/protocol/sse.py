@@ -59,13 +59,18 @@ class SSEMessage:
     ``event`` is ``"message"`` when the stream gave no (or an empty) type;
     ``data`` is the event's data lines joined with ``"\\n"``; ``id`` is the
     decoder's last event id when the event was dispatched (``""`` when none);
-    ``retry`` is the last valid reconnection delay seen so far, in ms.
+    ``retry`` is the last valid reconnection delay seen so far, in ms;
+    ``time`` is the value of the event's ``time`` field (``""`` when it had
+    none): runstream servers put the event's server timestamp (RFC 3339)
+    there. It is an extension field: the standard tells every other parser
+    (a browser's ``EventSource``) to ignore a field it does not know.
     """
 
     event: str
     data: str
     id: str
     retry: int | None
+    time: str = ""
 
 
 class SSEDecoder:
@@ -104,6 +109,7 @@ class SSEDecoder:
         "_id_buffer",
         "_last_event_id",
         "_skip_lf",
+        "_time",
         "bytes_received",
         "comments",
         "malformed",
@@ -145,6 +151,7 @@ class SSEDecoder:
         # overflow condemned it.
         self._data = bytearray()
         self._event = b""
+        self._time = b""
         self._dropped = False
         self._id_buffer = last_event_id
 
@@ -170,7 +177,8 @@ class SSEDecoder:
         """Bytes held for input not yet dispatched (partial line, event being built).
 
         At most ``max_line + max_event + 2`` whatever was fed; the committed
-        and pending ids (each at most ``max_line``) come on top.
+        and pending ids and the pending ``time`` (each at most ``max_line``)
+        come on top.
         """
         head = len(self._head) if self._head is not None else 0
         return head + len(self._buf) + len(self._data) + len(self._event)
@@ -265,6 +273,7 @@ class SSEDecoder:
     def _reset_event(self) -> None:
         self._data.clear()
         self._event = b""
+        self._time = b""
         self._dropped = False
 
     def _drop_event(self) -> None:
@@ -281,11 +290,13 @@ class SSEDecoder:
                     self._data.decode("utf-8", "replace"),
                     self._last_event_id,
                     self.retry,
+                    self._time.decode("utf-8", "replace") if self._time else "",
                 )
             )
             self._data.clear()
             self._event = b""
-        elif self._data or self._event or self._dropped:
+            self._time = b""
+        elif self._data or self._event or self._time or self._dropped:
             self._reset_event()
 
     def _overflow(self, prefix: bytes) -> None:
@@ -337,6 +348,9 @@ class SSEDecoder:
                 self.retry = int(digits or b"0")
             else:
                 self.malformed += 1
+        elif name == b"time":
+            # runstream's extension field; other parsers ignore it (see SSEMessage).
+            self._time = value
         # Any other field name is ignored, as the standard requires.
 
 
@@ -386,22 +400,32 @@ def _utf8(frame: str) -> bytes:
 
 
 def encode_event(
-    data: str, *, event: str | None = None, id: str | None = None, retry: int | None = None
+    data: str,
+    *,
+    event: str | None = None,
+    id: str | None = None,
+    retry: int | None = None,
+    time: str | None = None,
 ) -> bytes:
-    """Encode one event as UTF-8 bytes: ``retry``, ``id``, ``event``, ``data``, blank line.
+    """Encode one event as UTF-8: ``retry``, ``id``, ``event``, ``time``, ``data``, blank line.
 
     ``data`` may hold any text: each CRLF, LF or CR starts a new ``data:``
     line, so the decoder returns it with every line ending turned into LF.
     ``id`` and ``event`` must not contain CR, LF or NUL; ``retry`` must be a
     non-negative integer; otherwise :class:`ValidationError` is raised. An
     empty ``id`` tells the client to forget its last event id; an empty or
-    absent ``event`` is received as ``"message"``.
+    absent ``event`` is received as ``"message"``. ``time`` (the same rules
+    as ``id``) is an extension field that standard parsers ignore and
+    :class:`SSEDecoder` returns as :attr:`SSEMessage.time`.
     """
     if "\n" in data or "\r" in data:
         if "\r" in data:
             data = data.replace("\r\n", "\n").replace("\r", "\n")
         data = data.replace("\n", "\ndata: ")
     frame = "data: " + data + "\n\n"
+    if time is not None:
+        _check_field("time", time)
+        frame = "time: " + time + "\n" + frame
     if event is not None:
         _check_field("event", event)
         frame = "event: " + event + "\n" + frame

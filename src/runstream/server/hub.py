@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, cast
 
 from runstream.backends.base import EventLog, event_size
-from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data
+from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data, rfc3339
 from runstream.errors import (
     HistoryLost,
     RunstreamError,
@@ -121,7 +121,13 @@ class Frame:
         return self.event is not None and self.event.is_end
 
     def sse(self) -> bytes:
-        """The SSE encoding: ``id: <epoch>:<id>``, ``event: <type>``, ``data: <json>``."""
+        """The SSE encoding: ``id: <epoch>:<id>``, ``event: <type>``, ``time: <RFC 3339>``,
+        ``data: <json>``.
+
+        ``time`` is the server timestamp. Standard parsers (``EventSource``,
+        npm ``eventsource``) ignore a field they do not know, so only clients
+        that look for it (the SDK) see it.
+        """
         if self._sse is None:
             if self.event is not None:
                 event = self.event
@@ -129,6 +135,7 @@ class Frame:
                     _encode(event.data) if event.data_json is None else event.data_json,
                     event=event.type,
                     id=format_sse_id(self.epoch, event.id),
+                    time=rfc3339(event.time),
                 )
             else:
                 assert self.reset is not None

@@ -29,7 +29,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from runstream.core.model import Page, StreamInfo
+from runstream.core.model import HEARTBEAT_TYPE, Page, StreamInfo, now, rfc3339
 from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, ValidationError
 from runstream.protocol.cursor import Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
@@ -464,7 +464,8 @@ async def serve_websocket(
 
     Position from the ``after`` query (or ``Last-Event-ID`` header). One text
     message per event (``Event.to_json()``), ``{"type": "reset", ...}`` for a
-    reset; after the end entry the socket is closed with 1000.
+    reset, :func:`ws_heartbeat` when idle for ``keepalive`` seconds; after the
+    end entry the socket is closed with 1000.
     """
     try:
         position, resumed = start_position(
@@ -513,6 +514,17 @@ async def serve_websocket(
                     await websocket.close(code=code, reason=text)
 
 
+def ws_heartbeat() -> str:
+    """The application heartbeat sent on an idle WebSocket: ``{"type": "ping", "time": ...}``.
+
+    It has no ``id``, and ``ping`` is a reserved event type, so no event is
+    ever mistaken for it. Protocol-level pings (uvicorn's ``ws_ping_interval``)
+    are invisible to browser and most client code; this one lets their idle
+    watchdogs work, as SSE keepalive comments do.
+    """
+    return f'{{"type":"{HEARTBEAT_TYPE}","time":"{rfc3339(now())}"}}'
+
+
 async def _ws_pump(
     runtime: Runtime, websocket: WebSocket, sub: Subscription, watch: SendWatchdog
 ) -> None:
@@ -522,6 +534,11 @@ async def _ws_pump(
         frames = await sub.get(idle=keepalive)
         if frames is None:
             return
+        if not frames:
+            watch.since = now()
+            await websocket.send_text(ws_heartbeat())
+            watch.since = -1.0
+            continue
         for frame in frames:
             watch.since = now()  # SendWatchdog.timed, inlined: the hot path
             await websocket.send_text(frame.ws())

@@ -389,6 +389,7 @@
         if (gen !== view.gen) return;
         let msg;
         try { msg = JSON.parse(m.data); } catch (e) { return; } // malformed: skip, keep the connection
+        if (msg.id === undefined && msg.type === "ping") return; // heartbeat: only a sign of life
         if (msg.type === "reset") applyReset(msg.data || msg);
         else { gotEvent = true; apply(msg); }
       };
