@@ -66,7 +66,6 @@ import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
 from runstream.backends.base import EventLog
-from runstream.core.model import NewEvent
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
@@ -77,9 +76,8 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.runs.executor import RunControl, execute_run
-from runstream.runs.lifecycle import TERMINAL
+from runstream.runs.lifecycle import TERMINAL, Lifecycle
 from runstream.runs.model import RunRecord
-from runstream.runs.service import settle_lost
 from runstream.runs.store_redis import (
     NO_MAINT_NOTIFICATIONS,
     RedisRunKeys,
@@ -295,6 +293,7 @@ class Janitor:
     ) -> None:
         self.store = store
         self.log = log
+        self.lifecycle = Lifecycle(store, log)
         self.keys = store.keys
         self.consumer = consumer
         self.lease = lease
@@ -391,10 +390,10 @@ class Janitor:
     async def declare_lost(self, record: RunRecord, reason: str, *, dead_letter: bool) -> None:
         """``running → lost`` (fenced to the worker that had it), then retry or close."""
         try:
-            lost = await self.store.transition(
+            lost = await self.lifecycle.advance(
                 record.id,
+                "running",
                 "lost",
-                expect=["running"],
                 match={"worker": record.worker, "attempt": record.attempt},
                 error=reason,
                 finished_at=time.time(),
@@ -404,31 +403,24 @@ class Janitor:
         await self._count("lost")
         await self.resolve_lost(lost, dead_letter=dead_letter)
 
-    async def resolve_lost(self, record: RunRecord, *, dead_letter: bool) -> None:
+    async def resolve_lost(
+        self, record: RunRecord, *, dead_letter: bool, announce: bool = False
+    ) -> None:
         """A ``lost`` run: queue it again if its task allows, else close its stream as lost.
 
-        The same rule (and the same status events) as the local pool's
-        :func:`~runstream.runs.service.settle_lost`; a dead-lettered run is never retried.
+        The same rule (and the same status events) as the local pool, through
+        :meth:`~runstream.runs.lifecycle.Lifecycle.settle_lost`; a dead-lettered
+        run is never retried. ``announce``: see ``settle_lost``.
         """
-        task = None
+        retries = 0
         if not dead_letter and self.registry is not None and record.task in self.registry:
-            task = self.registry.get(record.task)
-        settled = await settle_lost(record, task, self.store, self.log)
+            retries = self.registry.get(record.task).retries
+        settled = await self.lifecycle.settle_lost(record, retries=retries, announce=announce)
         if settled.status == "queued" and settled.attempt == record.attempt + 1:
             await self.queue.enqueue(record.id, settled.attempt)
             await self._count("retried")
         elif dead_letter:
             await self._count("dead_lettered")
-
-    async def _status_event(self, run_id: str, data: dict[str, Any]) -> None:
-        try:
-            await self.log.append(run_id, NewEvent("status", data))
-        except RunstreamError as exc:
-            # The record is the truth; a closed or unreachable stream must not stop settling.
-            log.warning("run %s: could not record %s: %s", run_id, data.get("status"), exc)
-
-    async def _close(self, run_id: str, status: str, reason: str | None) -> None:
-        await self.log.close(run_id, status=status, reason=reason)
 
 
 class BackgroundJanitor:
@@ -515,10 +507,10 @@ async def settle_entry(
         await janitor.queue.enqueue(run_id, record.attempt)
     elif status == "lost":
         # A janitor died between marking it lost and re-queueing or closing it.
-        await janitor.resolve_lost(record, dead_letter=dead_letter)
+        await janitor.resolve_lost(record, dead_letter=dead_letter, announce=True)
     elif status in TERMINAL:
         # The outcome is stored but the ack was missed: make sure the stream is closed too.
-        await janitor._close(run_id, status, record.error)
+        await janitor.lifecycle.close_finished(record)
     await janitor.ack(entry_id)
     return True
 
@@ -896,26 +888,24 @@ class RedisWorker:
 
     async def _refuse_unknown_task(self, record: RunRecord) -> RunRecord:
         """A run of a task this worker does not declare: fail it loudly (a config mismatch)."""
-        error = f"task {record.task!r} is not declared on worker {self.name}"
+        lifecycle = self.janitor.lifecycle
         try:
-            await self.store.transition(
-                record.id, "running", expect=["queued"], worker=self.name, started_at=time.time()
+            await lifecycle.advance(
+                record.id, "queued", "running", worker=self.name, started_at=time.time()
             )
-            final = await self.store.transition(
+            # Strict: if the stream is not closed, the entry stays pending and the
+            # janitor closes it when it settles the entry.
+            return await lifecycle.advance(
                 record.id,
+                "running",
                 "failed",
-                expect=["running"],
                 match={"worker": self.name, "attempt": record.attempt},
-                error=error,
+                strict=True,
+                error=f"task {record.task!r} is not declared on worker {self.name}",
                 finished_at=time.time(),
             )
         except IllegalTransition:
             return await self.store.get(record.id)
-        await self.janitor._status_event(
-            record.id, {"status": "failed", "attempt": record.attempt, "error": error}
-        )
-        await self.janitor._close(record.id, "failed", error)
-        return final
 
     async def _release_lease(self, run_id: str) -> None:
         with contextlib.suppress(BackendError):

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from runstream.backends.base import EventLog
-from runstream.core.model import NewEvent, StreamInfo
+from runstream.core.model import StreamInfo
 from runstream.errors import (
     ConfigError,
     IllegalTransition,
@@ -47,13 +47,12 @@ from runstream.errors import (
 )
 from runstream.runs.executor import (
     CANCEL_POLL,
-    MAX_REASON,
     RUN_ID_ENV,
     RunControl,
     execute_run,
     new_worker_id,
 )
-from runstream.runs.lifecycle import FINISHED, TERMINAL, RunStatus
+from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.store import RunStore
@@ -66,7 +65,6 @@ __all__ = [
     "LocalWorkerPool",
     "RunService",
     "kill_orphans",
-    "settle_lost",
     "worker_alive",
 ]
 
@@ -172,63 +170,6 @@ def _same_host(worker: str | None) -> bool:
     return bool(worker) and str(worker).partition(":")[0] == socket.gethostname()
 
 
-async def _append_status(log_: EventLog, run_id: str, data: dict[str, Any]) -> None:
-    try:
-        await log_.append(run_id, NewEvent("status", data))
-    except RunstreamError as exc:
-        log.warning("run %s: could not record status %s: %s", run_id, data.get("status"), exc)
-
-
-async def _close_stream(log_: EventLog, record: RunRecord) -> None:
-    reason = record.error[:MAX_REASON] if record.error else None
-    try:
-        await log_.close(record.id, record.status, reason)
-    except RunstreamError as exc:
-        log.warning("run %s: could not close its stream: %s", record.id, exc)
-
-
-async def settle_lost(
-    record: RunRecord,
-    task: TaskSpec | None,
-    store: RunStore,
-    log_: EventLog,
-) -> RunRecord:
-    """After ``record`` was moved to ``lost``: retry it or end its stream.
-
-    Appends ``status`` ``lost``; then, if ``task`` allows another attempt
-    (``attempt <= retries``) and no cancel was requested, moves the run back
-    to ``queued`` with ``attempt + 1`` and appends ``status`` ``queued`` (the
-    stream stays open for the next attempt; the caller must dispatch the
-    returned run). Otherwise closes the stream with ``lost``.
-    """
-    lost_data: dict[str, Any] = {"status": "lost", "attempt": record.attempt}
-    if record.error:
-        lost_data["error"] = record.error
-    await _append_status(log_, record.id, lost_data)
-    retries = task.retries if task is not None else 0
-    if record.attempt <= retries and not record.cancel_requested:
-        try:
-            queued = await store.transition(
-                record.id,
-                "queued",
-                expect=("lost",),
-                attempt=record.attempt + 1,
-                worker=None,
-                started_at=None,
-                finished_at=None,
-                exit_code=None,
-                error=None,
-            )
-        except IllegalTransition:
-            return await store.get(record.id)
-        await _append_status(
-            log_, record.id, {"status": "queued", "attempt": queued.attempt, "retry": True}
-        )
-        return queued
-    await _close_stream(log_, record)
-    return record
-
-
 class RunService:
     """Create, read, list and cancel runs. One per server; share it between requests."""
 
@@ -248,6 +189,7 @@ class RunService:
         self.dispatcher = dispatcher
         self.end_check_guard = end_check_guard
         self.metrics = metrics
+        self.lifecycle = Lifecycle(store, log)
 
     def tasks(self) -> list[TaskSpec]:
         return list(self.registry)
@@ -275,12 +217,9 @@ class RunService:
             created_at=time.time(),
             timeout=effective_timeout,
         )
-        await self.store.create(record)
+        await self.lifecycle.create(record)
         if self.metrics is not None:
             self.metrics.created.labels(spec.name).inc()
-        await self.log.append(
-            record.id, NewEvent("status", {"status": "queued", "attempt": record.attempt})
-        )
         if self.dispatcher is not None:
             await self.dispatcher.submit(record)
         return record
@@ -309,24 +248,16 @@ class RunService:
         record = await self.store.get(run_id)
         if record.status == "queued":
             try:
-                record = await self.store.transition(
+                return await self.lifecycle.advance(
                     run_id,
+                    "queued",
                     "cancelled",
-                    expect=("queued",),
                     cancel_requested=True,
                     error="cancelled before it started",
                     finished_at=time.time(),
                 )
             except IllegalTransition:
                 record = await self.store.get(run_id)  # it started meanwhile
-            else:
-                await _append_status(
-                    self.log,
-                    run_id,
-                    {"status": "cancelled", "attempt": record.attempt, "error": record.error},
-                )
-                await _close_stream(self.log, record)
-                return record
         if record.status in TERMINAL:
             return record
         record = await self.store.request_cancel(run_id)
@@ -355,9 +286,7 @@ class RunService:
         if time.time() - finished < self.end_check_guard:
             return None
         try:
-            await self.log.close(
-                record.id, record.status, (record.error or "")[:MAX_REASON] or None
-            )
+            await self.lifecycle.close_finished(record)
         except RunstreamError:
             return f"run {record.status}"
         return None
@@ -395,6 +324,7 @@ class LocalWorkerPool:
         self.registry = registry
         self.store = store
         self.log = log
+        self.lifecycle = Lifecycle(store, log)
         self.workers = workers
         self.worker_id = worker_id or new_worker_id()
         self.shutdown_grace = shutdown_grace
@@ -495,10 +425,10 @@ class LocalWorkerPool:
             if worker_alive(record.worker):
                 continue
             try:
-                lost = await self.store.transition(
+                lost = await self.lifecycle.advance(
                     record.id,
+                    "running",
                     "lost",
-                    expect=("running",),
                     match={"worker": record.worker, "attempt": record.attempt},
                     error=f"worker {record.worker} is gone",
                     finished_at=time.time(),
@@ -511,8 +441,8 @@ class LocalWorkerPool:
                 if killed:
                     log.warning("run %s: killed %d process group(s) its dead worker left",
                                 lost.id, killed)  # fmt: skip
-            task = self.registry.get(lost.task) if lost.task in self.registry else None
-            settled = await settle_lost(lost, task, self.store, self.log)
+            retries = self.registry.get(lost.task).retries if lost.task in self.registry else 0
+            settled = await self.lifecycle.settle_lost(lost, retries=retries)
             if self.metrics is not None:
                 self.metrics.lost.inc()
                 if settled.status == "queued":
