@@ -230,9 +230,7 @@ class _Execution:
     ) -> None:
         self.record = record
         self.task = task
-        self.lifecycle = lifecycle
-        self.log = lifecycle.log
-        self.store = lifecycle.store
+        self.lifecycle, self.log, self.store = lifecycle, lifecycle.log, lifecycle.store
         self.worker = worker
         self.control = control
         self.stop = asyncio.Event()
@@ -271,19 +269,12 @@ class _Execution:
                 await watcher
 
     async def _start(self) -> _Outcome | None:
-        """``queued → running`` (the compare-and-set that makes this worker the one).
-
-        Returns a ``failed`` outcome if the stream refused the status event: output
-        could not be recorded either, so the task is not started.
-        """
+        """``queued → running``; a ``failed`` outcome if the stream refused the status event
+        (then the output could not be recorded either: the task is not started)."""
+        fields: dict[str, Any] = {"worker": self.worker, "started_at": time.time()}
         try:
             self.record = await self.lifecycle.advance(
-                self.record.id,
-                "queued",
-                "running",
-                strict=True,
-                worker=self.worker,
-                started_at=time.time(),
+                self.record.id, "queued", "running", strict=True, **fields
             )
         except EffectFailed as exc:
             self.record = exc.record
@@ -428,10 +419,9 @@ class _Execution:
 
     async def _finish(self, outcome: _Outcome, started: float) -> RunRecord:
         record = self.record
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"duration": round(time.monotonic() - started, 3)}
         if outcome.signal is not None:
             extra["signal"] = outcome.signal
-        extra["duration"] = round(time.monotonic() - started, 3)
         try:
             return await self.lifecycle.advance(
                 record.id,

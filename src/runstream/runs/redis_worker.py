@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -40,6 +40,7 @@ from runstream.runs.redis_queue import (
     RedisRunQueue,
     default_worker_name,
 )
+from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.store_redis import (
     NO_MAINT_NOTIFICATIONS,
     RedisRunStore,
@@ -55,8 +56,6 @@ HEARTBEAT_FACTOR = 1 / 3
 """Heartbeat every ``lease/3``: two heartbeats may be missed before the lease expires."""
 READ_BLOCK_SECONDS = 0.5
 """How long one XREADGROUP waits; also bounds how late a stop request is noticed."""
-DRAIN_MARGIN = 10.0
-"""Seconds beyond the longest task grace that a stopping worker waits for cancelled runs."""
 RECONNECT_MIN = 0.05
 RECONNECT_MAX = 2.0
 
@@ -136,8 +135,6 @@ class _Active:
     run_id: str
     attempt: int = 1
     running: bool = False
-    waiting: bool = False
-    """Waiting for its task's concurrency slot: does not occupy a worker slot."""
     control: RunControl = field(default_factory=RunControl)
 
 
@@ -178,10 +175,12 @@ class RedisWorker:
         self.ready = asyncio.Event()
         """Set once the worker has settled its own pending entries and listens for work."""
         self.completed = 0
-        self._task_slots: dict[str, asyncio.Semaphore] = {}
         self._handlers: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
+        """Entries being looked at (or handed back); runs themselves are the scheduler's."""
         self._slots_changed = asyncio.Event()
+        self.scheduler = Scheduler(
+            self.options.concurrency, name="run", on_change=self._slots_changed.set
+        )
         self._token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._claim_name_script = store.redis.register_script(_CLAIM_NAME)
         self._reader = aioredis.Redis(
@@ -229,7 +228,6 @@ class RedisWorker:
             await self._retry_until(stop, self._recover_own_pending)
             self.ready.set()
             await self._read_loop(stop)
-            self._stopping.set()
             await self._drain()
         finally:
             inner_stop.set()
@@ -244,6 +242,7 @@ class RedisWorker:
                     await task
             for task in list(self._handlers):
                 task.cancel()
+            self.scheduler.abort()
             await self._forget_self()
             with contextlib.suppress(BackendError):
                 await self.janitor.release_lease_key(self._name_key, self._token)
@@ -258,7 +257,7 @@ class RedisWorker:
             self._slots_changed.clear()
             # Runs waiting for their task's limit do not hold up runs of other tasks,
             # but at most ``concurrency`` of them are held, so a worker never hoards.
-            busy = sum(1 for held in self.active.values() if not held.waiting)
+            busy = len(self.active) - len(self.scheduler.pending)
             free = min(
                 self.options.concurrency - busy,
                 2 * self.options.concurrency - len(self.active),
@@ -318,7 +317,10 @@ class RedisWorker:
             attempt = 1
         held = _Active(entry_id, run_id, attempt)
         self.active[entry_id] = held
-        task = asyncio.create_task(self._handle(held), name=f"run-{run_id}")
+        self._track(self._settle(held, self._handle_entry(held)), name=f"run-{run_id}")
+
+    def _track(self, work: Coroutine[Any, Any, None], *, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
@@ -328,91 +330,68 @@ class RedisWorker:
             held.control.cancel(reason)
 
     async def _drain(self) -> None:
-        """Stop: let running tasks finish within the grace period, then cancel them."""
-        if not self._handlers:
+        """Stop: hand back what waits for a slot, let running runs finish within the grace
+        period, then cancel them (the scheduler's graceful stop)."""
+        for job in self.scheduler.stop_taking():
+            held = self.active[job.key]
+            self._track(self._settle(held, self._hand_back(held)), name=f"hand-back-{held.run_id}")
+        if not self._handlers and not self.scheduler.running:
             return
         log.info(
             "worker %s stopping: waiting up to %gs for %d run(s)",
             self.name,
             self.options.shutdown_grace,
-            len(self._handlers),
+            len(self._handlers) + len(self.scheduler.running),
         )
-        _done, pending = await asyncio.wait(
-            set(self._handlers), timeout=self.options.shutdown_grace
+        await self.scheduler.drain(
+            self.options.shutdown_grace,
+            f"worker {self.name} shut down before the run finished",
+            also=set(self._handlers),
         )
-        if pending:
-            self.cancel_all(f"worker {self.name} shut down before the run finished")
-            # Each child gets SIGTERM, then SIGKILL after its task's grace; then the
-            # outcome is stored. Past that bound, cancel the handlers themselves (the
-            # executor still records ``cancelled``, best effort).
-            longest = max((t.grace for t in self.registry), default=0.0)
-            _done, pending = await asyncio.wait(pending, timeout=longest + DRAIN_MARGIN)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
 
     # -- one entry -------------------------------------------------------------
 
-    async def _handle(self, held: _Active) -> None:
+    async def _settle(self, held: _Active, work: Awaitable[bool | None]) -> None:
+        """Do ``work`` for a held entry, logging failures; then forget the entry, unless
+        ``work`` returned True (it was handed to the scheduler, which now holds it)."""
+        kept = False
         try:
-            await self._handle_entry(held)
+            kept = bool(await work)
         except RunstreamError as exc:
             # The entry stays pending: the janitor (or our restart) settles it later.
             log.error("worker %s: run %s: %s", self.name, held.run_id, exc)
         except Exception:
             log.exception("worker %s: run %s failed unexpectedly", self.name, held.run_id)
         finally:
-            self.active.pop(held.entry_id, None)
-            self._slots_changed.set()
+            if not kept:
+                self.active.pop(held.entry_id, None)
+                self._slots_changed.set()
 
-    async def _handle_entry(self, held: _Active) -> None:
+    async def _handle_entry(self, held: _Active) -> bool:
+        """Ack an entry with nothing to run; submit a runnable one. True if submitted."""
         try:
             record = await self.store.get(held.run_id)
         except RunNotFound:
             await self.janitor.ack(held.entry_id)
-            return
+            return False
         if record.status != "queued":
             # A duplicate entry (the run was taken through another one), or a run that
             # was cancelled before it started: nothing to do here. (Not closing the
             # stream: its owner may be between storing the outcome and closing it.)
             await self.janitor.ack(held.entry_id)
-            return
-        limit = self.registry.get(record.task).concurrency if record.task in self.registry else None
-        if limit is None:
-            await self._claim_and_run(held, record)
-            return
-        slot = self._task_slots.get(record.task)
-        if slot is None:
-            slot = self._task_slots[record.task] = asyncio.Semaphore(limit)
-        if not slot.locked():
-            await slot.acquire()  # free: returns at once, no other handler runs in between
-        else:
-            held.waiting = True
-            self._slots_changed.set()
-            try:
-                acquired = await self._acquire_unless_stopping(slot)
-            finally:
-                held.waiting = False
-            if not acquired:
-                await self._hand_back(held)
-                return
-        try:
-            await self._claim_and_run(held, record)
-        finally:
-            slot.release()
-
-    async def _acquire_unless_stopping(self, slot: asyncio.Semaphore) -> bool:
-        acquire = asyncio.create_task(slot.acquire())
-        stopping = asyncio.create_task(self._stopping.wait())
-        await asyncio.wait({acquire, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if acquire.done() and not acquire.cancelled():
+            return False
+        spec = self.registry.get(record.task) if record.task in self.registry else None
+        job = Job(
+            held.entry_id,
+            record.task,
+            lambda: self._settle(held, self._claim_and_run(held, record)),
+            limit=spec.concurrency if spec is not None else None,
+            grace=spec.grace if spec is not None else 0.0,
+            control=held.control,
+        )
+        if self.scheduler.submit(job):
             return True
-        acquire.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await acquire
-        if acquire.done() and not acquire.cancelled():
-            slot.release()  # acquired in the same instant as the stop; give it back
+        await self._hand_back(held)  # stopping
         return False
 
     async def _hand_back(self, held: _Active) -> None:
@@ -421,7 +400,7 @@ class RedisWorker:
         await self.janitor.ack(held.entry_id)
 
     async def _claim_and_run(self, held: _Active, record: RunRecord) -> None:
-        if self._stopping.is_set():
+        if self.scheduler.stopping:
             await self._hand_back(held)
             return
         lease_key = self.keys.lease(record.id)
