@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
 from typing import cast
 
 from runstream.backends.base import EventLog
+from runstream.backends.redis_errors import translated
+from runstream.core.backoff import RECONNECT, BackoffState, GiveUp
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
@@ -33,7 +36,6 @@ from runstream.runs.redis_queue import (
 )
 from runstream.runs.store_redis import (
     RedisRunStore,
-    redis_errors_translated,
 )
 from runstream.runs.tasks import TaskRegistry
 
@@ -44,8 +46,6 @@ log = logging.getLogger("runstream.runs.redis_dispatch")
 JANITOR_IDLE_FACTOR = 1.2
 """XAUTOCLAIM min-idle = ``lease × 1.2``: above the lease, so a claimable entry's lease is gone."""
 JANITOR_INTERVAL_FACTOR = 0.25
-RECONNECT_MIN = 0.05
-RECONNECT_MAX = 2.0
 
 
 _RELEASE_LEASE = """
@@ -103,7 +103,7 @@ class Janitor:
         settled = 0
         start = "0-0"
         while True:
-            with redis_errors_translated("janitor XAUTOCLAIM"):
+            with translated("janitor XAUTOCLAIM"):
                 reply = await self.store.redis.xautoclaim(
                     self.keys.queue,
                     GROUP,
@@ -125,14 +125,14 @@ class Janitor:
 
     async def deliveries(self, entry_id: str) -> int:
         """How many times the entry was delivered (its dead-letter signal)."""
-        with redis_errors_translated("janitor XPENDING"):
+        with translated("janitor XPENDING"):
             rows = await self.store.redis.xpending_range(
                 self.keys.queue, GROUP, min=entry_id, max=entry_id, count=1
             )
         return int(rows[0]["times_delivered"]) if rows else 1
 
     async def _count(self, name: str, n: int = 1) -> None:
-        with contextlib.suppress(BackendError), redis_errors_translated("stats"):
+        with contextlib.suppress(BackendError), translated("stats"):
             await self.store.redis.hincrby(stats_key(self.keys), name, n)
 
     async def ack(self, entry_id: str) -> None:
@@ -142,32 +142,31 @@ class Janitor:
         for up to one lease; if Redis stays away longer the entry remains pending
         and a janitor acknowledges it later (the run is already settled).
         """
-        delay = RECONNECT_MIN
-        deadline = time.monotonic() + self.lease
+        backoff = BackoffState(dataclasses.replace(RECONNECT, max_elapsed=self.lease))
         while True:
             try:
-                with redis_errors_translated("XACK"):
+                with translated("XACK"):
                     async with self.store.redis.pipeline(transaction=True) as pipe:
                         pipe.xack(self.keys.queue, GROUP, entry_id)
                         pipe.xdel(self.keys.queue, entry_id)
                         await pipe.execute()
                 return
-            except BackendUnavailable:
-                if time.monotonic() + delay > deadline:
+            except BackendUnavailable as exc:
+                decision = backoff.on_failure(str(exc), time.monotonic())
+                if isinstance(decision, GiveUp):
                     raise
-            await asyncio.sleep(delay)  # backoff while Redis is unreachable
-            delay = min(delay * 2, RECONNECT_MAX)
+            await asyncio.sleep(decision.delay)  # backoff while Redis is unreachable
 
     async def release_lease(self, run_id: str, holder: str) -> None:
         """Delete the run's lease if (and only if) ``holder`` holds it."""
         await self.release_lease_key(self.keys.lease(run_id), holder)
 
     async def release_lease_key(self, key: str, holder: str) -> None:
-        with redis_errors_translated("release lease"):
+        with translated("release lease"):
             await self._release(keys=[key], args=[holder])
 
     async def lease_holder(self, run_id: str) -> str | None:
-        with redis_errors_translated("read lease"):
+        with translated("read lease"):
             holder = await self.store.redis.get(self.keys.lease(run_id))
         return None if holder is None else str(holder)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
+from runstream.backends.redis_errors import translated
 from runstream.errors import (
     BackendError,
 )
@@ -20,7 +21,6 @@ from runstream.runs.model import RunRecord
 from runstream.runs.store_redis import (
     RedisRunKeys,
     RedisRunStore,
-    redis_errors_translated,
 )
 
 __all__ = [
@@ -92,7 +92,7 @@ class RedisRunQueue:
         ``running`` first runs it, the other entry is only acknowledged.
         """
         await self.ensure_group()
-        with redis_errors_translated("enqueue run"):
+        with translated("enqueue run"):
             entry = await self.store.redis.xadd(
                 self.keys.queue, {"run": run_id, "attempt": str(attempt)}
             )
@@ -113,7 +113,7 @@ class RedisRunQueue:
     async def stats(self) -> QueueStats:
         """Queue depth and the cluster-wide janitor counters (for ``/metrics``)."""
         redis = self.store.redis
-        with redis_errors_translated("queue stats"):
+        with translated("queue stats"):
             async with redis.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.queue)
                 pipe.xpending(self.keys.queue, GROUP)
@@ -131,7 +131,7 @@ class RedisRunQueue:
 
 
 async def ensure_group(redis: aioredis.Redis, keys: RedisRunKeys) -> None:
-    with redis_errors_translated("create consumer group"):
+    with translated("create consumer group"):
         try:
             await redis.xgroup_create(keys.queue, GROUP, id="0", mkstream=True)
         except redis_errors.ResponseError as exc:

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
 
 from runstream.backends.base import EventLog
+from runstream.backends.redis_errors import translated
+from runstream.backends.redis_pubsub import RedisListener, listen_client_like, target
+from runstream.core.backoff import RECONNECT, BackoffState
 from runstream.errors import (
     BackendError,
     ConfigError,
@@ -44,7 +46,6 @@ from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.store_redis import (
     NO_MAINT_NOTIFICATIONS,
     RedisRunStore,
-    redis_errors_translated,
 )
 from runstream.runs.tasks import TaskRegistry
 
@@ -56,8 +57,6 @@ HEARTBEAT_FACTOR = 1 / 3
 """Heartbeat every ``lease/3``: two heartbeats may be missed before the lease expires."""
 READ_BLOCK_SECONDS = 0.5
 """How long one XREADGROUP waits; also bounds how late a stop request is noticed."""
-RECONNECT_MIN = 0.05
-RECONNECT_MAX = 2.0
 
 
 _CLAIM_NAME = """
@@ -113,6 +112,12 @@ class WorkerOptions:
     @property
     def lease_ms(self) -> int:
         return max(round(self.lease * 1000), 100)
+
+
+async def _wait(stop: asyncio.Event, delay: float) -> None:
+    """Sleep ``delay`` seconds, or less if ``stop`` is set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), delay)
 
 
 def _entries(reply: Any) -> list[tuple[str, dict[str, str] | None]]:
@@ -186,7 +191,7 @@ class RedisWorker:
         self._reader = aioredis.Redis(
             connection_pool=aioredis.BlockingConnectionPool(
                 connection_class=store.redis.connection_pool.connection_class,
-                max_connections=2,
+                max_connections=1,
                 maint_notifications_config=NO_MAINT_NOTIFICATIONS,
                 **{
                     **store.redis.connection_pool.connection_kwargs,
@@ -220,7 +225,7 @@ class RedisWorker:
         inner_stop = asyncio.Event()
         helpers = [
             asyncio.create_task(self._heartbeat(inner_stop), name="runstream-heartbeat"),
-            asyncio.create_task(self._listen_cancels(inner_stop), name="runstream-cancels"),
+            asyncio.create_task(self._cancel_notices(), name="runstream-cancels"),
         ]
         if self.options.janitor:
             helpers.append(asyncio.create_task(self.janitor.run(inner_stop), name="janitor"))
@@ -250,7 +255,7 @@ class RedisWorker:
             await self._reader.connection_pool.aclose()
 
     async def _read_loop(self, stop: asyncio.Event) -> None:
-        delay = RECONNECT_MIN
+        backoff = BackoffState(RECONNECT)
         await self._retry_until(stop, self.queue.ensure_group)
         while not stop.is_set():
             # Cleared before counting, so a change made after the count wakes the wait.
@@ -266,7 +271,7 @@ class RedisWorker:
                 await self._wait_for_slot(stop)
                 continue
             try:
-                with redis_errors_translated("XREADGROUP"):
+                with translated("XREADGROUP"):
                     reply = await self._reader.xreadgroup(
                         GROUP,
                         self.name,
@@ -279,25 +284,21 @@ class RedisWorker:
                     await self._retry_until(stop, self.queue.recreate_group)
                     continue
                 log.warning("worker %s: cannot read the queue (%s); retrying", self.name, exc)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
-                delay = min(delay * 2, RECONNECT_MAX)
+                await _wait(stop, backoff.retry_after(str(exc), time.monotonic()))
                 continue
-            delay = RECONNECT_MIN
+            backoff.on_success()
             for entry_id, fields in _entries(reply):
                 self._spawn(entry_id, fields or {})
 
     async def _retry_until(self, stop: asyncio.Event, op: Callable[[], Awaitable[None]]) -> None:
-        delay = RECONNECT_MIN
+        backoff = BackoffState(RECONNECT)
         while not stop.is_set():
             try:
                 await op()
                 return
             except BackendError as exc:
                 log.warning("worker %s: redis not ready (%s); retrying", self.name, exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+                await _wait(stop, backoff.retry_after(str(exc), time.monotonic()))
 
     async def _wait_for_slot(self, stop: asyncio.Event) -> None:
         """Until a held entry finishes or starts waiting for its task's slot, or ``stop``."""
@@ -404,7 +405,7 @@ class RedisWorker:
             await self._hand_back(held)
             return
         lease_key = self.keys.lease(record.id)
-        with redis_errors_translated("take lease"):
+        with translated("take lease"):
             got = await self.store.redis.set(
                 lease_key, self.name, nx=True, px=self.options.lease_ms
             )
@@ -498,7 +499,7 @@ class RedisWorker:
 
     async def _refresh_name(self, replace: str = "") -> str:
         """Hold the name for one more lease; returns "" or the other holder's token."""
-        with redis_errors_translated("claim worker name"):
+        with translated("claim worker name"):
             holder = await self._claim_name_script(
                 keys=[self._name_key], args=[self._token, self.options.lease_ms, replace]
             )
@@ -533,7 +534,7 @@ class RedisWorker:
         await self.queue.ensure_group()
         start = "0"
         while True:
-            with redis_errors_translated("XREADGROUP own pending"):
+            with translated("XREADGROUP own pending"):
                 reply = await self._reader.xreadgroup(
                     GROUP, self.name, {self.keys.queue: start}, count=CLAIM_BATCH
                 )
@@ -552,7 +553,7 @@ class RedisWorker:
 
     async def _forget_self(self) -> None:
         """On a clean stop, remove this consumer from the group if it holds nothing."""
-        with contextlib.suppress(BackendError), redis_errors_translated("delete consumer"):
+        with contextlib.suppress(BackendError), translated("delete consumer"):
             rows = await self.store.redis.xpending_range(
                 self.keys.queue, GROUP, min="-", max="+", count=1, consumername=self.name
             )
@@ -584,7 +585,7 @@ class RedisWorker:
         """Renew leases, keep entries fresh, and re-check each run's cancel flag and owner."""
         redis = self.store.redis
         state_at: list[int] = []
-        with redis_errors_translated("heartbeat"):
+        with translated("heartbeat"):
             async with redis.pipeline(transaction=False) as pipe:
                 for item in held:
                     if item.running:
@@ -619,37 +620,36 @@ class RedisWorker:
         )
         item.control.cancel(f"worker {self.name} lost its claim on the run")
 
-    async def _listen_cancels(self, stop: asyncio.Event) -> None:
-        """Turn cancel notices into cancellations, after checking the flag (the truth)."""
-        delay = RECONNECT_MIN
-        while not stop.is_set():
-            pubsub = self._reader.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.keys.cancel_channel)
-                delay = RECONNECT_MIN
-                # Notices sent while we were not subscribed are lost: re-check every flag.
-                await self._check_flags(list(self.active.values()))
-                while not stop.is_set():
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=READ_BLOCK_SECONDS
+    async def _cancel_notices(self) -> None:
+        """Turn cancel notices into cancellations, after checking the flag (the truth).
+
+        The notices come through the process's shared pub/sub listener; the checks
+        run here, off its read loop. Runs until cancelled.
+        """
+        notices: asyncio.Queue[str | None] = asyncio.Queue()  # a run id, or None: all
+        listener = RedisListener.shared(target(self.store.url), self._listen_client)
+        subscription = listener.subscribe(
+            self.keys.cancel_channel,
+            on_message=notices.put_nowait,
+            # Notices sent while we were not subscribed are lost: re-check every flag.
+            on_ready=lambda: notices.put_nowait(None),
+        )
+        try:
+            while True:
+                run_id = await notices.get()
+                held = list(self.active.values())
+                try:
+                    await self._check_flags(
+                        held if run_id is None else [a for a in held if a.run_id == run_id]
                     )
-                    conn = pubsub.connection
-                    if conn is None or not conn.is_connected:
-                        # redis-py reports a closed link as "no message": reconnect.
-                        raise redis_errors.ConnectionError("pub/sub connection closed")
-                    if message is None or message.get("type") != "message":
-                        continue
-                    run_id = str(message["data"])
-                    targets = [a for a in self.active.values() if a.run_id == run_id]
-                    await self._check_flags(targets)
-            except (redis_errors.RedisError, OSError, BackendError) as exc:
-                log.warning("worker %s: cancel notices unavailable (%s)", self.name, exc)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
-            delay = min(delay * 2, RECONNECT_MAX)
+                except BackendError as exc:
+                    # The heartbeat re-reads every flag within a third of a lease anyway.
+                    log.warning("worker %s: cancel flags unreadable (%s)", self.name, exc)
+        finally:
+            await subscription.aclose()
+
+    def _listen_client(self) -> aioredis.Redis:
+        return listen_client_like(self.store.redis)
 
     async def _check_flags(self, held: list[_Active]) -> None:
         for item in held:
