@@ -407,6 +407,23 @@ async def test_python_exception_fails_the_run_with_its_traceback(
     assert err[-1] == "RuntimeError: bad input"
 
 
+async def test_an_exception_text_utf8_cannot_hold_still_fails_the_run_cleanly(
+    log: EventLog, store: RunStore
+) -> None:
+    async def broken(ctx: RunContext) -> None:
+        raise FileNotFoundError("no such file: b'\udcff.txt'")
+
+    task = TaskSpec.build("broken", callable=broken)
+    final = await execute_run(await submit(store, log, task), task, log, store)
+    expected = "FileNotFoundError: no such file: b'\ufffd.txt'"
+    assert (final.status, final.error) == ("failed", expected)
+    assert (await store.get(final.id)).error == expected
+    evs = await events(log, final.id)
+    assert lines(evs, "stderr")[-1] == expected
+    assert evs[-2].data["error"] == expected
+    assert (await log.info(final.id)).close_reason == expected
+
+
 async def test_reserved_event_type_fails_the_python_run(log: EventLog, store: RunStore) -> None:
     async def cheat(ctx: RunContext) -> None:
         await ctx.emit("status", {"status": "succeeded"})

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from runstream.backends.redis import RedisEventLog
 from runstream.core.model import END_TYPE, Event, NewEvent
@@ -29,7 +30,7 @@ from runstream.runs.redis_dispatch import (
 )
 from runstream.runs.store_redis import RedisRunStore
 from runstream.runs.tasks import TaskRegistry
-from tests.conftest import RedisServer
+from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -448,6 +449,30 @@ async def test_a_run_cancelled_while_queued_is_skipped(
         await wait_until(lambda: queue_empty(queue))
         assert worker.completed == 0
     assert (await store.get(record.id)).status == "cancelled"
+
+
+async def test_an_ack_waits_out_a_failover_instead_of_giving_up(
+    private_redis: RedisServer,
+) -> None:
+    url = f"{private_redis.url}?prefix=t{uuid.uuid4().hex[:8]}"
+    store = RedisRunStore.from_url(url)
+    admin = aioredis.Redis.from_url(private_redis.url)
+    try:
+        async with RedisEventLog.from_url(url) as log:
+            entry = await RedisRunQueue(store).enqueue("run-x")
+            await store.redis.xreadgroup(GROUP, "w", {store.keys.queue: ">"}, count=1)
+            janitor = Janitor(store, log, consumer="w", lease=10)
+            # The primary is demoted (READONLY) while the worker acknowledges its entry.
+            await admin.execute_command("REPLICAOF", "127.0.0.1", str(free_port()))
+            ack = asyncio.create_task(janitor.ack(entry))
+            await asyncio.sleep(0.5)  # time for several refused attempts; nothing to await
+            assert not ack.done()
+            await admin.execute_command("REPLICAOF", "NO", "ONE")
+            await asyncio.wait_for(ack, 10)
+            assert (await store.redis.xpending(store.keys.queue, GROUP))["pending"] == 0
+    finally:
+        await admin.aclose()
+        await store.aclose()
 
 
 async def test_janitor_alone_settles_stale_entries(

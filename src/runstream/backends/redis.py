@@ -13,8 +13,9 @@ keys of one stream live in one Cluster slot)::
 Every write is one Lua script (see :mod:`._redis_lua`): appending, closing,
 trimming and deleting are atomic and a batch is one round trip.
 
-Followers: each process holds ONE pub/sub connection (subscribed once, to
-``P:wake``) and a small bounded pool for commands. Wake-ups fan out in memory
+Followers: each process holds ONE pub/sub connection per Redis server (the
+listener of :mod:`.redis_pubsub`, shared with the workers' cancel notices;
+this log subscribes ``P:wake``) and a small bounded pool for commands. Wake-ups fan out in memory
 through :attr:`notifier`; concurrent identical reads of a stream are merged
 into one request, so a thousand local followers of one stream cost one read
 per wake-up, not a thousand, and never more connections than the pool holds.
@@ -31,14 +32,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-import redis.exceptions as redis_errors
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -46,6 +46,15 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends import _redis_lua as lua
 from runstream.backends.base import EventLog, events_from_rows
+from runstream.backends.redis_errors import translated
+from runstream.backends.redis_pubsub import (
+    LISTEN_HEALTH_SECONDS,
+    RedisListener,
+    Subscription,
+    listen_client_like,
+    target,
+)
+from runstream.core.backoff import RECONNECT, BackoffState
 from runstream.core.model import (
     AppendResult,
     EncodedEvents,
@@ -80,16 +89,10 @@ DEFAULT_MAX_CONNECTIONS = 16
 DEFAULT_POOL_TIMEOUT = 10.0
 DEFAULT_SOCKET_TIMEOUT = 5.0
 DEFAULT_CONNECT_TIMEOUT = 2.0
-RETRY_MIN_SECONDS = 0.05
-RETRY_MAX_SECONDS = 2.0
 FOLLOW_RECOVERY_WAIT = 10.0
 """Longest a follower waits for the wake-up reader to reconnect before probing Redis itself."""
-LISTEN_POLL_SECONDS = 1.0
-"""How long the pub/sub reader waits for a message before checking its state again."""
 INFO_MANY_CHUNK = 100
 """Streams per pipelined request in :meth:`RedisEventLog.info_many`."""
-LISTEN_HEALTH_SECONDS = 10
-"""Idle time after which the pub/sub connection is checked with a PING."""
 
 _ReadResult = tuple[StreamInfo, tuple[Event, ...]]
 _ReadKey = tuple[int, int, int | None]
@@ -172,20 +175,6 @@ def parse_url(url: str) -> tuple[str, RedisOptions]:
     return urlunsplit(parts._replace(query=urlencode(rest))), RedisOptions(**values)
 
 
-@contextlib.contextmanager
-def _translated(what: str) -> Iterator[None]:
-    """Turn redis-py (and socket) failures into runstream errors, keeping the cause."""
-    try:
-        yield
-    except (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError) as exc:
-        raise BackendUnavailable(f"redis unreachable during {what}: {exc}") from exc
-    except redis_errors.ReadOnlyError as exc:
-        # A replica, typically mid-failover: retrying against the new primary will work.
-        raise BackendUnavailable(f"redis is read-only during {what}: {exc}") from exc
-    except redis_errors.RedisError as exc:
-        raise BackendError(f"redis failed during {what}: {exc}") from exc
-
-
 def _as_info(name: str, meta: dict[str, str]) -> StreamInfo:
     def opt_float(key: str) -> float | None:
         value = meta.get(key)
@@ -237,36 +226,23 @@ class RedisEventLog(EventLog):
             # on each pooled connection would fail. We need the check more than the hints.
             "maint_notifications_config": MaintNotificationsConfig(enabled=False),
         }
+        self._url = url
+        self._cluster_kwargs: dict[str, Any] = {}
         self._redis: aioredis.Redis | RedisCluster
-        self._listen_client: aioredis.Redis | RedisCluster
         self._pool: aioredis.BlockingConnectionPool | None = None
         try:
             if opts.cluster:
                 # Cluster pools raise instead of waiting when full: the semaphore below
                 # does the waiting. No retries, as above (MOVED/ASK are still followed).
-                cluster_kwargs = {**common, "retry": Retry(NoBackoff(), 0)}
+                self._cluster_kwargs = {**common, "retry": Retry(NoBackoff(), 0)}
                 self._redis = RedisCluster.from_url(
-                    url, max_connections=opts.max_connections, **cluster_kwargs
-                )
-                self._listen_client = RedisCluster.from_url(
-                    url,
-                    max_connections=2,
-                    **{**cluster_kwargs, "health_check_interval": LISTEN_HEALTH_SECONDS},
+                    url, max_connections=opts.max_connections, **self._cluster_kwargs
                 )
             else:
                 self._pool = aioredis.BlockingConnectionPool.from_url(
                     url, max_connections=opts.max_connections, timeout=opts.pool_timeout, **common
                 )
                 self._redis = aioredis.Redis(connection_pool=self._pool)
-                # redis-py PINGs a quiet subscription this often (replies filtered out), so
-                # a dead link surfaces as an error instead of silence.
-                listen_pool = aioredis.BlockingConnectionPool.from_url(
-                    url,
-                    max_connections=1,
-                    timeout=opts.pool_timeout,
-                    **{**common, "health_check_interval": LISTEN_HEALTH_SECONDS},
-                )
-                self._listen_client = aioredis.Redis(connection_pool=listen_pool)
         except ValueError as exc:
             raise ConfigError(f"invalid redis URL: {exc}") from exc
         # At most this many commands in flight per process, whatever the client type.
@@ -278,8 +254,9 @@ class RedisEventLog(EventLog):
         self._delete_script = self._redis.register_script(lua.DELETE)
         self._trim_script = self._redis.register_script(lua.TRIM)
         self._read_script = self._redis.register_script(lua.READ)
-        self._listener: asyncio.Task[None] | None = None
+        self._wakeups: Subscription | None = None
         self._listening = asyncio.Event()
+        """Set while the wake-up channel is subscribed (see :mod:`.redis_pubsub`)."""
         self._closed = False
         # Reads in flight that a new caller may join: stream -> (after, limit, max_bytes) -> task.
         self._shared: dict[str, dict[_ReadKey, asyncio.Task[_ReadResult]]] = {}
@@ -319,7 +296,7 @@ class RedisEventLog(EventLog):
         else:
             await self._slots.acquire()
         try:
-            with _translated(what):
+            with translated(what):
                 if not self._ready:
                     await self._prepare()
                 yield
@@ -359,15 +336,12 @@ class RedisEventLog(EventLog):
         if self._closed:
             return
         self._closed = True
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+        wakeups, self._wakeups = self._wakeups, None
+        if wakeups is not None:
+            await wakeups.aclose()
         # Followers blocked on a wake-up read again, find the backend closed and end.
         self.notifier.notify_all()
         await self._redis.aclose()
-        await self._listen_client.aclose()
         if self._pool is not None:
             await self._pool.aclose()
 
@@ -382,10 +356,34 @@ class RedisEventLog(EventLog):
     # -- wake-ups ------------------------------------------------------------
 
     def _ensure_listener(self) -> None:
-        if self._listener is None and not self._closed:
-            self._listener = asyncio.get_running_loop().create_task(
-                self._listen(), name="runstream-redis-wakeups"
+        if self._wakeups is None and not self._closed:
+            listener = RedisListener.shared(
+                target(self._url, cluster=self.options.cluster), self._listen_client
             )
+            self._wakeups = listener.subscribe(
+                self._channel,
+                on_message=self._wake,
+                on_ready=self._on_listening,
+                on_lost=self._on_not_listening,
+            )
+
+    def _listen_client(self) -> aioredis.Redis | RedisCluster:
+        """A client for the process's pub/sub listener of this server (one connection)."""
+        if not isinstance(self._redis, RedisCluster):
+            return listen_client_like(self._redis)
+        kwargs = {**self._cluster_kwargs, "health_check_interval": LISTEN_HEALTH_SECONDS}
+        return RedisCluster.from_url(self._url, max_connections=2, **kwargs)
+
+    def _on_listening(self) -> None:
+        # Anything appended while we were not subscribed was not announced: have every
+        # follower look again.
+        self._listening.set()
+        self._wake_all()
+
+    def _on_not_listening(self) -> None:
+        # Followers find out about the outage on their next read and back off.
+        self._listening.clear()
+        self._wake_all()
 
     def _wake(self, stream: str) -> None:
         # Something changed: reads already in flight may predate it, so later callers
@@ -396,54 +394,6 @@ class RedisEventLog(EventLog):
     def _wake_all(self) -> None:
         self._shared.clear()
         self.notifier.notify_all()
-
-    async def _listen(self) -> None:
-        """Keep one pub/sub subscription alive and turn its messages into local wake-ups."""
-        delay = RETRY_MIN_SECONDS
-        client = self._listen_client
-        while not self._closed:
-            pubsub: PubSub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                if isinstance(client, RedisCluster):
-                    await client.initialize()  # pub/sub needs the slot map loaded
-                await pubsub.subscribe(self._channel)
-                # Anything appended while we were not subscribed was not announced:
-                # have every follower look again.
-                self._listening.set()
-                self._wake_all()
-                delay = RETRY_MIN_SECONDS
-                me = asyncio.current_task()
-                while True:
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=LISTEN_POLL_SECONDS
-                    )
-                    if self._closed or (me is not None and me.cancelling()):
-                        # redis-py may swallow our cancellation inside its read.
-                        raise asyncio.CancelledError
-                    conn = pubsub.connection
-                    if conn is None or not conn.is_connected:
-                        # redis-py reports a closed socket as "no message" and drops it.
-                        raise redis_errors.ConnectionError("pub/sub connection closed")
-                    if message is not None and message.get("type") == "message":
-                        self._wake(str(message["data"]))
-            except Exception as exc:  # this task must outlive any failure
-                if self._closed:
-                    # redis-py can turn our cancellation into its own TimeoutError.
-                    return
-                if self._listening.is_set():
-                    log.warning(
-                        "redis wake-up subscription lost (%s: %s); retrying",
-                        type(exc).__name__,
-                        exc,
-                    )
-                self._listening.clear()
-                # Followers find out about the outage on their next read and back off.
-                self._wake_all()
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
-            await asyncio.sleep(delay)  # backoff between reconnect attempts
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
 
     # -- primitives ----------------------------------------------------------
 
@@ -707,7 +657,7 @@ class RedisEventLog(EventLog):
                 position = Position(position.offset, info.epoch)
         offset, epoch = position.offset, position.epoch
         resumed = False
-        delay = RETRY_MIN_SECONDS
+        backoff = BackoffState(RECONNECT)
         while True:
             try:
                 async for item in super()._follow(stream, Position(offset, epoch)):
@@ -715,19 +665,20 @@ class RedisEventLog(EventLog):
                         offset, epoch = item.after, item.epoch
                     else:
                         offset = item.id
-                    delay = RETRY_MIN_SECONDS
+                    backoff.on_success()
                     yield item
                 return
             except StreamNotFound as exc:
                 if resumed and not isinstance(exc, StreamDeleted):
                     raise StreamDeleted(stream) from exc
                 raise
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
                 if self._closed:
                     raise
                 resumed = True
+                delay = backoff.retry_after(str(exc), time.monotonic())
+            # Only the except clause above gets here.
             await asyncio.sleep(delay)  # backoff while Redis is unreachable
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
             if not self._listening.is_set():
                 # The wake-up reader retries the connection for the whole process; rather
                 # than every follower probing a dead server, wait until it gets through

@@ -181,8 +181,8 @@ def run(
 async def _run_local(
     argv: list[str], url: str, run_timeout: float | None, grace: float, quiet: bool
 ) -> int:
-    from runstream.core.model import NewEvent
     from runstream.runs.executor import RunControl, execute_run
+    from runstream.runs.lifecycle import Lifecycle
     from runstream.runs.model import new_run_id
 
     spec = _LiteralCommand(name=COMMAND_TASK, command=tuple(argv), grace=grace, inherit_env=True)
@@ -233,8 +233,7 @@ async def _run_local(
     try:
         with on_interrupt(on_sigint):
             async with local_runs(url) as (store, log):
-                await store.create(record)
-                await log.append(record.id, NewEvent("status", {"status": "queued", "attempt": 1}))
+                await Lifecycle(store, log).create(record)
                 if not quiet:
                     console.print(f"{record.id}", style="dim", highlight=False)
                 follower = asyncio.create_task(_show(log.follow(record.id), renderer))

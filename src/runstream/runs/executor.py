@@ -47,7 +47,7 @@ from runstream.errors import IllegalTransition, RunstreamError
 from runstream.runner.lines import DEFAULT_MAX_LINE, OutputLine, encode_runs
 from runstream.runner.process import DEFAULT_FLUSH_INTERVAL, ProcessResult, Sink, run_process
 from runstream.runs.context import RunContext
-from runstream.runs.lifecycle import RunStatus
+from runstream.runs.lifecycle import EffectFailed, Lifecycle, RunStatus, storable_text
 from runstream.runs.model import RunRecord
 from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskSpec
@@ -69,9 +69,6 @@ APPEND_CHUNK = 1000
 
 CANCEL_POLL = 0.5
 """Seconds between checks of the store's cancel flag while a run executes."""
-
-MAX_REASON = 1000
-"""Close reasons are limited to this many characters by the EventLog."""
 
 RUN_ID_ENV = "RUNSTREAM_RUN_ID"
 """Environment variable holding the run id in every command a run starts."""
@@ -214,15 +211,10 @@ async def execute_run(
     cancelled (the child is killed and the run recorded as ``cancelled``
     first, best effort).
     """
-    worker = worker or new_worker_id()
-    control = control or RunControl()
-    try:
-        running = await store.transition(
-            record.id, "running", expect=("queued",), worker=worker, started_at=time.time()
-        )
-    except IllegalTransition:
-        return await store.get(record.id)
-    return await _Execution(running, task, log, store, worker, control).run(
+    execution = _Execution(
+        record, task, Lifecycle(store, log), worker or new_worker_id(), control or RunControl()
+    )
+    return await execution.run(
         cancel_poll=cancel_poll, max_line=max_line, flush_interval=flush_interval
     )
 
@@ -232,15 +224,13 @@ class _Execution:
         self,
         record: RunRecord,
         task: TaskSpec,
-        log: EventLog,
-        store: RunStore,
+        lifecycle: Lifecycle,
         worker: str,
         control: RunControl,
     ) -> None:
         self.record = record
         self.task = task
-        self.log = log
-        self.store = store
+        self.lifecycle, self.log, self.store = lifecycle, lifecycle.log, lifecycle.store
         self.worker = worker
         self.control = control
         self.stop = asyncio.Event()
@@ -249,28 +239,25 @@ class _Execution:
         self.timeout = record.timeout if record.timeout is not None else task.timeout
 
     async def run(self, *, cancel_poll: float, max_line: int, flush_interval: float) -> RunRecord:
-        record = self.record
-        watcher = asyncio.create_task(self._watch_cancel(cancel_poll))
         started = time.monotonic()
         try:
+            outcome = await self._start()
+        except IllegalTransition:
+            return await self.store.get(self.record.id)
+        except asyncio.CancelledError:
+            # The move may be stored: record it cancelled (fenced, so a no-op if it was not).
+            await self._finish_cancelled(started)
+            raise
+        watcher = asyncio.create_task(self._watch_cancel(cancel_poll))
+        try:
             try:
-                await self.log.append(
-                    record.id,
-                    NewEvent(
-                        "status",
-                        {"status": "running", "attempt": record.attempt, "worker": self.worker},
-                    ),
-                )
-                if self.task.command is not None:
-                    outcome = await self._run_command(max_line, flush_interval)
-                else:
-                    outcome = await self._run_python()
+                if outcome is None:
+                    if self.task.command is not None:
+                        outcome = await self._run_command(max_line, flush_interval)
+                    else:
+                        outcome = await self._run_python()
             except asyncio.CancelledError:
-                self.control.cancel("the worker executing the run was stopped")
-                with contextlib.suppress(BaseException):
-                    await asyncio.shield(
-                        self._finish(_Outcome("cancelled", error=self.control.reason), started)
-                    )
+                await self._finish_cancelled(started)
                 raise
             except RunstreamError as exc:
                 # The log or store failed under the run (e.g. the backend went away).
@@ -280,6 +267,19 @@ class _Execution:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    async def _start(self) -> _Outcome | None:
+        """``queued → running``; a ``failed`` outcome if the stream refused the status event
+        (then the output could not be recorded either: the task is not started)."""
+        fields: dict[str, Any] = {"worker": self.worker, "started_at": time.time()}
+        try:
+            self.record = await self.lifecycle.advance(
+                self.record.id, "queued", "running", strict=True, **fields
+            )
+        except EffectFailed as exc:
+            self.record = exc.record
+            return _Outcome("failed", error=f"run could not be recorded: {exc.__cause__}")
+        return None
 
     # -- stopping ---------------------------------------------------------------
 
@@ -399,7 +399,8 @@ class _Execution:
         await ctx.emit("result", value)
 
     async def _python_failure(self, exc: BaseException) -> _Outcome:
-        text = "".join(traceback.format_exception(exc)).rstrip("\n")
+        # A message may hold what UTF-8 cannot (e.g. a surrogate-escaped file name).
+        text = storable_text("".join(traceback.format_exception(exc)).rstrip("\n"))
         lines = [NewEvent("stderr", {"line": line, "level": "error"}) for line in text.split("\n")]
         with contextlib.suppress(RunstreamError):
             for i in range(0, len(lines), APPEND_CHUNK):
@@ -409,14 +410,25 @@ class _Execution:
 
     # -- the end ------------------------------------------------------------------------
 
+    async def _finish_cancelled(self, started: float) -> None:
+        self.control.cancel("the worker executing the run was stopped")
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(
+                self._finish(_Outcome("cancelled", error=self.control.reason), started)
+            )
+
     async def _finish(self, outcome: _Outcome, started: float) -> RunRecord:
         record = self.record
+        extra: dict[str, Any] = {"duration": round(time.monotonic() - started, 3)}
+        if outcome.signal is not None:
+            extra["signal"] = outcome.signal
         try:
-            final = await self.store.transition(
+            return await self.lifecycle.advance(
                 record.id,
+                "running",
                 outcome.status,
-                expect=("running",),
                 match={"worker": self.worker, "attempt": record.attempt},
+                event=extra,
                 exit_code=outcome.exit_code,
                 error=outcome.error,
                 finished_at=time.time(),
@@ -425,17 +437,3 @@ class _Execution:
             # Someone else decided this attempt's fate (e.g. it was declared lost):
             # theirs stands, and closing the stream is theirs to do.
             return await self.store.get(record.id)
-        data: dict[str, Any] = {"status": final.status, "attempt": final.attempt}
-        if outcome.exit_code is not None:
-            data["exit_code"] = outcome.exit_code
-        if outcome.signal is not None:
-            data["signal"] = outcome.signal
-        if outcome.error is not None:
-            data["error"] = outcome.error
-        data["duration"] = round(time.monotonic() - started, 3)
-        with contextlib.suppress(RunstreamError):
-            await self.log.append(record.id, NewEvent("status", data))
-        reason = outcome.error[:MAX_REASON] if outcome.error else None
-        with contextlib.suppress(RunstreamError):
-            await self.log.close(record.id, final.status, reason)
-        return final

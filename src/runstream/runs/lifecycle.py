@@ -1,25 +1,67 @@
-"""Every run status change, in one table.
+"""Every run status change and its effects, in one module.
 
-The runner, the dispatchers, the HTTP API and the janitor all go through
-:func:`check_transition`; an illegal move raises :class:`IllegalTransition`
-instead of silently overwriting a final status.
+The table (:data:`TRANSITIONS`) says which moves exist; :class:`Lifecycle`
+makes them. The runner, the dispatchers, the HTTP API and the janitors all go
+through :meth:`Lifecycle.advance`; no other module writes a ``status`` event
+or closes a run's stream.
 
 ::
 
     queued ──► running ──► succeeded | failed | cancelled | timed_out | lost
        │                                                             │
        └──► cancelled                       lost ──► queued (retry, if the task allows)
+
+One move (:meth:`Lifecycle.advance`), in order:
+
+1. the move is looked up in the table: an illegal one raises
+   :class:`~runstream.errors.IllegalTransition` before any I/O;
+2. the store's compare-and-set from ``current`` (and ``match``, the fence on
+   worker and attempt); a refused move raises ``IllegalTransition`` and has
+   no effects;
+3. the ``status`` event (:func:`status_event`) is appended to the run's stream;
+4. if the run is now terminal, the stream is closed with the status (the
+   error, cut to :data:`MAX_REASON`, as reason). A ``lost`` run is closed by
+   :meth:`Lifecycle.settle_lost`, and only if no retry follows.
+
+Steps 3 and 4 happen after the record changed, and the record is the truth:
+their failures are logged and the move stands (a finished run's stream left
+open is closed later by :meth:`Lifecycle.close_finished`, which the hub's end
+check and the Redis janitor call). With ``strict=True`` both effects are
+still attempted, then :class:`EffectFailed` (carrying the moved record) is
+raised: for a caller that must not go on as if they had happened.
 """
 
 from __future__ import annotations
 
-from typing import Literal, TypeAlias
+import logging
+import re
+from collections.abc import Coroutine, Iterable, Mapping
+from typing import Any, Protocol
 
-from runstream.errors import IllegalTransition
+from runstream.backends.base import EventLog
+from runstream.core.model import NewEvent
+from runstream.errors import BackendError, IllegalTransition, RunstreamError
+from runstream.runs.model import RunRecord, RunStatus
 
-RunStatus: TypeAlias = Literal[
-    "queued", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"
+__all__ = [
+    "ALL_STATUSES",
+    "FINISHED",
+    "MAX_REASON",
+    "TERMINAL",
+    "TRANSITIONS",
+    "EffectFailed",
+    "Lifecycle",
+    "RunStatus",
+    "can_transition",
+    "check_transition",
+    "close_reason",
+    "is_status",
+    "status_event",
+    "storable_text",
+    "wants_retry",
 ]
+
+log = logging.getLogger("runstream.runs")
 
 ALL_STATUSES: tuple[RunStatus, ...] = (
     "queued",
@@ -50,6 +92,14 @@ terminal status, and with ``lost`` only when no retry follows: a retried run
 keeps its stream open and appends ``lost`` then ``queued`` (``{"retry": true}``)
 status events before the next attempt's output."""
 
+MAX_REASON = 1000
+"""Close reasons are limited to this many characters by the EventLog."""
+
+_EVENT_ORDER = ("status", "attempt", "worker", "retry", "exit_code", "signal", "error", "duration")
+"""Key order of a status event's data (its JSON is part of what followers see)."""
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
 
 def is_status(value: str) -> bool:
     return value in TRANSITIONS
@@ -66,3 +116,206 @@ def check_transition(run_id: str, current: RunStatus, new: RunStatus) -> None:
         raise IllegalTransition(
             f"run {run_id}: cannot go from {current!r} to {new!r}; allowed: {allowed}"
         )
+
+
+# -- decisions (no I/O) -------------------------------------------------------------
+
+
+def storable_text(text: str) -> str:
+    """``text`` with every code point UTF-8 cannot hold (a lone surrogate) replaced by U+FFFD.
+
+    Exception messages may carry them (e.g. a file name decoded with
+    ``surrogateescape``); the run stores and the event log refuse them.
+    """
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def status_event(
+    record: RunRecord, *, before: RunStatus | None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The data of the ``status`` event announcing ``record`` (just moved from ``before``).
+
+    Always ``status`` and ``attempt``; ``worker`` for ``running``; ``"retry":
+    true`` for a ``lost → queued`` retry; ``exit_code`` and ``error`` when the
+    record has them. ``extra`` adds what the store does not keep (the
+    executor's ``signal`` and ``duration``); it cannot override those keys.
+    """
+    data: dict[str, Any] = {"status": record.status, "attempt": record.attempt}
+    if record.status == "running":
+        data["worker"] = record.worker
+    elif record.status == "queued":
+        if before == "lost":
+            data["retry"] = True
+    else:
+        if record.exit_code is not None:
+            data["exit_code"] = record.exit_code
+        if record.error is not None:
+            data["error"] = record.error
+    for key, value in (extra or {}).items():
+        if key in data or key in ("status", "attempt", "worker", "retry"):
+            raise ValueError(f"status event key {key!r} comes from the record")
+        data[key] = value
+    rank = {key: i for i, key in enumerate(_EVENT_ORDER)}
+    return {key: data[key] for key in sorted(data, key=lambda k: rank.get(k, len(rank)))}
+
+
+def close_reason(record: RunRecord) -> str | None:
+    """The reason a finished run's stream is closed with: its error, cut to :data:`MAX_REASON`."""
+    return record.error[:MAX_REASON] if record.error else None
+
+
+def wants_retry(record: RunRecord, retries: int) -> bool:
+    """Whether a ``lost`` run gets another attempt: attempts left and no cancel requested."""
+    return record.status == "lost" and record.attempt <= retries and not record.cancel_requested
+
+
+# -- effects ---------------------------------------------------------------------------
+
+
+class EffectFailed(BackendError):
+    """The move is stored, but its status event or the stream close failed (``strict``).
+
+    ``record`` is the record as moved; ``__cause__`` is the first failure.
+    """
+
+    def __init__(self, record: RunRecord, what: str, cause: RunstreamError) -> None:
+        super().__init__(f"run {record.id} is {record.status}, but {what} failed: {cause}")
+        self.record = record
+
+
+class RunRecords(Protocol):
+    """What :class:`Lifecycle` needs of a :class:`~runstream.runs.store.RunStore`."""
+
+    async def create(self, record: RunRecord) -> RunRecord: ...
+
+    async def get(self, run_id: str) -> RunRecord: ...
+
+    async def transition(
+        self,
+        run_id: str,
+        new: RunStatus,
+        *,
+        expect: Iterable[RunStatus] | None = None,
+        match: Mapping[str, Any] | None = None,
+        **fields: Any,
+    ) -> RunRecord: ...
+
+
+class Lifecycle:
+    """Moves runs of one store and writes the effects to one event log. Cheap; share or not."""
+
+    def __init__(self, store: RunRecords, log: EventLog) -> None:
+        self.store = store
+        self.log = log
+
+    async def create(self, record: RunRecord) -> RunRecord:
+        """Store a new ``queued`` run and open its stream with the first ``status`` event.
+
+        Raises what the store or the log raise (the record may then exist
+        without its stream: nothing was dispatched, the caller reports the failure).
+        """
+        await self.store.create(record)
+        await self.log.append(record.id, NewEvent("status", status_event(record, before=None)))
+        return record
+
+    async def advance(
+        self,
+        run_id: str,
+        current: RunStatus,
+        new: RunStatus,
+        *,
+        match: Mapping[str, Any] | None = None,
+        event: Mapping[str, Any] | None = None,
+        strict: bool = False,
+        **fields: Any,
+    ) -> RunRecord:
+        """Move the run ``current → new``, set ``fields``, then write the move's effects.
+
+        ``match`` fences the move (see :meth:`RunStore.transition`); an
+        ``error`` field is made storable (:func:`storable_text`); ``event``
+        adds keys to the status event (see :func:`status_event`). Returns the
+        record as moved.
+
+        Raises :class:`IllegalTransition` if the table forbids the move (before
+        any I/O) or the store refuses it (the run is not ``current``, or
+        ``match`` fails: nothing was written); what the store raises; with
+        ``strict``, :class:`EffectFailed` after the move if an effect failed.
+        After a move to ``lost`` the caller must call :meth:`settle_lost`.
+        """
+        check_transition(run_id, current, new)
+        if isinstance(fields.get("error"), str):
+            fields["error"] = storable_text(fields["error"])
+        record = await self.store.transition(run_id, new, expect=(current,), match=match, **fields)
+        data = status_event(record, before=current, extra=event)
+        failure = await self._effect(record, "its status event", self._append(record, data))
+        if new in TERMINAL:
+            # Closed even if the event failed: followers must learn that the run ended.
+            closing = await self._effect(record, "closing its stream", self._close(record))
+            failure = failure or closing
+        if strict and failure is not None:
+            raise failure
+        return record
+
+    async def settle_lost(
+        self, record: RunRecord, *, retries: int, announce: bool = False
+    ) -> RunRecord:
+        """After ``record`` moved to ``lost``: queue it again, or close its stream.
+
+        If :func:`wants_retry` (``retries`` is the task's; 0 for a task this
+        process does not know or a dead-lettered run), moves it ``lost → queued``
+        with ``attempt + 1`` (fenced on the attempt; the stream stays open) and
+        returns that record: the caller must dispatch it. Otherwise closes the
+        stream with ``lost`` and returns ``record``. ``announce`` first appends
+        the ``lost`` status event again, for a run found ``lost`` whose mover
+        may have died before announcing it.
+        """
+        if announce:
+            data = status_event(record, before="running")
+            await self._effect(record, "its status event", self._append(record, data))
+        if not wants_retry(record, retries):
+            await self._effect(record, "closing its stream", self._close(record))
+            return record
+        try:
+            return await self.advance(
+                record.id,
+                "lost",
+                "queued",
+                match={"attempt": record.attempt},
+                attempt=record.attempt + 1,
+                worker=None,
+                started_at=None,
+                finished_at=None,
+                exit_code=None,
+                error=None,
+            )
+        except IllegalTransition:
+            return await self.store.get(record.id)  # another settler got there first
+
+    async def close_finished(self, record: RunRecord) -> None:
+        """Close the stream of a finished run (idempotent): the repair for a close that was lost.
+
+        Raises what the event log raises.
+        """
+        await self._close(record)
+
+    async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:
+        await self.log.append(record.id, NewEvent("status", data))
+
+    async def _close(self, record: RunRecord) -> None:
+        await self.log.close(record.id, record.status, close_reason(record))
+
+    async def _effect(
+        self, record: RunRecord, what: str, action: Coroutine[Any, Any, None]
+    ) -> EffectFailed | None:
+        try:
+            await action
+        except RunstreamError as exc:
+            log.warning("run %s is %s, but %s failed: %s", record.id, record.status, what, exc)
+            failure = EffectFailed(record, what, exc)
+            failure.__cause__ = exc
+            return failure
+        return None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeAlias
 
 from runstream.core.model import rfc3339
-from runstream.runs.lifecycle import RunStatus
+
+RunStatus: TypeAlias = Literal[
+    "queued", "running", "succeeded", "failed", "cancelled", "timed_out", "lost"
+]
+"""A run's status; the moves between them are in :mod:`runstream.runs.lifecycle`."""
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 

@@ -32,30 +32,26 @@ import os
 import signal
 import socket
 import time
-from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from runstream.backends.base import EventLog
-from runstream.core.model import NewEvent, StreamInfo
+from runstream.core.model import StreamInfo
 from runstream.errors import (
     ConfigError,
     IllegalTransition,
     RunNotFound,
     RunstreamError,
-    TaskNotFound,
 )
 from runstream.runs.executor import (
     CANCEL_POLL,
-    MAX_REASON,
     RUN_ID_ENV,
-    RunControl,
     execute_run,
     new_worker_id,
 )
-from runstream.runs.lifecycle import FINISHED, TERMINAL, RunStatus
+from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RunRecord, new_run_id
+from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
 
@@ -66,7 +62,6 @@ __all__ = [
     "LocalWorkerPool",
     "RunService",
     "kill_orphans",
-    "settle_lost",
     "worker_alive",
 ]
 
@@ -172,63 +167,6 @@ def _same_host(worker: str | None) -> bool:
     return bool(worker) and str(worker).partition(":")[0] == socket.gethostname()
 
 
-async def _append_status(log_: EventLog, run_id: str, data: dict[str, Any]) -> None:
-    try:
-        await log_.append(run_id, NewEvent("status", data))
-    except RunstreamError as exc:
-        log.warning("run %s: could not record status %s: %s", run_id, data.get("status"), exc)
-
-
-async def _close_stream(log_: EventLog, record: RunRecord) -> None:
-    reason = record.error[:MAX_REASON] if record.error else None
-    try:
-        await log_.close(record.id, record.status, reason)
-    except RunstreamError as exc:
-        log.warning("run %s: could not close its stream: %s", record.id, exc)
-
-
-async def settle_lost(
-    record: RunRecord,
-    task: TaskSpec | None,
-    store: RunStore,
-    log_: EventLog,
-) -> RunRecord:
-    """After ``record`` was moved to ``lost``: retry it or end its stream.
-
-    Appends ``status`` ``lost``; then, if ``task`` allows another attempt
-    (``attempt <= retries``) and no cancel was requested, moves the run back
-    to ``queued`` with ``attempt + 1`` and appends ``status`` ``queued`` (the
-    stream stays open for the next attempt; the caller must dispatch the
-    returned run). Otherwise closes the stream with ``lost``.
-    """
-    lost_data: dict[str, Any] = {"status": "lost", "attempt": record.attempt}
-    if record.error:
-        lost_data["error"] = record.error
-    await _append_status(log_, record.id, lost_data)
-    retries = task.retries if task is not None else 0
-    if record.attempt <= retries and not record.cancel_requested:
-        try:
-            queued = await store.transition(
-                record.id,
-                "queued",
-                expect=("lost",),
-                attempt=record.attempt + 1,
-                worker=None,
-                started_at=None,
-                finished_at=None,
-                exit_code=None,
-                error=None,
-            )
-        except IllegalTransition:
-            return await store.get(record.id)
-        await _append_status(
-            log_, record.id, {"status": "queued", "attempt": queued.attempt, "retry": True}
-        )
-        return queued
-    await _close_stream(log_, record)
-    return record
-
-
 class RunService:
     """Create, read, list and cancel runs. One per server; share it between requests."""
 
@@ -248,6 +186,7 @@ class RunService:
         self.dispatcher = dispatcher
         self.end_check_guard = end_check_guard
         self.metrics = metrics
+        self.lifecycle = Lifecycle(store, log)
 
     def tasks(self) -> list[TaskSpec]:
         return list(self.registry)
@@ -275,12 +214,9 @@ class RunService:
             created_at=time.time(),
             timeout=effective_timeout,
         )
-        await self.store.create(record)
+        await self.lifecycle.create(record)
         if self.metrics is not None:
             self.metrics.created.labels(spec.name).inc()
-        await self.log.append(
-            record.id, NewEvent("status", {"status": "queued", "attempt": record.attempt})
-        )
         if self.dispatcher is not None:
             await self.dispatcher.submit(record)
         return record
@@ -309,24 +245,16 @@ class RunService:
         record = await self.store.get(run_id)
         if record.status == "queued":
             try:
-                record = await self.store.transition(
+                return await self.lifecycle.advance(
                     run_id,
+                    "queued",
                     "cancelled",
-                    expect=("queued",),
                     cancel_requested=True,
                     error="cancelled before it started",
                     finished_at=time.time(),
                 )
             except IllegalTransition:
                 record = await self.store.get(run_id)  # it started meanwhile
-            else:
-                await _append_status(
-                    self.log,
-                    run_id,
-                    {"status": "cancelled", "attempt": record.attempt, "error": record.error},
-                )
-                await _close_stream(self.log, record)
-                return record
         if record.status in TERMINAL:
             return record
         record = await self.store.request_cancel(run_id)
@@ -355,19 +283,10 @@ class RunService:
         if time.time() - finished < self.end_check_guard:
             return None
         try:
-            await self.log.close(
-                record.id, record.status, (record.error or "")[:MAX_REASON] or None
-            )
+            await self.lifecycle.close_finished(record)
         except RunstreamError:
             return f"run {record.status}"
         return None
-
-
-@dataclass(slots=True)
-class _Active:
-    task: TaskSpec
-    control: RunControl
-    job: asyncio.Task[None] | None = None
 
 
 class LocalWorkerPool:
@@ -375,6 +294,7 @@ class LocalWorkerPool:
 
     Use ``await pool.start()`` then ``await pool.shutdown()``; it is the
     :class:`Dispatcher` of a :class:`RunService` (``service.dispatcher = pool``).
+    The limits and the graceful stop are the :class:`~runstream.runs.scheduler.Scheduler`'s.
     """
 
     def __init__(
@@ -395,25 +315,26 @@ class LocalWorkerPool:
         self.registry = registry
         self.store = store
         self.log = log
+        self.lifecycle = Lifecycle(store, log)
         self.workers = workers
         self.worker_id = worker_id or new_worker_id()
         self.shutdown_grace = shutdown_grace
         self.rescan_interval = rescan_interval
         self.cancel_poll = cancel_poll
         self.metrics = metrics
+        self.scheduler = self._new_scheduler()
         if metrics is not None:
-            metrics.track_pool(lambda: float(len(self._active)), lambda: float(len(self._pending)))
-        self._pending: dict[str, str] = {}  # run id -> task name, in submission order
-        self._active: dict[str, _Active] = {}
-        self._per_task: Counter[str] = Counter()
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._scheduler: asyncio.Task[None] | None = None
-        self._stopping = False
+            metrics.track_pool(
+                lambda: float(len(self.scheduler.running)),
+                lambda: float(len(self.scheduler.pending)),
+            )
+        self._rescanner: asyncio.Task[None] | None = None
         self._skipped: set[str] = set()
         self.lost_marked = 0
         self.executed = 0
+
+    def _new_scheduler(self) -> Scheduler:
+        return Scheduler(self.workers, name="runstream-run")
 
     # -- Dispatcher -----------------------------------------------------------------
 
@@ -421,37 +342,37 @@ class LocalWorkerPool:
         self._enqueue(record.id, record.task)
 
     async def cancel(self, record: RunRecord) -> None:
-        active = self._active.get(record.id)
-        if active is not None:
-            active.control.cancel()
+        if record.id in self.scheduler.running:
+            self.scheduler.cancel(record.id)
 
     # -- state ----------------------------------------------------------------------
 
     @property
     def running(self) -> list[str]:
         """Ids of the runs executing now."""
-        return list(self._active)
+        return self.scheduler.running
 
     @property
     def pending(self) -> list[str]:
         """Ids of the runs waiting for a free slot, in order."""
-        return list(self._pending)
+        return self.scheduler.pending
 
     def running_of(self, task: str) -> int:
-        return self._per_task[task]
+        return self.scheduler.running_of(task)
 
     # -- lifecycle ------------------------------------------------------------------
 
     async def start(self) -> None:
         """Recover runs a dead process left ``running``, queue the ``queued`` ones, start."""
-        if self._scheduler is not None:
+        if self._rescanner is not None:
             return
         _LIVE_WORKERS.add(self.worker_id)
-        self._stopping = False
+        if self.scheduler.stopping:
+            self.scheduler = self._new_scheduler()
         await self.recover()
         await self._scan_queued()
-        self._scheduler = asyncio.get_running_loop().create_task(
-            self._schedule(), name=f"runstream-pool:{self.worker_id}"
+        self._rescanner = asyncio.get_running_loop().create_task(
+            self._rescan(), name=f"runstream-pool:{self.worker_id}"
         )
 
     async def shutdown(self, grace: float | None = None) -> None:
@@ -461,29 +382,13 @@ class LocalWorkerPool:
         Returns when every run this pool started has been recorded.
         """
         grace = self.shutdown_grace if grace is None else grace
-        self._stopping = True
-        self._wake.set()
-        if self._scheduler is not None:
-            self._scheduler.cancel()
+        self.scheduler.stop_taking()
+        if self._rescanner is not None:
+            self._rescanner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._scheduler
-            self._scheduler = None
-        self._pending.clear()
-        if not self._active:
-            self._idle.set()
-        jobs = [a.job for a in self._active.values() if a.job is not None]
-        if jobs:
-            _, left = await asyncio.wait(jobs, timeout=grace)
-            if left:
-                longest = 0.0
-                for active in list(self._active.values()):
-                    active.control.cancel("cancelled: the worker is shutting down")
-                    longest = max(longest, active.task.grace)
-                # SIGTERM → grace → SIGKILL, plus time to record the outcome.
-                _, left = await asyncio.wait(left, timeout=longest + 10.0)
-                for job in left:
-                    job.cancel()
-                await asyncio.gather(*left, return_exceptions=True)
+                await self._rescanner
+            self._rescanner = None
+        await self.scheduler.drain(grace, "cancelled: the worker is shutting down")
         _LIVE_WORKERS.discard(self.worker_id)
 
     # -- recovery -------------------------------------------------------------------
@@ -495,10 +400,10 @@ class LocalWorkerPool:
             if worker_alive(record.worker):
                 continue
             try:
-                lost = await self.store.transition(
+                lost = await self.lifecycle.advance(
                     record.id,
+                    "running",
                     "lost",
-                    expect=("running",),
                     match={"worker": record.worker, "attempt": record.attempt},
                     error=f"worker {record.worker} is gone",
                     finished_at=time.time(),
@@ -511,8 +416,8 @@ class LocalWorkerPool:
                 if killed:
                     log.warning("run %s: killed %d process group(s) its dead worker left",
                                 lost.id, killed)  # fmt: skip
-            task = self.registry.get(lost.task) if lost.task in self.registry else None
-            settled = await settle_lost(lost, task, self.store, self.log)
+            retries = self.registry.get(lost.task).retries if lost.task in self.registry else 0
+            settled = await self.lifecycle.settle_lost(lost, retries=retries)
             if self.metrics is not None:
                 self.metrics.lost.inc()
                 if settled.status == "queued":
@@ -538,64 +443,40 @@ class LocalWorkerPool:
 
     # -- scheduling -----------------------------------------------------------------
 
-    def _enqueue(self, run_id: str, task: str) -> None:
-        if self._stopping or run_id in self._pending or run_id in self._active:
+    def _enqueue(self, run_id: str, task_name: str) -> None:
+        if self.scheduler.stopping or run_id in self.scheduler:
             return
-        if task not in self.registry:
+        if task_name not in self.registry:
             if run_id not in self._skipped:
                 self._skipped.add(run_id)
                 log.warning("run %s is of task %r, which this server does not declare; "
-                            "leaving it queued", run_id, task)  # fmt: skip
+                            "leaving it queued", run_id, task_name)  # fmt: skip
             return
-        self._pending[run_id] = task
-        self._idle.clear()
-        self._wake.set()
+        task = self.registry.get(task_name)
+        job = Job(run_id, task.name, lambda: self._execute(job, task), task.concurrency, task.grace)
+        self.scheduler.submit(job)
 
-    async def _schedule(self) -> None:
-        last_scan = time.monotonic()
-        while not self._stopping:
-            self._launch_ready()
-            timeout = max(0.0, last_scan + self.rescan_interval - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
-            self._wake.clear()
-            if time.monotonic() - last_scan >= self.rescan_interval:
-                last_scan = time.monotonic()
-                try:
-                    await self._scan_queued()
-                except RunstreamError as exc:
-                    log.warning("scan for queued runs failed: %s", exc)
-
-    def _launch_ready(self) -> None:
-        for run_id, task_name in list(self._pending.items()):
-            if len(self._active) >= self.workers:
-                return
+    async def _rescan(self) -> None:
+        """Queue runs that other processes created, every ``rescan_interval`` seconds."""
+        while True:
+            await asyncio.sleep(self.rescan_interval)
             try:
-                task = self.registry.get(task_name)
-            except TaskNotFound:
-                del self._pending[run_id]
-                continue
-            if task.concurrency is not None and self._per_task[task_name] >= task.concurrency:
-                continue
-            del self._pending[run_id]
-            active = _Active(task, RunControl())
-            self._active[run_id] = active
-            self._per_task[task_name] += 1
-            active.job = asyncio.get_running_loop().create_task(
-                self._execute(run_id, active), name=f"runstream-run:{run_id}"
-            )
+                await self._scan_queued()
+            except RunstreamError as exc:
+                log.warning("scan for queued runs failed: %s", exc)
 
-    async def _execute(self, run_id: str, active: _Active) -> None:
+    async def _execute(self, job: Job, task: TaskSpec) -> None:
+        run_id = job.key
         try:
             record = await self.store.get(run_id)
             if record.status == "queued":
                 final = await execute_run(
                     record,
-                    active.task,
+                    task,
                     self.log,
                     self.store,
                     worker=self.worker_id,
-                    control=active.control,
+                    control=job.control,
                     cancel_poll=self.cancel_poll,
                 )
                 self.executed += 1
@@ -605,13 +486,7 @@ class LocalWorkerPool:
             log.error("run %s could not be executed: %s", run_id, exc)
         except Exception:
             log.exception("run %s: executor failed", run_id)
-        finally:
-            del self._active[run_id]
-            self._per_task[active.task.name] -= 1
-            if not self._active and not self._pending:
-                self._idle.set()
-            self._wake.set()
 
     async def wait_idle(self) -> None:
         """Return once nothing is pending or running (for tests and embedding)."""
-        await self._idle.wait()
+        await self.scheduler.wait_idle()

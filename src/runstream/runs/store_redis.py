@@ -30,7 +30,7 @@ import redis.asyncio as aioredis
 from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends.redis import RedisOptions, parse_url
-from runstream.backends.redis import _translated as redis_errors_translated
+from runstream.backends.redis_errors import translated
 from runstream.errors import (
     BackendError,
     ConfigError,
@@ -50,7 +50,7 @@ from runstream.runs.store import (
     encode_cursor,
 )
 
-__all__ = ["RedisRunKeys", "RedisRunStore", "redis_errors_translated"]
+__all__ = ["RedisRunKeys", "RedisRunStore"]
 
 NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 """redis-py 8 turns maintenance notifications on ("auto") for RESP3, and with them on
@@ -198,6 +198,7 @@ class RedisRunStore(RunStore):
                 "Redis, a primary behind Sentinel, or a Cluster-aware proxy"
             )
         self.keys = RedisRunKeys(self.options.prefix)
+        self.url = url  # what redis-py connects to; the process's pub/sub listener is keyed by it
         try:
             self._pool = aioredis.BlockingConnectionPool.from_url(
                 url,
@@ -227,7 +228,7 @@ class RedisRunStore(RunStore):
         return cls(connect_url, options)
 
     async def start(self) -> None:
-        with redis_errors_translated("PING"):
+        with translated("PING"):
             await self.redis.ping()
 
     async def aclose(self) -> None:
@@ -237,7 +238,7 @@ class RedisRunStore(RunStore):
     async def create(self, record: RunRecord) -> RunRecord:
         check_new_record(record)
         args = [item for pair in _encode(record).items() for item in pair]
-        with redis_errors_translated("create run"):
+        with translated("create run"):
             created = await self._create(keys=[self.keys.run(record.id)], args=args)
             if not created:
                 raise ValidationError(f"run {record.id} already exists", field="id")
@@ -247,7 +248,7 @@ class RedisRunStore(RunStore):
         return record
 
     async def get(self, run_id: str) -> RunRecord:
-        with redis_errors_translated("get run"):
+        with translated("get run"):
             flat = cast(dict[str, str], await self.redis.hgetall(self.keys.run(run_id)))
         if not flat:
             raise RunNotFound(f"run {run_id!r} does not exist")
@@ -270,7 +271,7 @@ class RedisRunStore(RunStore):
             args.extend((name, _encode_value(name, value)))
         for name, value in fields.items():
             args.extend((name, _encode_value(name, value)))
-        with redis_errors_translated("transition run"):
+        with translated("transition run"):
             reply = await self._transition(keys=[self.keys.run(run_id)], args=args)
         kind = reply[0]
         if kind == "missing":
@@ -290,7 +291,7 @@ class RedisRunStore(RunStore):
         return _decode(run_id, reply[1])
 
     async def request_cancel(self, run_id: str) -> RunRecord:
-        with redis_errors_translated("request cancel"):
+        with translated("request cancel"):
             reply = await self._cancel(
                 keys=[self.keys.run(run_id)], args=[self.keys.cancel_channel, run_id]
             )
@@ -321,7 +322,7 @@ class RedisRunStore(RunStore):
         last: tuple[float, str] = (0.0, "")
         batch = max(LIST_SCAN_BATCH, limit + 1)
         while True:
-            with redis_errors_translated("list runs"):
+            with translated("list runs"):
                 entries = cast(
                     list[tuple[str, float]],
                     await self.redis.zrevrangebyscore(
@@ -358,7 +359,7 @@ class RedisRunStore(RunStore):
 
         ``status`` is None if the run does not exist.
         """
-        with redis_errors_translated("read run state"):
+        with translated("read run state"):
             values = cast(
                 list[str | None],
                 await self.redis.hmget(
