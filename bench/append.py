@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from runstream.backends import EventLog, open_backend
-from runstream.backends.sqlite import _INSERT_EVENT, _SCHEMA, SQLiteEventLog, _base
+from runstream.backends.sqlite.log import SQLiteEventLog
+from runstream.backends.sqlite.sql import _INSERT_EVENT, _SCHEMA, _base
 from runstream.core.model import NewEvent, now
 
 PAYLOAD = "x" * 100

@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import append as common  # bench/append.py: shared helpers, generic benches
 
-from runstream.backends.redis import RedisEventLog
+from runstream.backends.redis.log import RedisEventLog
 from runstream.core.model import NewEvent, now
 
 

@@ -38,12 +38,12 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-from runstream.backends.redis import RedisEventLog
+from runstream.backends.redis.dispatch import RedisRunQueue
+from runstream.backends.redis.log import RedisEventLog
+from runstream.backends.redis.runstore import RedisRunStore
 from runstream.cli.worker import READY_LINE
 from runstream.core.model import Event
-from runstream.runs.redis_dispatch import RedisRunQueue
 from runstream.runs.service import RunService
-from runstream.runs.store_redis import RedisRunStore
 from runstream.runs.tasks import TaskRegistry
 
 PY = sys.executable

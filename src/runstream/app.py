@@ -12,9 +12,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from runstream.config import Settings
-from runstream.runs.http import RunsAPI
 from runstream.server.app import create_app
-from runstream.ui.routes import router as ui_router
+from runstream.server.runs import RunsAPI
+from runstream.server.ui import router as ui_router
 
 __all__ = ["build_app"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runstream.backends.base import _decode_all
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.core.model import EncodedEvents, encode_data
 from runstream.errors import StreamNotFound, ValidationError
 

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from runstream.runs.http import RunsAPI
 from runstream.server.app import create_app
+from runstream.server.runs import RunsAPI
 from tests.server.live import make_settings, serve_in_task
 
 CLI = (sys.executable, "-m", "runstream.cli.main")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from runstream.backends import open_run_store
 from runstream.cli.main import cli as cli_group
 from runstream.runs.model import RunRecord
-from runstream.runs.store import open_run_store
 from tests.cli.conftest import (
     CLI,
     cli,

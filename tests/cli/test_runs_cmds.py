@@ -6,9 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from runstream.backends import open_run_store
 from runstream.cli.runs_cmds import run_details, runs_table
 from runstream.runs.model import RunRecord, new_run_id
-from runstream.runs.store import open_run_store
 from tests.cli.conftest import cli, py, run_id_from
 
 

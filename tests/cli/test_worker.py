@@ -26,14 +26,14 @@ from typing import Any
 import httpx
 import pytest
 
-from runstream.backends.redis import RedisEventLog
+from runstream.backends.redis.dispatch import GROUP, RedisRunQueue
+from runstream.backends.redis.log import RedisEventLog
+from runstream.backends.redis.runstore import RedisRunStore
 from runstream.cli.worker import READY_LINE
 from runstream.config import load_settings
 from runstream.core.model import END_TYPE, Event
 from runstream.runs.model import RunRecord
-from runstream.runs.redis_dispatch import GROUP, RedisRunQueue
 from runstream.runs.service import RunService
-from runstream.runs.store_redis import RedisRunStore
 from runstream.runs.tasks import TaskRegistry
 from tests.conftest import RedisServer, free_port
 from tests.server.live import open_sse
@@ -306,7 +306,7 @@ def test_worker_refuses_a_backend_that_is_not_redis(tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 1
-    assert "needs a redis:// backend" in result.stderr
+    assert "shared run queue, such as redis://" in result.stderr
 
 
 @pytest.mark.timeout(90)
@@ -456,7 +456,7 @@ async def test_a_python_task_from_the_config_runs_in_the_worker_process(
 
 HOLD_ACK = """
 import asyncio, os, sys
-from runstream.runs import redis_dispatch
+from runstream.backends.redis import dispatch as redis_dispatch
 
 async def hold(self, held):
     # The outcome is stored and the stream closed; stop right before XACK.
@@ -503,7 +503,7 @@ async def test_a_kill_between_outcome_and_ack_does_not_run_twice(cluster: Cluste
 SERVER = """
 import asyncio, sys
 from runstream.config import load_settings
-from runstream.runs.http import RunsAPI
+from runstream.server.runs import RunsAPI
 from runstream.server.app import create_app
 from runstream.server.serve import make_server
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.config import ServerSettings, Settings, Token
 from runstream.server.app import create_app
 from runstream.server.serve import Server, make_server
@@ -62,7 +62,7 @@ async def start_server(
     )
     backend = MemoryEventLog()
     if tasks:
-        from runstream.runs.http import RunsAPI
+        from runstream.server.runs import RunsAPI
 
         runs = RunsAPI.from_settings(settings, shutdown_grace=1.0)
         app = create_app(

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from runstream.runs.store import RunStore, open_run_store
+from runstream.backends import open_run_store
+from runstream.runs.store import RunStore
 
 RUN_STORE_ENGINES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 

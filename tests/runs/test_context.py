@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.errors import ValidationError
 from runstream.runs.context import RunContext
 

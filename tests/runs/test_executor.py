@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from runstream.backends.base import EventLog
-from runstream.backends.memory import MemoryEventLog
-from runstream.backends.sqlite import SQLiteEventLog
+from runstream.backends.memory import MemoryRunStore
+from runstream.backends.memory.log import MemoryEventLog
+from runstream.backends.sqlite import SQLiteRunStore
+from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.core.model import END_TYPE, AppendResult, EncodedEvents, Event, NewEvent
 from runstream.errors import BackendError
 from runstream.runner.lines import LineSplitter, OutputBatch, OutputLine
@@ -22,7 +24,6 @@ from runstream.runs.context import RunContext
 from runstream.runs.executor import APPEND_CHUNK, RunControl, execute_run, output_sink
 from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.store import RunStore
-from runstream.runs.store_local import MemoryRunStore, SQLiteRunStore
 from runstream.runs.tasks import TaskSpec
 
 PY = sys.executable

@@ -14,7 +14,7 @@ import pytest
 
 import runstream
 from runstream.backends.base import EventLog
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.errors import IllegalTransition, StreamClosed
 from runstream.runs.lifecycle import (
     ALL_STATUSES,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from runstream.backends import open_backend
+from runstream.backends import open_backend, open_run_store
 from runstream.backends.base import EventLog
 from runstream.core.model import END_TYPE, Event
 from runstream.errors import InvalidParams, RunNotFound, TaskNotFound
@@ -24,7 +24,7 @@ from runstream.runs.context import RunContext
 from runstream.runs.executor import new_worker_id
 from runstream.runs.model import RunRecord
 from runstream.runs.service import LocalWorkerPool, RunService, worker_alive
-from runstream.runs.store import RunStore, open_run_store
+from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry
 
 PY = sys.executable
@@ -306,7 +306,7 @@ DEAD_WORKER = textwrap.dedent(
     import asyncio, sys
     from runstream.backends import open_backend
     from runstream.runs.service import LocalWorkerPool, RunService
-    from runstream.runs.store import open_run_store
+    from runstream.backends import open_run_store
     from runstream.runs.tasks import TaskRegistry
 
     SLOW = (

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.config import Settings, load_settings
 from runstream.core.model import NewEvent
 from runstream.protocol.sse import SSEDecoder

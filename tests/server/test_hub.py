@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
-from runstream.backends.memory import MemoryEventLog
+from runstream.backends.memory.log import MemoryEventLog
 from runstream.core.model import Event, NewEvent, Reset, StreamInfo
 from runstream.errors import TooManySubscribers
 from runstream.protocol.cursor import Position

@@ -129,10 +129,10 @@ async def _tour(
     backend: str, port: int | None, once: bool, steps: int, delay: float, console: Console
 ) -> int:
     from runstream.config import Settings
-    from runstream.runs.http import RunsAPI
     from runstream.server.app import create_app
+    from runstream.server.runs import RunsAPI
     from runstream.server.serve import Server, make_server
-    from runstream.ui.routes import router as ui_router
+    from runstream.server.ui import router as ui_router
 
     sock = _listen(port)
     bound = sock.getsockname()[1]

@@ -21,7 +21,6 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import urlsplit
 
 import click
 from rich.console import Console
@@ -108,13 +107,11 @@ def resolve_backend(backend: str | None) -> str:
     return backend or os.environ.get("RUNSTREAM_BACKEND") or DEFAULT_BACKEND_URL
 
 
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a ``sqlite:///`` URL (``None`` for other schemes)."""
-    if urlsplit(url).scheme.lower() != "sqlite":
-        return None
-    from runstream.backends.sqlite import SQLiteEventLog
+def local_file(url: str) -> Path | None:
+    """The file a local backend URL keeps its runs in (``None`` for other engines)."""
+    from runstream.backends import engine_for
 
-    return Path(SQLiteEventLog.from_url(url).path)
+    return engine_for(url).local_file(url)
 
 
 @contextlib.asynccontextmanager
@@ -125,10 +122,9 @@ async def local_runs(url: str, *, create: bool = True) -> AsyncIterator[tuple[Ru
     created: :class:`RunNotFound` is raised instead (nothing was ever
     recorded there).
     """
-    from runstream.backends import open_backend
-    from runstream.runs.store import open_run_store
+    from runstream.backends import open_backend, open_run_store
 
-    path = sqlite_path(url)
+    path = local_file(url)
     if not create and path is not None and not path.exists():
         raise RunNotFound(f"no runs recorded yet: {path} does not exist")
     store = open_run_store(url)

@@ -3,7 +3,7 @@
 The worker reads the same ``runstream.toml`` as the API servers (only its
 ``[tasks.*]`` and ``[server] backend`` matter here), takes runs from the Redis
 queue, holds a lease on each while it runs, and settles runs of workers that
-died (see :mod:`runstream.runs.redis_dispatch`).
+died (see :mod:`runstream.backends.redis.dispatch`).
 
 Python tasks (``callable = "pkg.module:fn"``) are imported from the working
 directory (and the usual ``sys.path``).
@@ -23,18 +23,15 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import click
 
+from runstream.backends import engine_for
+from runstream.backends.engine import Engine, WorkerSpec
 from runstream.config import load_settings
 from runstream.errors import BackendError, ConfigError, RunstreamError
 from runstream.redact import mask_secrets
-
-if TYPE_CHECKING:
-    from runstream.runs.redis_dispatch import WorkerOptions
-    from runstream.runs.tasks import TaskRegistry
+from runstream.runs.tasks import TaskRegistry
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_SHUTDOWN_GRACE = 30.0
@@ -102,25 +99,15 @@ def worker(
     try:
         settings = load_settings(config_path, backend=backend)
         url = settings.server.backend
-        if urlsplit(url).scheme.lower() not in ("redis", "rediss"):
+        engine = engine_for(url)
+        if engine.new_worker is None:
             raise ConfigError(
-                f"runstream worker needs a redis:// backend (got {mask_secrets(url)!r}); with "
-                "SQLite or memory, runs execute inside `runstream serve` (--workers N)"
+                f"runstream worker needs a backend with a shared run queue, such as redis:// "
+                f"(got {mask_secrets(url)!r}); with {engine.name}, runs execute inside "
+                "`runstream serve` (--workers N)"
             )
-        from runstream.runs.redis_dispatch import (
-            DEFAULT_LEASE,
-            WorkerOptions,
-            default_worker_name,
-        )
-        from runstream.runs.tasks import TaskRegistry
-
         registry = TaskRegistry.from_config(settings.tasks)
-        options = WorkerOptions(
-            concurrency=concurrency,
-            lease=DEFAULT_LEASE if lease is None else lease,
-            shutdown_grace=grace,
-            name=name or default_worker_name(),
-        )
+        spec = WorkerSpec(concurrency=concurrency, shutdown_grace=grace, name=name, lease=lease)
     except RunstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     logging.basicConfig(
@@ -135,30 +122,27 @@ def worker(
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        asyncio.run(_work(url, registry, options))
+        asyncio.run(_work(url, engine, registry, spec))
     except RunstreamError as exc:
         raise click.ClickException(str(exc)) from exc
 
 
-async def _work(url: str, registry: TaskRegistry, options: WorkerOptions) -> None:
-    from runstream.backends.redis import RedisEventLog
-    from runstream.runs.redis_dispatch import RedisWorker
-    from runstream.runs.store_redis import RedisRunStore
-
-    store = RedisRunStore.from_url(url)
-    log = RedisEventLog.from_url(url)
+async def _work(url: str, engine: Engine, registry: TaskRegistry, spec: WorkerSpec) -> None:
+    assert engine.new_worker is not None
+    store = engine.open_run_store(url)
+    log = engine.open_log(url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    runner = RedisWorker(store, log, registry, options=options)
+    runner = engine.new_worker(store, log, registry, spec)
 
     def on_signal(signum: int) -> None:
         if stop.is_set():
-            runner.cancel_all(f"worker {options.name} was asked to stop again")
+            runner.cancel_all(f"worker {runner.name} was asked to stop again")
             return
         logging.getLogger("runstream.worker").info(
             "%s received: no new runs; running ones get %gs",
             signal.Signals(signum).name,
-            options.shutdown_grace,
+            spec.shutdown_grace,
         )
         stop.set()
 
@@ -169,8 +153,7 @@ async def _work(url: str, registry: TaskRegistry, options: WorkerOptions) -> Non
         await runner.ready.wait()
         tasks = ", ".join(registry.names()) or "none"
         click.echo(
-            READY_LINE.format(name=options.name)
-            + f" (tasks: {tasks}; concurrency {options.concurrency}; lease {options.lease:g}s)",
+            READY_LINE.format(name=runner.name) + f" (tasks: {tasks}; {runner.describe()})",
             err=True,
         )
 

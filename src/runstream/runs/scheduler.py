@@ -2,7 +2,7 @@
 
 :class:`Scheduler` is shared by the in-process pool
 (:class:`~runstream.runs.service.LocalWorkerPool`) and the Redis worker
-(:class:`~runstream.runs.redis_worker.RedisWorker`); what feeds it differs
+(:class:`~runstream.backends.redis.worker.RedisWorker`); what feeds it differs
 (a scan of the store, a Redis consumer group), the rules do not:
 
 * at most ``capacity`` jobs run at once, and at most ``limit`` jobs of one

@@ -9,9 +9,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from runstream.errors import ValidationError
-from runstream.redact import mask_secrets
-from runstream.runs.lifecycle import RunStatus, is_status
+from runstream.errors import IllegalTransition, ValidationError
+from runstream.runs.lifecycle import RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
 
 RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
@@ -149,6 +148,49 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValidationError(f"invalid runs cursor {cursor!r}", field="cursor") from None
 
 
+def apply_transition(
+    record: RunRecord,
+    new: RunStatus,
+    expect: list[RunStatus] | None,
+    match: Mapping[str, Any] | None,
+    fields: Mapping[str, Any],
+) -> RunRecord:
+    """The lifecycle-checked, fenced successor of ``record`` (pure)."""
+    check_transition(record.id, record.status, new)
+    if expect is not None and record.status not in expect:
+        raise IllegalTransition(
+            f"run {record.id}: is {record.status!r}, expected one of {sorted(expect)} "
+            f"to move to {new!r}"
+        )
+    for name, value in (match or {}).items():
+        if getattr(record, name) != value:
+            raise IllegalTransition(
+                f"run {record.id}: not moved to {new!r}; {name} is "
+                f"{getattr(record, name)!r}, not {value!r}"
+            )
+    return dataclasses.replace(record, status=new, **fields)
+
+
+JSON_FIELDS = frozenset({"params", "extra"})
+
+
+def encode_json_field(name: str, value: Any) -> str:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            f"run field {name} is not JSON-serialisable: {exc}", field=name
+        ) from exc
+
+
+def json_copies(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with ``params``/``extra`` replaced by what the other engines would store."""
+    return {
+        name: json.loads(encode_json_field(name, value)) if name in JSON_FIELDS else value
+        for name, value in values.items()
+    }
+
+
 class RunStore(ABC):
     """Durable run records with atomic, lifecycle-checked status changes.
 
@@ -247,37 +289,3 @@ class RunStore(ABC):
         Raises :class:`~runstream.errors.ValidationError` for an unknown status,
         a ``limit`` outside 1..:data:`MAX_LIST_LIMIT` or a malformed cursor.
         """
-
-
-def open_run_store(url: str) -> RunStore:
-    """Create (not start) the RunStore for the backend URL ``url`` (the EventLog's URL).
-
-    ``memory://`` → an in-process store; ``sqlite:///path`` → the ``runs``
-    table of the same database file; ``redis://``/``rediss://`` → the Redis
-    store (needs the ``redis`` extra). Raises :class:`ConfigError` otherwise.
-    """
-    from urllib.parse import urlsplit
-
-    from runstream.errors import ConfigError
-
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        from runstream.runs.store_local import MemoryRunStore
-
-        return MemoryRunStore()
-    if scheme == "sqlite":
-        from runstream.runs.store_local import SQLiteRunStore
-
-        return SQLiteRunStore.from_url(url)
-    if scheme in ("redis", "rediss"):
-        try:
-            from runstream.runs.store_redis import RedisRunStore
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError(
-                "the redis backend needs the 'redis' extra: pip install 'runstream[redis]'"
-            ) from exc
-        return RedisRunStore.from_url(url)
-    raise ConfigError(
-        f"unknown backend URL {mask_secrets(url)!r}: use memory://, sqlite:///path/to/file.db "
-        "or redis://host:port/db"
-    )

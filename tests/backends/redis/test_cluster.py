@@ -24,10 +24,9 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry as AsyncRetry
 
 from runstream.backends import EventLog, open_backend
-from runstream.backends.redis import RedisEventLog
+from runstream.backends.redis.log import RedisEventLog
 from runstream.core.model import Event, NewEvent
-
-from .test_contract import *  # noqa: F403  (the contract tests, collected again here)
+from tests.backends.test_contract import *  # noqa: F403  (the contract tests, collected again here)
 
 pytestmark = pytest.mark.redis
 

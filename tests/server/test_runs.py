@@ -16,9 +16,9 @@ import pytest
 from websockets.asyncio.client import connect
 
 from runstream.config import Token
-from runstream.runs.http import RunsAPI
 from runstream.runs.service import RunService
 from runstream.runs.tasks import TaskRegistry
+from runstream.server.runs import RunsAPI
 from tests.conftest import RedisServer
 from tests.server.conftest import start_server  # noqa: F401 - fixture
 from tests.server.live import LiveServer, SSEReader, StartServer, make_settings, open_sse
@@ -321,7 +321,7 @@ async def test_redis_server_with_workers_runs_and_cancels(
 ) -> None:
     url = f"{redis_server.url}?prefix=t{uuid.uuid4().hex[:12]}"
     live, runs = await serve(start_server, url, workers=1)
-    assert runs.pool is None and runs.redis_worker is not None
+    assert runs.pool is None and runs.queue is not None and runs.queue.worker is not None
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
         ok = (await client.post("/v1/runs", json={"task": "hello"})).json()
         async with open_sse(client, f"/v1/runs/{ok['id']}/events") as sse:
@@ -349,7 +349,7 @@ async def test_redis_server_without_workers_only_queues(
     live = await start_server(
         make_settings(), backend_url=url, routers=[runs.router], on_startup=[runs.startup]
     )
-    assert runs.pool is None and runs.redis_worker is None
+    assert runs.pool is None and runs.queue is not None and runs.queue.worker is None
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as client:
         run = (await client.post("/v1/runs", json={"task": "hello"})).json()
         assert (await client.get(f"/v1/runs/{run['id']}")).json()["status"] == "queued"

@@ -8,8 +8,8 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from runstream.backends.redis import RedisEventLog
-from runstream.backends.redis_errors import translate, translated
+from runstream.backends.redis.errors import translate, translated
+from runstream.backends.redis.log import RedisEventLog
 from runstream.core.model import NewEvent
 from runstream.errors import BackendError, BackendUnavailable, StreamNotFound
 from tests.conftest import RedisServer, free_port

@@ -1,4 +1,4 @@
-"""Run stores for the single-machine backends: ``memory://`` and ``sqlite:///path``.
+"""The SQLite run store (``sqlite:///path``).
 
 :class:`SQLiteRunStore` keeps run records in a ``runs`` table of the *same*
 database file as the SQLite EventLog, through its own connection. Every status
@@ -7,7 +7,7 @@ checks the move against the lifecycle table and writes it, so two processes
 sharing the file (a server and a CLI) can never both start, or both finish,
 one run. Blocking SQLite calls run on one private thread.
 
-Both stores accept, beyond :class:`~runstream.runs.store.RunStore`, a
+It accepts, beyond :class:`~runstream.runs.store.RunStore`, a
 ``match`` mapping on :meth:`transition` (as the Redis store does): each named
 field must hold the given value or the move is refused with
 :class:`IllegalTransition`. Executors fence their final transition with
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
@@ -26,143 +25,33 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.errors import (
     BackendError,
     BackendUnavailable,
-    IllegalTransition,
     RunNotFound,
     ValidationError,
 )
-from runstream.runs.lifecycle import RunStatus, check_transition, is_status
+from runstream.runs.lifecycle import RunStatus, is_status
 from runstream.runs.model import RunRecord
 from runstream.runs.store import (
+    JSON_FIELDS,
     RUN_FIELDS,
     RunStore,
+    apply_transition,
     check_list_args,
     check_new_record,
     decode_cursor,
     encode_cursor,
+    encode_json_field,
 )
 
-__all__ = ["MemoryRunStore", "SQLiteRunStore"]
+__all__ = ["SQLiteRunStore"]
 
 T = TypeVar("T")
 
 
 DEFAULT_BUSY_TIMEOUT = 5.0
-
-
-def _apply(
-    record: RunRecord,
-    new: RunStatus,
-    expect: list[RunStatus] | None,
-    match: Mapping[str, Any] | None,
-    fields: Mapping[str, Any],
-) -> RunRecord:
-    """The lifecycle-checked, fenced successor of ``record`` (pure)."""
-    check_transition(record.id, record.status, new)
-    if expect is not None and record.status not in expect:
-        raise IllegalTransition(
-            f"run {record.id}: is {record.status!r}, expected one of {sorted(expect)} "
-            f"to move to {new!r}"
-        )
-    for name, value in (match or {}).items():
-        if getattr(record, name) != value:
-            raise IllegalTransition(
-                f"run {record.id}: not moved to {new!r}; {name} is "
-                f"{getattr(record, name)!r}, not {value!r}"
-            )
-    return dataclasses.replace(record, status=new, **fields)
-
-
-_JSON_FIELDS = frozenset({"params", "extra"})
-
-
-def _encode_json(name: str, value: Any) -> str:
-    try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValidationError(
-            f"run field {name} is not JSON-serialisable: {exc}", field=name
-        ) from exc
-
-
-def _json_copies(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``values`` with ``params``/``extra`` replaced by what the other engines would store."""
-    return {
-        name: json.loads(_encode_json(name, value)) if name in _JSON_FIELDS else value
-        for name, value in values.items()
-    }
-
-
-class MemoryRunStore(RunStore):
-    """Run records in a dict; for ``memory://``, tests and embedding. Not shared across processes.
-
-    All methods run on the event loop without awaiting in between, so every
-    transition is atomic by construction.
-    """
-
-    def __init__(self) -> None:
-        self._runs: dict[str, RunRecord] = {}
-
-    async def create(self, record: RunRecord) -> RunRecord:
-        check_new_record(record)
-        if record.id in self._runs:
-            raise ValidationError(f"run {record.id} already exists", field="id")
-        # Copies, as SQLite and Redis store them: the caller's dicts stay the caller's.
-        copies = _json_copies({"params": record.params, "extra": record.extra})
-        self._runs[record.id] = dataclasses.replace(record, **copies)
-        return record
-
-    async def get(self, run_id: str) -> RunRecord:
-        try:
-            return self._runs[run_id]
-        except KeyError:
-            raise RunNotFound(f"run {run_id!r} does not exist") from None
-
-    async def _move(
-        self,
-        run_id: str,
-        new: RunStatus,
-        expect: list[RunStatus] | None,
-        match: Mapping[str, Any],
-        fields: Mapping[str, Any],
-    ) -> RunRecord:
-        record = await self.get(run_id)
-        updated = _apply(record, new, expect, match, _json_copies(fields))
-        self._runs[run_id] = updated
-        return updated
-
-    async def request_cancel(self, run_id: str) -> RunRecord:
-        record = await self.get(run_id)
-        if not record.cancel_requested:
-            record = dataclasses.replace(record, cancel_requested=True)
-            self._runs[run_id] = record
-        return record
-
-    async def list(
-        self,
-        *,
-        status: RunStatus | None = None,
-        task: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> tuple[list[RunRecord], str | None]:
-        check_list_args(status, limit)
-        after = decode_cursor(cursor) if cursor is not None else None
-        rows = sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
-        page: list[RunRecord] = []
-        for record in rows:
-            if after is not None and (record.created_at, record.id) >= after:
-                continue
-            if status is not None and record.status != status:
-                continue
-            if task is not None and record.task != task:
-                continue
-            if len(page) == limit:
-                return page, encode_cursor(page[-1].created_at, page[-1].id)
-            page.append(record)
-        return page, None
 
 
 _SCHEMA = (
@@ -196,8 +85,8 @@ def _to_row(record: RunRecord) -> list[Any]:
     row: list[Any] = []
     for name in RUN_FIELDS:
         value = getattr(record, name)
-        if name in _JSON_FIELDS:
-            value = _encode_json(name, value)
+        if name in JSON_FIELDS:
+            value = encode_json_field(name, value)
         elif name == "cancel_requested":
             value = int(value)
         row.append(value)
@@ -206,7 +95,7 @@ def _to_row(record: RunRecord) -> list[Any]:
 
 def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
     values = dict(zip(RUN_FIELDS, row, strict=True))
-    for name in _JSON_FIELDS:
+    for name in JSON_FIELDS:
         values[name] = json.loads(values[name])
     values["cancel_requested"] = bool(values["cancel_requested"])
     if not is_status(values["status"]):
@@ -232,8 +121,6 @@ class SQLiteRunStore(RunStore):
     @classmethod
     def from_url(cls, url: str) -> SQLiteRunStore:
         """Parse the same ``sqlite:///path`` URL as the SQLite EventLog (raises ConfigError)."""
-        from runstream.backends.sqlite import SQLiteEventLog
-
         parsed = SQLiteEventLog.from_url(url)
         return cls(parsed.path, busy_timeout=parsed.busy_timeout)
 
@@ -373,7 +260,7 @@ class SQLiteRunStore(RunStore):
             # we check is still the status when we write (also across processes).
             conn.execute("BEGIN IMMEDIATE")
             record = self._select(conn, run_id)
-            updated = _apply(record, new, expect, match, fields)
+            updated = apply_transition(record, new, expect, match, fields)
             row = _to_row(updated)
             assignments = ", ".join(f"{name} = ?" for name in RUN_FIELDS[1:])
             conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*row[1:], run_id))

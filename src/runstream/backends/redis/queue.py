@@ -1,6 +1,6 @@
 """The queue of runs on Redis Streams: its keys, the producer side and its statistics.
 
-See :mod:`runstream.runs.redis_dispatch` for how a run travels.
+See :mod:`runstream.backends.redis.dispatch` for how a run travels.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from runstream.backends.redis_errors import translated
+from runstream.backends.redis.errors import translated
+from runstream.backends.redis.runstore import (
+    RedisRunKeys,
+    RedisRunStore,
+)
 from runstream.errors import (
     BackendError,
 )
 from runstream.runs.model import RunRecord
-from runstream.runs.store_redis import (
-    RedisRunKeys,
-    RedisRunStore,
-)
 
 __all__ = [
     "CLAIM_BATCH",

@@ -23,15 +23,15 @@ WebSocket code, with the same positions, resets and end.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Request, WebSocket
 from pydantic import BaseModel
 from starlette.responses import Response
 
+from runstream.backends import engine_for
+from runstream.backends.engine import DispatchContext, RunDispatch
 from runstream.config import Settings
 from runstream.errors import (
     BackendError,
@@ -49,7 +49,7 @@ from runstream.runs.service import (
     LocalWorkerPool,
     RunService,
 )
-from runstream.runs.store import RunStore, open_run_store
+from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry
 from runstream.server import schemas
 from runstream.server.auth import check_access, require_read, require_write
@@ -166,8 +166,8 @@ class RunsAPI:
         self._dispatcher = dispatcher
         self.service: RunService | None = None
         self.pool: LocalWorkerPool | None = None
-        self.redis_worker: Any = None
-        """The in-process Redis worker, when the backend is Redis and ``workers`` was given."""
+        self.queue: RunDispatch | None = None
+        """The server's side of a shared queue, on engines that have one (Redis)."""
         self.router = self._build_router()
 
     @classmethod
@@ -188,53 +188,30 @@ class RunsAPI:
     async def startup(self, runtime: Runtime) -> Any:
         """The app's start-up hook: returns the shutdown coroutine function."""
         url = runtime.settings.server.backend
+        engine = engine_for(url)
         owns_store = self._store is None
-        store = self._store if self._store is not None else open_run_store(url)
+        store = self._store if self._store is not None else engine.open_run_store(url)
         await store.start()
         metrics = RunMetrics(runtime.metrics.registry)
         service = RunService(
             self.registry, store, runtime.backend, dispatcher=self._dispatcher, metrics=metrics
         )
         pool: LocalWorkerPool | None = None
-        redis_worker: Any = None
-        stop_redis = asyncio.Event()
-        redis_task: asyncio.Task[None] | None = None
-        janitor: Any = None
-        scheme = urlsplit(url).scheme.lower()
+        queue: RunDispatch | None = None
         if self._dispatcher is None:
-            if scheme in ("redis", "rediss"):
-                from runstream.runs.redis_dispatch import (
-                    BackgroundJanitor,
-                    RedisRunQueue,
-                    RedisWorker,
-                    WorkerOptions,
-                )
-                from runstream.runs.store_redis import RedisRunStore
-
-                if not isinstance(store, RedisRunStore):
-                    raise ConfigError(f"a redis backend needs the redis run store, not {store!r}")
-                service.dispatcher = RedisRunQueue(store)
-                # A backstop: reclaims runs of dead workers even when no worker is left alive.
-                janitor = BackgroundJanitor(store, runtime.backend, registry=self.registry)
-                if self._workers_given and self.workers > 0:
-                    # Asked for explicitly: this server also takes runs from the queue,
-                    # like one `runstream worker --concurrency N` would.
-                    redis_worker = RedisWorker(
+            if engine.start_dispatch is not None:
+                # A shared queue: this server queues runs; with workers given explicitly
+                # it also takes runs from the queue, like `runstream worker` would.
+                queue = await engine.start_dispatch(
+                    DispatchContext(
                         store,
                         runtime.backend,
                         self.registry,
-                        options=WorkerOptions(
-                            concurrency=self.workers, shutdown_grace=self.shutdown_grace
-                        ),
+                        workers=self.workers if self._workers_given else None,
+                        shutdown_grace=self.shutdown_grace,
                     )
-                    redis_task = asyncio.get_running_loop().create_task(
-                        redis_worker.run(stop_redis), name="runstream-serve-redis-worker"
-                    )
-                else:
-                    log.info(
-                        "redis backend: this server queues runs; start `runstream worker` "
-                        "processes (or serve --workers N) to execute them"
-                    )
+                )
+                service.dispatcher = queue.dispatcher
             elif self.workers > 0:
                 pool = LocalWorkerPool(
                     self.registry,
@@ -247,17 +224,14 @@ class RunsAPI:
                 service.dispatcher = pool
                 await pool.start()
         runtime.hub.add_end_check(service.end_check)
-        self.service, self.pool, self.redis_worker = service, pool, redis_worker
+        self.service, self.pool, self.queue = service, pool, queue
 
         async def shutdown() -> None:
             try:
                 if pool is not None:
                     await pool.shutdown()
-                if redis_task is not None:
-                    stop_redis.set()
-                    await redis_task
-                if janitor is not None:
-                    await janitor.aclose()
+                if queue is not None:
+                    await queue.aclose()
             finally:
                 if owns_store:
                     await store.aclose()

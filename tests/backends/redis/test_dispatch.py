@@ -15,12 +15,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from runstream.backends.redis import RedisEventLog
-from runstream.core.model import END_TYPE, Event, NewEvent
-from runstream.errors import ConfigError
-from runstream.runs.context import RunContext
-from runstream.runs.model import RunRecord, new_run_id
-from runstream.runs.redis_dispatch import (
+from runstream.backends.redis.dispatch import (
     GROUP,
     BackgroundJanitor,
     Janitor,
@@ -28,7 +23,12 @@ from runstream.runs.redis_dispatch import (
     RedisWorker,
     WorkerOptions,
 )
-from runstream.runs.store_redis import RedisRunStore
+from runstream.backends.redis.log import RedisEventLog
+from runstream.backends.redis.runstore import RedisRunStore
+from runstream.core.model import END_TYPE, Event, NewEvent
+from runstream.errors import ConfigError
+from runstream.runs.context import RunContext
+from runstream.runs.model import RunRecord, new_run_id
 from runstream.runs.tasks import TaskRegistry
 from tests.conftest import RedisServer, free_port
 

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from runstream.backends import open_backend
-from runstream.backends.redis import RedisEventLog, parse_url
+from runstream.backends.redis.log import RedisEventLog, parse_url
 from runstream.core.model import UNREADABLE_TYPE, Event, NewEvent, Producer, Reset
 from runstream.errors import (
     BackendError,

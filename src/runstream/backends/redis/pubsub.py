@@ -73,7 +73,7 @@ def listen_client_like(redis: aioredis.Redis) -> aioredis.Redis:
         connection_pool=aioredis.BlockingConnectionPool(
             connection_class=pool.connection_class,
             max_connections=1,
-            # See runstream.runs.store_redis.NO_MAINT_NOTIFICATIONS: a connection the
+            # See runstream.backends.redis.runstore.NO_MAINT_NOTIFICATIONS: a connection the
             # server closed must be noticed.
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
             # redis-py PINGs a quiet subscription this often (replies filtered out), so a

@@ -35,32 +35,59 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeAlias, TypeVar, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
-from runstream.backends.base import EventLog, event_size, events_from_rows
+from runstream.backends.base import EventLog, events_from_rows
+from runstream.backends.sqlite.sql import (
+    _INFO_COLUMNS,
+    _INFO_MANY_CHUNK,
+    _SCHEMA,
+    _SELECT_STREAM,
+    _SYNCHRONOUS_VALUES,
+    DECODE_CHUNK,
+    DEFAULT_BUSY_TIMEOUT,
+    MAX_EVENT_ID,
+    MAX_GROUP_REQUESTS,
+    POLL_CHUNK,
+    POLL_INTERVAL,
+    READER_THREADS,
+    SCHEMA_VERSION,
+    Synchronous,
+    _as_list,
+    _base,
+    _chunks,
+    _encode_text_array,
+    _fetch_events,
+    _has_json_each,
+    _info,
+    _resolve,
+    _translate,
+    parse_url,
+)
+from runstream.backends.sqlite.writes import (
+    op_append,
+    op_append_encoded,
+    op_close,
+    op_delete,
+    op_trim,
+)
 from runstream.core.jsonbody import is_utf8
 from runstream.core.model import (
-    END_TYPE,
     AppendResult,
     EncodedEvents,
     Event,
     NewEvent,
     Producer,
     StreamInfo,
-    encode_data,
-    new_epoch,
-    now,
     validate_stream_name,
 )
 from runstream.errors import (
@@ -68,133 +95,13 @@ from runstream.errors import (
     BackendUnavailable,
     ConfigError,
     RunstreamError,
-    StaleProducerSeq,
-    StreamClosed,
     StreamNotFound,
     ValidationError,
 )
-from runstream.redact import mask_secrets
 
 __all__ = ["SQLiteEventLog"]
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; bump it and add a migration when the schema changes."""
-
-DEFAULT_BUSY_TIMEOUT = 5.0
-"""Seconds a connection waits for another process's lock before giving up."""
-
-POLL_INTERVAL = 0.025
-"""Seconds between checks for commits made by other processes (while followers wait)."""
-
-READER_THREADS = 4
-"""Threads (each with its own connection) serving reads."""
-
-ID_BITS = 32
-MAX_EVENT_ID = (1 << ID_BITS) - 1
-"""Largest event id a stream can reach in this backend (about 4.3 billion)."""
-MAX_SID = (1 << (63 - ID_BITS)) - 1
-"""Largest stream row id, so that ``sid << ID_BITS | id`` fits a signed 64-bit key."""
-
-MAX_GROUP_REQUESTS = 1000
-"""Upper bound of requests folded into one transaction, to bound commit latency."""
-
-DECODE_CHUNK = 200
-"""Events decoded per ``json.loads`` call when reading a page."""
-
-POLL_CHUNK = 500
-"""Stream names per query when the poller compares watched streams' state."""
-
-Synchronous = Literal["off", "normal", "full", "extra"]
-_SYNCHRONOUS_VALUES: tuple[Synchronous, ...] = ("off", "normal", "full", "extra")
-
-_SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS streams (
-        sid INTEGER PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        epoch TEXT NOT NULL,
-        status TEXT NOT NULL,
-        first_id INTEGER NOT NULL,
-        last_id INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        closed_at REAL,
-        close_status TEXT,
-        close_reason TEXT
-    )
-    """,
-    # key = sid << ID_BITS | id: one B-tree clustered by stream then id, so a
-    # read is one range scan. (Measured against PRIMARY KEY (sid, id) WITHOUT
-    # ROWID: equal for ~100-byte events, but 2 KB events made the file 2.3x
-    # larger and reads slower, since such rows spill to overflow pages.)
-    """
-    CREATE TABLE IF NOT EXISTS events (
-        key INTEGER PRIMARY KEY,
-        type TEXT NOT NULL,
-        data TEXT NOT NULL,
-        time REAL NOT NULL
-    )
-    """,
-    # For people inspecting the file with the sqlite3 shell.
-    f"""
-    CREATE VIEW IF NOT EXISTS stream_events AS
-    SELECT s.name AS stream, e.key & {MAX_EVENT_ID} AS id, e.type, e.data, e.time
-    FROM events AS e JOIN streams AS s ON s.sid = e.key >> {ID_BITS}
-    """,
-    """
-    CREATE TABLE IF NOT EXISTS producers (
-        sid INTEGER NOT NULL,
-        producer TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        first_id INTEGER NOT NULL,
-        last_id INTEGER NOT NULL,
-        PRIMARY KEY (sid, producer)
-    ) WITHOUT ROWID
-    """,
-)
-
-_INFO_COLUMNS = (
-    "name, epoch, status, first_id, last_id, created_at, closed_at, close_status, close_reason"
-)
-_SELECT_STREAM = f"SELECT sid, {_INFO_COLUMNS} FROM streams WHERE name = ?"
-_INFO_MANY_CHUNK = 500
-"""Names per ``IN (...)`` query in :meth:`SQLiteEventLog.info_many` (SQLite allows 32,766
-parameters per statement; older builds 999)."""
-_INSERT_EVENT = "INSERT INTO events (key, type, data, time) VALUES (?, ?, ?, ?)"
-# One statement for a whole run of encoded events: their data texts travel as one
-# JSON array of strings, and SQLite inserts the rows without coming back to Python.
-_INSERT_EVENTS_JSON = (
-    "INSERT INTO events (key, type, data, time) "
-    "SELECT ?1 + j.key, ?2, j.value, ?3 FROM json_each(?4) AS j"
-)
-_JSON_EACH_PROBE = ('["\\"\\\\é😀"]', '"\\é😀')
-"""A JSON array and the text ``json_each`` must give for its element."""
-
-_encode_text_array = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), check_circular=False
-).encode
-"""Encodes a list of str as a JSON array; non-ASCII stays as it is (UTF-8 for SQLite)."""
-
-
-def _base(sid: int) -> int:
-    """Key of the (never stored) event 0 of stream ``sid``; event ``i`` is at ``base + i``."""
-    return sid << ID_BITS
-
-
-def _info(row: Sequence[Any]) -> StreamInfo:
-    """Build a :class:`StreamInfo` from the columns of :data:`_INFO_COLUMNS`."""
-    return StreamInfo(
-        name=row[0],
-        epoch=row[1],
-        status=cast(Literal["open", "closed"], row[2]),
-        first_id=row[3],
-        last_id=row[4],
-        created_at=row[5],
-        closed_at=row[6],
-        close_status=row[7],
-        close_reason=row[8],
-    )
 
 
 @dataclass(slots=True)
@@ -252,22 +159,6 @@ class _ReaderPool:
             conns, self.all = self.all, []
         for conn in conns:
             conn.close()
-
-
-def _translate(exc: sqlite3.Error, path: str, busy_timeout: float) -> BackendError:
-    """Map a :mod:`sqlite3` error to a runstream error (the caller raises it ``from exc``)."""
-    message = str(exc)
-    if "locked" in message or "busy" in message:
-        return BackendError(
-            f"sqlite database {path!r} stayed locked by another connection for more than "
-            f"busy_timeout={busy_timeout:g}s ({message}): another process holds a long write "
-            "transaction; if that is expected, raise ?busy_timeout= in the backend URL"
-        )
-    if "not a database" in message or "malformed" in message:
-        return BackendError(f"sqlite file {path!r} is not a usable runstream database: {message}")
-    if isinstance(exc, sqlite3.OperationalError) and "unable to open" in message:
-        return BackendUnavailable(f"cannot open sqlite database {path!r}: {message}")
-    return BackendError(f"sqlite error on {path!r}: {message}")
 
 
 class SQLiteEventLog(EventLog):
@@ -337,39 +228,7 @@ class SQLiteEventLog(EventLog):
         :class:`ConfigError` for anything else. Parent directories are created
         by :meth:`start`, not here.
         """
-        parts = urlsplit(url)
-        if parts.scheme.lower() != "sqlite":
-            raise ConfigError(f"not a sqlite URL: {mask_secrets(url)!r}")
-        if parts.netloc:
-            raise ConfigError(
-                f"invalid sqlite URL {mask_secrets(url)!r}: use sqlite:///relative/path.db "
-                "or sqlite:////absolute/path.db (three slashes before a relative path)"
-            )
-        # The first "/" separates the empty authority from the path.
-        path = unquote(parts.path[1:])
-        if not path or path.endswith("/") or path == ":memory:":
-            raise ConfigError(
-                f"invalid sqlite URL {mask_secrets(url)!r}: name a database file, e.g. "
-                "sqlite:///./.runstream/runstream.db (in-memory databases are not supported; "
-                "use memory://)"
-            )
-        kwargs: dict[str, Any] = {}
-        for key, value in parse_qsl(parts.query, keep_blank_values=True):
-            if key == "synchronous":
-                if value.lower() not in _SYNCHRONOUS_VALUES:
-                    raise ConfigError(
-                        f"sqlite synchronous={value!r}: use one of {', '.join(_SYNCHRONOUS_VALUES)}"
-                    )
-                kwargs["synchronous"] = value.lower()
-            elif key == "busy_timeout":
-                try:
-                    kwargs["busy_timeout"] = float(value)
-                except ValueError:
-                    raise ConfigError(f"sqlite busy_timeout={value!r} is not a number") from None
-            else:
-                raise ConfigError(
-                    f"unknown sqlite URL parameter {key!r}: known are synchronous, busy_timeout"
-                )
+        path, kwargs = parse_url(url)
         return cls(path, **kwargs)
 
     def __repr__(self) -> str:
@@ -709,196 +568,13 @@ class SQLiteEventLog(EventLog):
 
     # -- write operations (run on the writer thread, inside a savepoint) -----
 
-    @staticmethod
-    def _row(conn: sqlite3.Connection, stream: str) -> tuple[int, StreamInfo] | None:
-        row = conn.execute(_SELECT_STREAM, (stream,)).fetchone()
-        return None if row is None else (row[0], _info(row[1:]))
-
-    @staticmethod
-    def _create(conn: sqlite3.Connection, stream: str) -> tuple[int, StreamInfo]:
-        info = StreamInfo(stream, new_epoch(), "open", 1, 0, now())
-        cur = conn.execute(
-            "INSERT INTO streams (name, epoch, status, first_id, last_id, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (info.name, info.epoch, info.status, info.first_id, info.last_id, info.created_at),
-        )
-        sid = cur.lastrowid
-        assert sid is not None
-        if sid > MAX_SID:
-            raise BackendError(f"the sqlite backend ran out of stream ids (max {MAX_SID})")
-        return sid, info
-
-    def _op_append(
-        self,
-        conn: sqlite3.Connection,
-        stream: str,
-        events: Sequence[NewEvent],
-        producer: Producer | None,
-    ) -> AppendResult:
-        found = self._row(conn, stream)
-        if found is not None:
-            sid, info = found
-            if info.closed:
-                raise StreamClosed(stream)
-            if producer is not None:
-                prev = conn.execute(
-                    "SELECT seq, first_id, last_id FROM producers WHERE sid = ? AND producer = ?",
-                    (sid, producer.id),
-                ).fetchone()
-                if prev is not None:
-                    last_seq, first, last = prev
-                    if producer.seq == last_seq:
-                        return AppendResult(stream, info.epoch, first, last, duplicate=True)
-                    if producer.seq < last_seq:
-                        raise StaleProducerSeq(stream, producer.id, producer.seq, last_seq)
-        else:
-            sid, info = self._create(conn, stream)
-        t = now()
-        first_id = info.last_id + 1
-        last_id = first_id + len(events) - 1
-        if last_id > MAX_EVENT_ID:
-            raise BackendError(
-                f"stream {stream!r} would exceed the sqlite backend's limit of "
-                f"{MAX_EVENT_ID} events; start a new stream"
-            )
-        base = _base(sid) + first_id
-        conn.executemany(
-            _INSERT_EVENT, [(base + i, e.type, e.data_json, t) for i, e in enumerate(events)]
-        )
-        conn.execute("UPDATE streams SET last_id = ? WHERE sid = ?", (last_id, sid))
-        if producer is not None:
-            conn.execute(
-                "INSERT OR REPLACE INTO producers (sid, producer, seq, first_id, last_id) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (sid, producer.id, producer.seq, first_id, last_id),
-            )
-        return AppendResult(stream, info.epoch, first_id, last_id)
-
-    def _op_append_encoded(
-        self,
-        conn: sqlite3.Connection,
-        stream: str,
-        runs: Sequence[tuple[str, Sequence[str], str | None]],
-    ) -> AppendResult:
-        """Like :meth:`_op_append` (no producer) for ``(type, data texts, JSON array of them)``.
-
-        The array is ``None`` when SQLite has no ``json_each``: rows are then
-        inserted one by one, as :meth:`_op_append` does.
-        """
-        found = self._row(conn, stream)
-        if found is not None:
-            sid, info = found
-            if info.closed:
-                raise StreamClosed(stream)
-        else:
-            sid, info = self._create(conn, stream)
-        t = now()
-        first_id = info.last_id + 1
-        last_id = first_id + sum(len(datas) for _, datas, _ in runs) - 1
-        if last_id > MAX_EVENT_ID:
-            raise BackendError(
-                f"stream {stream!r} would exceed the sqlite backend's limit of "
-                f"{MAX_EVENT_ID} events; start a new stream"
-            )
-        key = _base(sid) + first_id
-        for type_, datas, array in runs:
-            if array is None:
-                conn.executemany(
-                    _INSERT_EVENT, [(key + i, type_, d, t) for i, d in enumerate(datas)]
-                )
-            else:
-                stored = conn.execute(_INSERT_EVENTS_JSON, (key, type_, t, array)).rowcount
-                if stored != len(datas):  # cannot happen with a well-formed array
-                    raise BackendError(f"sqlite stored {stored} of {len(datas)} encoded events")
-            key += len(datas)
-        conn.execute("UPDATE streams SET last_id = ? WHERE sid = ?", (last_id, sid))
-        return AppendResult(stream, info.epoch, first_id, last_id)
-
-    def _op_close(
-        self, conn: sqlite3.Connection, stream: str, status: str | None, reason: str | None
-    ) -> StreamInfo:
-        found = self._row(conn, stream) or self._create(conn, stream)
-        sid, info = found
-        if info.closed:
-            return info
-        t = now()
-        end_id = info.last_id + 1
-        data = encode_data({"status": status, "reason": reason})
-        conn.execute(_INSERT_EVENT, (_base(sid) + end_id, END_TYPE, data, t))
-        conn.execute(
-            "UPDATE streams SET status = 'closed', last_id = ?, closed_at = ?, "
-            "close_status = ?, close_reason = ? WHERE sid = ?",
-            (end_id, t, status, reason, sid),
-        )
-        return StreamInfo(
-            info.name,
-            info.epoch,
-            "closed",
-            info.first_id,
-            end_id,
-            info.created_at,
-            t,
-            status,
-            reason,
-        )
-
-    def _op_delete(self, conn: sqlite3.Connection, stream: str) -> None:
-        found = self._row(conn, stream)
-        if found is None:
-            raise StreamNotFound(stream)
-        sid = found[0]
-        conn.execute(
-            "DELETE FROM events WHERE key > ? AND key <= ?", (_base(sid), _base(sid) + MAX_EVENT_ID)
-        )
-        conn.execute("DELETE FROM producers WHERE sid = ?", (sid,))
-        conn.execute("DELETE FROM streams WHERE sid = ?", (sid,))
-
-    def _op_trim(
-        self, conn: sqlite3.Connection, stream: str, max_len: int | None, max_age: float | None
-    ) -> int:
-        found = self._row(conn, stream)
-        if found is None:
-            raise StreamNotFound(stream)
-        sid, info = found
-        # Retained ids are contiguous first_id..last_id, so positions are arithmetic.
-        new_first = info.first_id
-        if max_len is not None:
-            new_first = max(new_first, info.last_id - max_len + 1)
-        if max_age is not None:
-            # Times follow ids, so bisect for the first event young enough: a
-            # few point lookups instead of a scan of the whole stream.
-            cutoff = now() - max_age
-            lo, hi = new_first, info.last_id + 1
-            while lo < hi:
-                mid = (lo + hi) // 2
-                row = conn.execute(
-                    "SELECT time FROM events WHERE key = ?", (_base(sid) + mid,)
-                ).fetchone()
-                if row is not None and row[0] < cutoff:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            new_first = lo
-        if info.closed:
-            new_first = min(new_first, info.last_id)  # the end entry stays
-        removed = new_first - info.first_id
-        if removed <= 0:
-            return 0
-        conn.execute(
-            "DELETE FROM events WHERE key > ? AND key < ?", (_base(sid), _base(sid) + new_first)
-        )
-        conn.execute("UPDATE streams SET first_id = ? WHERE sid = ?", (new_first, sid))
-        return removed
-
     # -- primitives ----------------------------------------------------------
 
     async def _append(
         self, stream: str, events: Sequence[NewEvent], producer: Producer | None
     ) -> AppendResult:
         batch = list(events)
-        return await self._write(
-            stream, lambda conn: self._op_append(conn, stream, batch, producer)
-        )
+        return await self._write(stream, lambda conn: op_append(conn, stream, batch, producer))
 
     async def _append_encoded(self, stream: str, runs: Sequence[EncodedEvents]) -> AppendResult:
         await self._ensure_running()
@@ -912,13 +588,13 @@ class SQLiteEventLog(EventLog):
             )
             for run in runs
         ]
-        return await self._write(stream, lambda conn: self._op_append_encoded(conn, stream, parts))
+        return await self._write(stream, lambda conn: op_append_encoded(conn, stream, parts))
 
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
-        return await self._write(stream, lambda conn: self._op_close(conn, stream, status, reason))
+        return await self._write(stream, lambda conn: op_close(conn, stream, status, reason))
 
     async def delete(self, stream: str) -> None:
-        await self._write(stream, lambda conn: self._op_delete(conn, stream))
+        await self._write(stream, lambda conn: op_delete(conn, stream))
 
     async def trim(
         self, stream: str, *, max_len: int | None = None, max_age: float | None = None
@@ -927,7 +603,7 @@ class SQLiteEventLog(EventLog):
             raise ValidationError("max_len must be a non-negative integer", field="max_len")
         if max_age is not None and max_age < 0:
             raise ValidationError("max_age must be >= 0 seconds", field="max_age")
-        return await self._write(stream, lambda conn: self._op_trim(conn, stream, max_len, max_age))
+        return await self._write(stream, lambda conn: op_trim(conn, stream, max_len, max_age))
 
     # -- reads ---------------------------------------------------------------
 
@@ -1103,98 +779,3 @@ class SQLiteEventLog(EventLog):
         if len(self._seen) > 4 * max(len(watched), 1000):
             self._seen = {s: self._seen[s] for s in watched}
         return changed
-
-
-def _has_json_each(conn: sqlite3.Connection) -> bool:
-    """True if ``json_each`` exists and decodes a string exactly (escapes, non-ASCII)."""
-    array, text = _JSON_EACH_PROBE
-    try:
-        rows = conn.execute("SELECT value FROM json_each(?)", (array,)).fetchall()
-    except sqlite3.Error:
-        return False
-    return rows == [(text,)]
-
-
-def _as_list(items: Sequence[str]) -> list[str] | tuple[str, ...]:
-    return items if isinstance(items, (list, tuple)) else list(items)
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-_SELECT_EVENTS = (
-    "SELECT key, type, data, time FROM events WHERE key > ? AND key <= ? ORDER BY key LIMIT ?"
-)
-_SELECT_EVENTS_AS_BYTES = (
-    "SELECT key, CAST(type AS BLOB), CAST(data AS BLOB), time FROM events "
-    "WHERE key > ? AND key <= ? ORDER BY key LIMIT ?"
-)
-
-
-def _fetch_events(
-    conn: sqlite3.Connection, params: tuple[int, int, int], max_bytes: int | None
-) -> list[Any]:
-    """Rows ``(key, type, data, time)`` of one page, within ``max_bytes`` if given.
-
-    Whatever bytes another program stored: sqlite3 fails a whole fetch on text
-    that is not UTF-8. Then the page is read again as bytes and decoded here,
-    keeping undecodable bytes as surrogates, so that :func:`events_from_rows`
-    serves those rows as unreadable items instead of the page failing on every read.
-    """
-    try:
-        cursor = conn.execute(_SELECT_EVENTS, params)
-        try:
-            if max_bytes is not None:
-                return _rows_within(cursor, max_bytes)
-            rows: list[Any] = []
-            while chunk := cursor.fetchmany(DECODE_CHUNK):
-                rows += chunk
-                time.sleep(0)  # as in the decoding: let the writer have the GIL
-            return rows
-        finally:
-            cursor.close()
-    except sqlite3.OperationalError as exc:
-        if "decode" not in str(exc):
-            raise
-    decoded = (
-        (
-            key,
-            bytes(t).decode("utf-8", "surrogateescape"),
-            bytes(d).decode("utf-8", "surrogateescape"),
-            tm,
-        )
-        for key, t, d, tm in conn.execute(_SELECT_EVENTS_AS_BYTES, params)
-    )
-    return list(decoded) if max_bytes is None else _rows_within(decoded, max_bytes)
-
-
-def _lenient(raw: bytes) -> str:
-    return bytes(raw).decode("utf-8", "surrogateescape")
-
-
-def _rows_within(cursor: Iterable[Any], max_bytes: int) -> list[Any]:
-    """Rows ``(key, type, data, time)`` fetched one at a time while within ``max_bytes``.
-
-    The same cut as :func:`~runstream.backends.base.within_budget`. Row by row,
-    so that at most one event past the budget is ever loaded (a ``fetchmany``
-    of large events would load them all before any could be dropped).
-    """
-    rows: list[Any] = []
-    total = 0
-    for row in cursor:
-        total += event_size(row[1], row[2])
-        if rows and total > max_bytes:
-            break
-        rows.append(row)
-        if total >= max_bytes:
-            break
-        if len(rows) % DECODE_CHUNK == 0:
-            time.sleep(0)  # let the writer have the GIL
-    return rows
-
-
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -1,6 +1,6 @@
 """Distributed dispatch on Redis Streams: a queue of runs, workers, leases and a janitor.
 
-Keys (``P`` = prefix; see also :mod:`runstream.runs.store_redis`)::
+Keys (``P`` = prefix; see also :mod:`runstream.backends.redis.runstore`)::
 
     P:runq          stream, consumer group ``workers``; entry fields run=<id> attempt=<n>
     P:{id}:lease    string "<worker>" with a TTL of one lease; alive = the run is being run
@@ -51,8 +51,15 @@ stream idle times), so clocks of worker hosts do not matter.
 
 from __future__ import annotations
 
-from runstream.runs.redis_janitor import BackgroundJanitor, Janitor, settle_entry
-from runstream.runs.redis_queue import (
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from runstream.backends.base import EventLog
+from runstream.backends.engine import DispatchContext, WorkerSpec
+from runstream.backends.redis.janitor import BackgroundJanitor, Janitor, settle_entry
+from runstream.backends.redis.queue import (
     DEFAULT_LEASE,
     DEFAULT_MAX_DELIVERIES,
     GROUP,
@@ -60,7 +67,11 @@ from runstream.runs.redis_queue import (
     RedisRunQueue,
     default_worker_name,
 )
-from runstream.runs.redis_worker import RedisWorker, WorkerOptions
+from runstream.backends.redis.runstore import RedisRunStore
+from runstream.backends.redis.worker import RedisWorker, WorkerOptions
+from runstream.errors import ConfigError
+from runstream.runs.store import RunStore
+from runstream.runs.tasks import TaskRegistry
 
 __all__ = [
     "DEFAULT_LEASE",
@@ -69,9 +80,83 @@ __all__ = [
     "BackgroundJanitor",
     "Janitor",
     "QueueStats",
+    "RedisDispatch",
     "RedisRunQueue",
     "RedisWorker",
     "WorkerOptions",
     "default_worker_name",
+    "new_worker",
     "settle_entry",
+    "start_dispatch",
 ]
+
+log = logging.getLogger("runstream.backends.redis")
+
+
+def new_worker(
+    store: RunStore, log_: EventLog, registry: TaskRegistry, spec: WorkerSpec
+) -> RedisWorker:
+    """A worker taking runs from the queue of ``store`` (``runstream worker``)."""
+    options = WorkerOptions(
+        concurrency=spec.concurrency,
+        lease=DEFAULT_LEASE if spec.lease is None else spec.lease,
+        shutdown_grace=spec.shutdown_grace,
+        name=spec.name or default_worker_name(),
+    )
+    return RedisWorker(_redis_store(store), log_, registry, options=options)
+
+
+@dataclass(eq=False)
+class RedisDispatch:
+    """A server's side of the queue: new runs are queued; a janitor backstops dead workers.
+
+    With ``workers`` in the context, the server also takes runs from the queue,
+    as one ``runstream worker --concurrency N`` would.
+    """
+
+    dispatcher: RedisRunQueue
+    janitor: BackgroundJanitor
+    worker: RedisWorker | None = None
+    _task: asyncio.Task[None] | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def aclose(self) -> None:
+        """Stop taking runs (running ones get their grace), then stop the janitor."""
+        try:
+            if self._task is not None:
+                self._stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        finally:
+            await self.janitor.aclose()
+
+
+async def start_dispatch(ctx: DispatchContext) -> RedisDispatch:
+    """Start the server's side of the queue (see :class:`RedisDispatch`)."""
+    store = _redis_store(ctx.store)
+    # A backstop: reclaims runs of dead workers even when no worker is left alive.
+    dispatch = RedisDispatch(
+        RedisRunQueue(store), BackgroundJanitor(store, ctx.log, registry=ctx.registry)
+    )
+    if ctx.workers:
+        dispatch.worker = RedisWorker(
+            store,
+            ctx.log,
+            ctx.registry,
+            options=WorkerOptions(concurrency=ctx.workers, shutdown_grace=ctx.shutdown_grace),
+        )
+        dispatch._task = asyncio.get_running_loop().create_task(
+            dispatch.worker.run(dispatch._stop), name="runstream-serve-redis-worker"
+        )
+    else:
+        log.info(
+            "redis backend: this server queues runs; start `runstream worker` "
+            "processes (or serve --workers N) to execute them"
+        )
+    return dispatch
+
+
+def _redis_store(store: RunStore) -> RedisRunStore:
+    if not isinstance(store, RedisRunStore):
+        raise ConfigError(f"a redis backend needs the redis run store, not {store!r}")
+    return store

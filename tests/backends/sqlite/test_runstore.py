@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from runstream.backends.sqlite import SQLiteEventLog
+from runstream.backends import open_run_store
+from runstream.backends.memory import MemoryRunStore
+from runstream.backends.sqlite import SQLiteRunStore
+from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.core.model import NewEvent
 from runstream.errors import ConfigError
 from runstream.runs.model import RunRecord, new_run_id
-from runstream.runs.store import open_run_store
-from runstream.runs.store_local import MemoryRunStore, SQLiteRunStore
 
 
 def make(task: str = "t", created_at: float = 1000.0, **kw: object) -> RunRecord:

@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
+from runstream.backends.redis.runstore import RedisRunStore
 from runstream.errors import (
     BackendUnavailable,
     ConfigError,
     RunNotFound,
 )
 from runstream.runs.model import RunRecord, new_run_id
-from runstream.runs.store_redis import RedisRunStore
 from tests.conftest import RedisServer, free_port
 
 pytestmark = pytest.mark.redis

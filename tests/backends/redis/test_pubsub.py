@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import pytest
 import redis.asyncio as aioredis
 
-from runstream.backends.redis import RedisEventLog
-from runstream.backends.redis_pubsub import RedisListener, Subscription, target
-from runstream.runs.store_redis import RedisRunStore
+from runstream.backends.redis.log import RedisEventLog
+from runstream.backends.redis.pubsub import RedisListener, Subscription, target
+from runstream.backends.redis.runstore import RedisRunStore
 from tests.conftest import RedisServer
 
 pytestmark = pytest.mark.redis

@@ -22,12 +22,8 @@ from pathlib import Path
 import pytest
 
 from runstream.backends import open_backend
-from runstream.backends.sqlite import (
-    _JSON_EACH_PROBE,
-    SCHEMA_VERSION,
-    SQLiteEventLog,
-    _has_json_each,
-)
+from runstream.backends.sqlite.log import SQLiteEventLog
+from runstream.backends.sqlite.sql import _JSON_EACH_PROBE, SCHEMA_VERSION, _has_json_each
 from runstream.core.model import UNREADABLE_TYPE, EncodedEvents, NewEvent, Producer, encode_data
 from runstream.errors import (
     BackendError,
@@ -58,7 +54,7 @@ async def log(tmp_path: Path) -> AsyncIterator[SQLiteEventLog]:
 BURST_CHILD = textwrap.dedent(
     """
     import asyncio, sys
-    from runstream.backends.sqlite import SQLiteEventLog
+    from runstream.backends.sqlite.log import SQLiteEventLog
     from runstream.core.model import NewEvent
 
     async def writer(log, task):
@@ -121,7 +117,7 @@ def test_acknowledged_concurrent_burst_survives_kill_9(tmp_path: Path) -> None:
 STDIN_APPENDER = textwrap.dedent(
     """
     import asyncio, sys
-    from runstream.backends.sqlite import SQLiteEventLog
+    from runstream.backends.sqlite.log import SQLiteEventLog
     from runstream.core.model import NewEvent
 
     async def main():
@@ -438,7 +434,7 @@ async def test_trim_by_age_keeps_the_young_tail(
     log: SQLiteEventLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr("runstream.backends.sqlite.now", lambda: clock[0])
+    monkeypatch.setattr("runstream.backends.sqlite.writes.now", lambda: clock[0])
     await log.append("s", [NewEvent("n", i) for i in range(10)])
     await log.append("other", NewEvent("n", 0))
     clock[0] = 2000.0

@@ -1,6 +1,6 @@
 """The janitor: settles queue entries whose worker stopped heartbeating.
 
-See :mod:`runstream.runs.redis_dispatch` for how a run travels.
+See :mod:`runstream.backends.redis.dispatch` for how a run travels.
 """
 
 from __future__ import annotations
@@ -14,7 +14,19 @@ from collections.abc import Mapping
 from typing import cast
 
 from runstream.backends.base import EventLog
-from runstream.backends.redis_errors import translated
+from runstream.backends.redis.errors import translated
+from runstream.backends.redis.queue import (
+    CLAIM_BATCH,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_DELIVERIES,
+    GROUP,
+    RedisRunQueue,
+    default_worker_name,
+    stats_key,
+)
+from runstream.backends.redis.runstore import (
+    RedisRunStore,
+)
 from runstream.core.backoff import RECONNECT, BackoffState, GiveUp
 from runstream.errors import (
     BackendError,
@@ -25,23 +37,11 @@ from runstream.errors import (
 )
 from runstream.runs.lifecycle import TERMINAL, Lifecycle
 from runstream.runs.model import RunRecord
-from runstream.runs.redis_queue import (
-    CLAIM_BATCH,
-    DEFAULT_LEASE,
-    DEFAULT_MAX_DELIVERIES,
-    GROUP,
-    RedisRunQueue,
-    default_worker_name,
-    stats_key,
-)
-from runstream.runs.store_redis import (
-    RedisRunStore,
-)
 from runstream.runs.tasks import TaskRegistry
 
 __all__ = ["BackgroundJanitor", "Janitor", "settle_entry"]
 
-log = logging.getLogger("runstream.runs.redis_dispatch")
+log = logging.getLogger("runstream.backends.redis")
 
 JANITOR_IDLE_FACTOR = 1.2
 """XAUTOCLAIM min-idle = ``lease × 1.2``: above the lease, so a claimable entry's lease is gone."""

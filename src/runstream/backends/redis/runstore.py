@@ -6,7 +6,7 @@ record, lease and event log live in one Redis Cluster slot)::
 
     P:{id}:run     hash: the RunRecord; ``status`` as plain text, every other
                    field JSON-encoded (``null`` for None)
-    P:{id}:lease   string: name of the worker running the run (see redis_dispatch)
+    P:{id}:lease   string: name of the worker running the run (see dispatch.py)
     P:runs         sorted set: run ids scored by created_at, for listing
                    (the one cross-slot key; written after the record)
     P:cancel       pub/sub channel: run id whose cancellation was requested
@@ -29,8 +29,8 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.maint_notifications import MaintNotificationsConfig
 
-from runstream.backends.redis import RedisOptions, parse_url
-from runstream.backends.redis_errors import translated
+from runstream.backends.redis.errors import translated
+from runstream.backends.redis.log import RedisOptions, parse_url
 from runstream.errors import (
     BackendError,
     ConfigError,

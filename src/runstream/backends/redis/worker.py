@@ -1,6 +1,6 @@
 """The Redis worker: takes runs from the queue and executes them, with leases and heartbeats.
 
-See :mod:`runstream.runs.redis_dispatch` for how a run travels.
+See :mod:`runstream.backends.redis.dispatch` for how a run travels.
 """
 
 from __future__ import annotations
@@ -19,8 +19,21 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 
 from runstream.backends.base import EventLog
-from runstream.backends.redis_errors import translated
-from runstream.backends.redis_pubsub import RedisListener, listen_client_like, target
+from runstream.backends.redis.errors import translated
+from runstream.backends.redis.janitor import Janitor, settle_entry
+from runstream.backends.redis.pubsub import RedisListener, listen_client_like, target
+from runstream.backends.redis.queue import (
+    CLAIM_BATCH,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_DELIVERIES,
+    GROUP,
+    RedisRunQueue,
+    default_worker_name,
+)
+from runstream.backends.redis.runstore import (
+    NO_MAINT_NOTIFICATIONS,
+    RedisRunStore,
+)
 from runstream.core.backoff import RECONNECT, BackoffState
 from runstream.errors import (
     BackendError,
@@ -33,25 +46,12 @@ from runstream.errors import (
 from runstream.runs.executor import RunControl, execute_run
 from runstream.runs.lifecycle import TERMINAL
 from runstream.runs.model import RunRecord
-from runstream.runs.redis_janitor import Janitor, settle_entry
-from runstream.runs.redis_queue import (
-    CLAIM_BATCH,
-    DEFAULT_LEASE,
-    DEFAULT_MAX_DELIVERIES,
-    GROUP,
-    RedisRunQueue,
-    default_worker_name,
-)
 from runstream.runs.scheduler import Job, Scheduler
-from runstream.runs.store_redis import (
-    NO_MAINT_NOTIFICATIONS,
-    RedisRunStore,
-)
 from runstream.runs.tasks import TaskRegistry
 
 __all__ = ["RedisWorker", "WorkerOptions"]
 
-log = logging.getLogger("runstream.runs.redis_dispatch")
+log = logging.getLogger("runstream.backends.redis")
 
 HEARTBEAT_FACTOR = 1 / 3
 """Heartbeat every ``lease/3``: two heartbeats may be missed before the lease expires."""
@@ -324,6 +324,11 @@ class RedisWorker:
         task = asyncio.create_task(work, name=name)
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
+
+    def describe(self) -> str:
+        """Settings for the ready message."""
+        opts = self.options
+        return f"concurrency {opts.concurrency}; lease {opts.lease:g}s"
 
     def cancel_all(self, reason: str) -> None:
         """Cancel every run this worker is executing now (e.g. on a second SIGTERM)."""

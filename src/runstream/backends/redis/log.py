@@ -10,7 +10,7 @@ keys of one stream live in one Cluster slot)::
     P:streams       sorted set of names, for list_streams (the one cross-slot key)
     P:wake          pub/sub channel; message = stream name (a wake-up only)
 
-Every write is one Lua script (see :mod:`._redis_lua`): appending, closing,
+Every write is one Lua script (see :mod:`.lua`): appending, closing,
 trimming and deleting are atomic and a batch is one round trip.
 
 Followers: each process holds ONE pub/sub connection per Redis server (the
@@ -44,10 +44,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.maint_notifications import MaintNotificationsConfig
 
-from runstream.backends import _redis_lua as lua
 from runstream.backends.base import EventLog, events_from_rows
-from runstream.backends.redis_errors import translated
-from runstream.backends.redis_pubsub import (
+from runstream.backends.redis import lua
+from runstream.backends.redis.errors import translated
+from runstream.backends.redis.pubsub import (
     LISTEN_HEALTH_SECONDS,
     RedisListener,
     Subscription,

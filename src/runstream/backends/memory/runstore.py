@@ -1,0 +1,92 @@
+"""The in-process run store (``memory://``): tests and embedding."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from runstream.errors import RunNotFound, ValidationError
+from runstream.runs.lifecycle import RunStatus
+from runstream.runs.model import RunRecord
+from runstream.runs.store import (
+    RunStore,
+    apply_transition,
+    check_list_args,
+    check_new_record,
+    decode_cursor,
+    encode_cursor,
+    json_copies,
+)
+
+__all__ = ["MemoryRunStore"]
+
+
+class MemoryRunStore(RunStore):
+    """Run records in a dict; for ``memory://``, tests and embedding. Not shared across processes.
+
+    All methods run on the event loop without awaiting in between, so every
+    transition is atomic by construction.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, RunRecord] = {}
+
+    async def create(self, record: RunRecord) -> RunRecord:
+        check_new_record(record)
+        if record.id in self._runs:
+            raise ValidationError(f"run {record.id} already exists", field="id")
+        # Copies, as SQLite and Redis store them: the caller's dicts stay the caller's.
+        copies = json_copies({"params": record.params, "extra": record.extra})
+        self._runs[record.id] = dataclasses.replace(record, **copies)
+        return record
+
+    async def get(self, run_id: str) -> RunRecord:
+        try:
+            return self._runs[run_id]
+        except KeyError:
+            raise RunNotFound(f"run {run_id!r} does not exist") from None
+
+    async def _move(
+        self,
+        run_id: str,
+        new: RunStatus,
+        expect: list[RunStatus] | None,
+        match: Mapping[str, Any],
+        fields: Mapping[str, Any],
+    ) -> RunRecord:
+        record = await self.get(run_id)
+        updated = apply_transition(record, new, expect, match, json_copies(fields))
+        self._runs[run_id] = updated
+        return updated
+
+    async def request_cancel(self, run_id: str) -> RunRecord:
+        record = await self.get(run_id)
+        if not record.cancel_requested:
+            record = dataclasses.replace(record, cancel_requested=True)
+            self._runs[run_id] = record
+        return record
+
+    async def list(
+        self,
+        *,
+        status: RunStatus | None = None,
+        task: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        check_list_args(status, limit)
+        after = decode_cursor(cursor) if cursor is not None else None
+        rows = sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+        page: list[RunRecord] = []
+        for record in rows:
+            if after is not None and (record.created_at, record.id) >= after:
+                continue
+            if status is not None and record.status != status:
+                continue
+            if task is not None and record.task != task:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(page[-1].created_at, page[-1].id)
+            page.append(record)
+        return page, None
