@@ -22,14 +22,30 @@ environment (``RUNSTREAM_CORS_ORIGINS=https://a.example,https://b.example``).
 
 from __future__ import annotations
 
-import dataclasses
+import hmac
 import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from runstream.backends import DEFAULT_BACKEND_URL
 from runstream.core.jsonbody import DEFAULT_MAX_DEPTH
@@ -40,6 +56,9 @@ Scope: TypeAlias = Literal["read", "write"]
 SCOPES: frozenset[str] = frozenset({"read", "write"})
 ENV_PREFIX = "RUNSTREAM_"
 DEFAULT_CONFIG_FILE = "runstream.toml"
+RUN_GRACE = 10.0
+"""Default of ``server.run_grace`` (for code that runs runs without settings)."""
+SECTIONS = ("server", "auth", "limits", "tasks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,81 +72,167 @@ class Token:
         return f"Token(scopes={sorted(self.scopes)})"
 
 
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
+def _list(value: Any) -> Any:
+    """TOML arrays as they are; environment strings comma-separated (blanks dropped)."""
+    if isinstance(value, str):
+        return tuple(item.strip() for item in value.split(",") if item.strip())
+    return value
+
+
+def _optional(value: Any) -> Any:
+    """An empty environment value means "unset"."""
+    return None if value == "" else value
+
+
+M = TypeVar("M", bound=BaseModel)
+Names = Annotated[tuple[str, ...], BeforeValidator(_list)]
+Positive = Annotated[int, Field(ge=1)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    """A settings table: immutable, unknown keys refused, numbers never spelt as booleans."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # pydantic's lax mode reads true as 1; a setting spelt `port = true` is a mistake.
+        if isinstance(value, bool):
+            raise ValueError("a boolean is not a valid value here")
+        return value
+
+
+class ServerSettings(_Section):
+    """``[server]``: where and how the service listens and streams."""
+
     host: str = "127.0.0.1"
-    port: int = 8787
+    port: int = Field(8787, ge=0, le=65535)
     backend: str = DEFAULT_BACKEND_URL
-    workers: int | None = None
+    workers: Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_optional)] = None
     """In-process worker count for the runs layer (``None`` = its default, 0 = API only)."""
-    retry_ms: int = 2000
+    retry_ms: int = Field(2000, ge=0)
     """The SSE ``retry:`` field: how long a browser waits before reconnecting."""
-    keepalive: float = 15.0
+    keepalive: Seconds = 15.0
     """Seconds between keepalive comments on an idle SSE response (pings on WS)."""
-    reconcile_interval: float = 5.0
+    reconcile_interval: Seconds = 5.0
     """How often open responses are checked against stream state (closed, deleted)."""
-    create_grace: float = 10.0
+    create_grace: float = Field(10.0, ge=0)
     """A stream first seen less than this long ago is not ended for being absent."""
-    shutdown_grace: float = 1.0
-    """On shutdown, how long a response may take to flush before it is cut."""
-    long_poll_max_wait: float = 30.0
+    shutdown_grace: float = Field(1.0, ge=0)
+    """On shutdown, how long a streaming response may take to flush before it is cut."""
+    run_grace: float = Field(RUN_GRACE, ge=0)
+    """On stop (``serve`` with workers, ``runstream worker``), how long running runs may take
+    to finish before they are cancelled (each command then gets its task's ``grace``)."""
+    long_poll_max_wait: float = Field(30.0, ge=0)
     """Upper bound for ``wait=`` on JSON reads."""
     log_level: str = "info"
-    allowed_hosts: tuple[str, ...] = ()
+    allowed_hosts: Names = ()
     """``Host`` names answered besides loopback names (``name``, ``name:port``, ``*.domain``,
     ``*`` = any). Empty: loopback names only on a loopback bind, any host on another bind."""
-    cors_origins: tuple[str, ...] = ()
+    cors_origins: Names = ()
     """Origins (``https://app.example.com``) whose pages may call the API; empty = CORS off.
     ``*`` (any origin) needs a token."""
 
     def __repr__(self) -> str:  # the backend URL may hold a password
-        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        shown["backend"] = mask_secrets(self.backend)
+        shown = {**self.__dict__, "backend": mask_secrets(self.backend)}
         return "ServerSettings(" + ", ".join(f"{k}={v!r}" for k, v in shown.items()) + ")"
 
 
-@dataclass(frozen=True, slots=True)
-class LimitSettings:
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_batch: int = 1000
-    max_event_bytes: int = 1024 * 1024
+class LimitSettings(_Section):
+    """``[limits]``: what one request, one client and one page may cost."""
+
+    max_body_bytes: Positive = 4 * 1024 * 1024
+    max_batch: Positive = 1000
+    max_event_bytes: Positive = 1024 * 1024
     """Encoded ``data`` of one event."""
-    max_subscribers_per_stream: int = 10_000
-    max_subscribers: int = 50_000
-    subscriber_buffer: int = 5000
+    max_subscribers_per_stream: int = Field(10_000, ge=0)
+    max_subscribers: int = Field(50_000, ge=0)
+    subscriber_buffer: Positive = 5000
     """Events queued for one live client before it is disconnected as too slow."""
-    max_page_limit: int = 1000
-    default_page_limit: int = 100
-    max_json_depth: int = DEFAULT_MAX_DEPTH
+    max_page_limit: Positive = 1000
+    default_page_limit: Positive = 100
+    max_json_depth: Positive = DEFAULT_MAX_DEPTH
     """Deepest nesting accepted in a request body (arrays and objects; the append body's
     own array and event object count)."""
-    max_page_bytes: int = 4 * 1024 * 1024
+    max_page_bytes: Positive = 4 * 1024 * 1024
     """Bytes (event types and data JSON) of one page: a JSON read, an SSE or WebSocket
     catch-up read, one write to a streaming client. A page holds at least one event."""
-    subscriber_buffer_bytes: int = 64 * 1024 * 1024
+    subscriber_buffer_bytes: Positive = 64 * 1024 * 1024
     """Bytes queued for one live client before it is disconnected as too slow."""
-    send_timeout: float = 30.0
+    send_timeout: Seconds = 30.0
     """Seconds one write to an SSE/WebSocket client may take (a client that stops
     reading) before it is disconnected as too slow; it resumes from its last id."""
-    header_timeout: float = 10.0
+    header_timeout: Seconds = 10.0
     """Seconds a connection has to send a complete request line and headers, from when
     it opens or its previous response ends; then it is closed."""
-    max_connections: int | None = None
+    max_connections: Annotated[Positive | None, BeforeValidator(_optional)] = None
     """Open connections at once; ``None``: as many as the open-file limit allows.
     At the limit a new connection replaces the oldest idle one, or gets 503."""
 
+    @model_validator(mode="after")
+    def _pages(self) -> LimitSettings:
+        if self.default_page_limit > self.max_page_limit:
+            raise ValueError("default_page_limit must be <= max_page_limit")
+        return self
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything runstream's server reads from configuration. Immutable; use :meth:`replace`."""
 
-    server: ServerSettings = field(default_factory=ServerSettings)
-    limits: LimitSettings = field(default_factory=LimitSettings)
+class TokenEntry(_Section):
+    token: str
+    scopes: tuple[Scope, ...] = Field(("read", "write"), min_length=1)
+
+
+class AuthSettings(_Section):
+    """``[auth]``: ``token`` (read and write), ``read_token``, ``tokens = [{token, scopes}]``."""
+
+    token: str | None = None
+    read_token: str | None = None
+    tokens: tuple[TokenEntry, ...] = ()
+
+    def all(self) -> tuple[Token, ...]:
+        found: list[Token] = []
+        if self.token:
+            found.append(Token(self.token, frozenset({"read", "write"})))
+        if self.read_token:
+            found.append(Token(self.read_token, frozenset({"read"})))
+        found += [Token(t.token, frozenset(t.scopes)) for t in self.tokens]
+        for t in found:
+            if len(t.token) < 8:
+                raise ConfigError("access tokens must be at least 8 characters")
+        return tuple(found)
+
+
+class Settings(BaseSettings):
+    """Everything runstream's server reads from configuration. Immutable; use :meth:`replace`.
+
+    Built directly (``Settings(server=...)``), it holds exactly what it is given:
+    no file or environment is read, and invalid values raise pydantic's
+    ``ValidationError``. :func:`load_settings` composes the sources (defaults <
+    TOML file < environment < CLI flags) and raises :class:`ConfigError`, as
+    :meth:`replace` and :meth:`evolve` do.
+    """
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     tokens: tuple[Token, ...] = ()
-    tasks: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    tasks: Mapping[str, Mapping[str, Any]] = Field(default_factory=dict)
     """The raw ``[tasks.*]`` tables, validated by the runs layer."""
     source: str | None = None
     """Path of the file these settings came from, for messages."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)  # load_settings() adds the file and the environment
 
     @property
     def auth_enabled(self) -> bool:
@@ -137,20 +242,25 @@ class Settings:
         """Scopes of ``token``, or ``None`` if it is unknown (or missing)."""
         if token is None:
             return None
-        import hmac
-
         for item in self.tokens:
             if hmac.compare_digest(item.token.encode(), token.encode()):
                 return item.scopes
         return None
 
     def replace(self, **server: Any) -> Settings:
-        """A copy with ``[server]`` fields replaced (``None`` values are ignored)."""
+        """A copy with ``[server]`` fields replaced (``None`` values are ignored), validated."""
         changes = {k: v for k, v in server.items() if v is not None}
         if not changes:
             return self
-        server_settings = _build(ServerSettings, changes, "server", self.server)
-        return dataclasses.replace(self, server=server_settings)
+        return self.evolve(server={**self.server.model_dump(), **changes})
+
+    def evolve(self, **fields: Any) -> Settings:
+        """A copy with whole fields replaced (``tasks=...``, ``limits=...``), validated.
+
+        Raises :class:`ConfigError` naming the offending key.
+        """
+        values = {name: getattr(self, name) for name in type(self).model_fields}
+        return _validated(Settings, {**values, **fields})
 
     def check_bind(self) -> None:
         """Refuse a non-loopback bind without a token (raises :class:`ConfigError`)."""
@@ -172,78 +282,94 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _coerce(cls_name: str, name: str, ftype: Any, value: Any) -> Any:
-    """Convert a TOML or environment value to the field's type, or raise ConfigError."""
-    kind = ftype if isinstance(ftype, str) else getattr(ftype, "__name__", str(ftype))
-    where = f"{cls_name}.{name}"
+def _validated(model: type[M], values: Mapping[str, Any]) -> M:
+    """``model`` built from ``values``; pydantic's errors become one :class:`ConfigError`."""
     try:
-        if "bool" in kind:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind.startswith("int"):
-            if value in ("", None) and "None" in kind:
-                return None
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            result: Any = int(value)
-        elif kind.startswith("tuple"):
-            # TOML arrays, or comma-separated in the environment.
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
-                raise ValueError(value)
-            result = tuple(i.strip() for i in items if i.strip())
-        elif kind.startswith("float"):
-            if isinstance(value, bool):
-                raise ValueError(value)
-            result = float(value)
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    unknown: dict[str, list[str]] = {}
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = [f"[{p}]" if isinstance(p, int) else str(p) for p in err["loc"]]
+        if err["type"] == "extra_forbidden":
+            section = ".".join(loc[:-1]) or "settings"
+            unknown.setdefault(section, []).append(loc[-1])
+            continue
+        where = ".".join(loc).replace(".[", "[") or "settings"
+        message = err["msg"].removeprefix("Value error, ")
+        if "input" in err and err["type"] not in ("value_error",):
+            problems.append(f"{where}: invalid value {err['input']!r} ({message})")
         else:
-            if not isinstance(value, str):
-                raise ValueError(value)
-            result = value
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: invalid value {value!r} (expected {kind})") from None
-    if isinstance(result, int | float) and not isinstance(result, bool) and result < 0:
-        raise ConfigError(f"{where}: must not be negative (got {value!r})")
-    return result
+            problems.append(f"{where}: {message}" if loc else message)
+    for section, keys in unknown.items():
+        problems.append(f"[{section}]: unknown setting(s) {sorted(keys)}")
+    return "; ".join(problems)
 
 
-def _build(cls: Any, values: Mapping[str, Any], section: str, base: Any = None) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(values) - set(fields)
+class _FlatEnvironment(PydanticBaseSettingsSource):
+    """``RUNSTREAM_<FIELD>`` for every ``[server]`` and ``[limits]`` field, plus the tokens.
+
+    Names are flat (``RUNSTREAM_PORT``, ``RUNSTREAM_MAX_BODY_BYTES``): the two
+    tables share no field name.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        super().__init__(Settings)
+        self.env = env
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads every field at once
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, dict[str, Any]] = {}
+        for section, model in (("server", ServerSettings), ("limits", LimitSettings)):
+            for name in model.model_fields:
+                if (value := self.env.get(ENV_PREFIX + name.upper())) is not None:
+                    out.setdefault(section, {})[name] = value
+        auth = {
+            key: self.env[ENV_PREFIX + key.upper()]
+            for key in ("token", "read_token")
+            if self.env.get(ENV_PREFIX + key.upper())
+        }
+        if auth:
+            out["auth"] = auth
+        return out
+
+
+def _read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    source = str(path)
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {source!r} not found")
+    try:
+        data: dict[str, Any] = TomlConfigSettingsSource(Settings, toml_file=Path(path))()
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {source!r}: {exc}") from exc
+    unknown = set(data) - set(SECTIONS)
     if unknown:
-        raise ConfigError(
-            f"[{section}]: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}"
-        )
-    converted = {k: _coerce(section, k, fields[k].type, v) for k, v in values.items()}
-    result = dataclasses.replace(base, **converted) if base is not None else cls(**converted)
-    return result
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
+    for name in SECTIONS:
+        if not isinstance(data.get(name, {}), Mapping):
+            raise ConfigError(f"[{name}] must be a table")
+    for name, table in data.get("tasks", {}).items():
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[tasks.{name}] must be a table")
+    return data
 
 
-def _parse_tokens(auth: Mapping[str, Any]) -> list[Token]:
-    tokens: list[Token] = []
-    unknown = set(auth) - {"token", "read_token", "tokens"}
-    if unknown:
-        raise ConfigError(f"[auth]: unknown setting(s) {sorted(unknown)}")
-    if auth.get("token"):
-        tokens.append(Token(str(auth["token"]), frozenset({"read", "write"})))
-    if auth.get("read_token"):
-        tokens.append(Token(str(auth["read_token"]), frozenset({"read"})))
-    for i, item in enumerate(auth.get("tokens") or ()):
-        if not isinstance(item, Mapping) or not isinstance(item.get("token"), str):
-            raise ConfigError(f'[auth].tokens[{i}]: expected {{token = "...", scopes = [...]}}')
-        scopes = item.get("scopes", ["read", "write"])
-        if not isinstance(scopes, list) or not set(scopes) <= SCOPES or not scopes:
-            raise ConfigError(f"[auth].tokens[{i}].scopes: use a list of 'read' and/or 'write'")
-        tokens.append(Token(item["token"], frozenset(scopes)))
-    for t in tokens:
-        if len(t.token) < 8:
-            raise ConfigError("access tokens must be at least 8 characters")
-    return tokens
+def _merge(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Tables merged key by key; later layers win."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = {**out[key], **value}
+            else:
+                out[key] = value
+    return out
 
 
 def load_settings(
@@ -259,89 +385,21 @@ def load_settings(
     CLI passes them. Raises :class:`ConfigError` with the offending key.
     """
     env = os.environ if env is None else env
-    data: dict[str, Any] = {}
-    source: str | None = None
     if path is None:
         path = env.get(ENV_PREFIX + "CONFIG") or None
         if path is None and Path(DEFAULT_CONFIG_FILE).is_file():
             path = DEFAULT_CONFIG_FILE
-    if path is not None:
-        source = str(path)
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {source!r} not found") from None
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise ConfigError(f"cannot read config file {source!r}: {exc}") from exc
-    unknown = set(data) - {"server", "auth", "limits", "tasks"}
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}")
-    server_values = dict(_section(data, "server"))
-    limit_values = dict(_section(data, "limits"))
-    auth_values = dict(_section(data, "auth"))
-    for f in dataclasses.fields(ServerSettings):
-        if (v := env.get(ENV_PREFIX + f.name.upper())) is not None:
-            server_values[f.name] = v
-    for f in dataclasses.fields(LimitSettings):
-        if (v := env.get(ENV_PREFIX + f.name.upper())) is not None:
-            limit_values[f.name] = v
-    if env.get(ENV_PREFIX + "TOKEN"):
-        auth_values["token"] = env[ENV_PREFIX + "TOKEN"]
-    if env.get(ENV_PREFIX + "READ_TOKEN"):
-        auth_values["read_token"] = env[ENV_PREFIX + "READ_TOKEN"]
-    server_values.update({k: v for k, v in overrides.items() if v is not None})
-    tasks = _section(data, "tasks")
-    for name, table in tasks.items():
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"[tasks.{name}] must be a table")
-    settings = Settings(
-        server=_build(ServerSettings, server_values, "server"),
-        limits=_build(LimitSettings, limit_values, "limits"),
-        tokens=tuple(_parse_tokens(auth_values)),
-        tasks=dict(tasks),
-        source=source,
+    data = _read_toml(path) if path is not None else {}
+    flags = {"server": {k: v for k, v in overrides.items() if v is not None}}
+    merged = _merge(data, _FlatEnvironment(env)(), flags)
+    auth = _validated(AuthSettings, merged.pop("auth", {}))
+    settings = _validated(
+        Settings,
+        {**merged, "tokens": auth.all(), "source": None if path is None else str(path)},
     )
-    _check(settings)
-    return settings
-
-
-def _section(data: Mapping[str, Any], name: str) -> Mapping[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"[{name}] must be a table")
-    return value
-
-
-def _check(settings: Settings) -> None:
-    s, lim = settings.server, settings.limits
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"server.port must be 0-65535 (got {s.port})")
-    if s.keepalive <= 0 or s.reconcile_interval <= 0:
-        raise ConfigError("server.keepalive and server.reconcile_interval must be > 0")
-    for name in (
-        "max_body_bytes",
-        "max_batch",
-        "max_event_bytes",
-        "subscriber_buffer",
-        "max_page_limit",
-        "default_page_limit",
-        "max_json_depth",
-        "max_page_bytes",
-        "subscriber_buffer_bytes",
-    ):
-        if getattr(lim, name) < 1:
-            raise ConfigError(f"limits.{name} must be >= 1")
-    if lim.max_connections is not None and lim.max_connections < 1:
-        raise ConfigError(
-            "limits.max_connections must be >= 1 (or unset: from the open-file limit)"
-        )
-    if lim.send_timeout <= 0 or lim.header_timeout <= 0:
-        raise ConfigError("limits.send_timeout and limits.header_timeout must be > 0")
-    if lim.default_page_limit > lim.max_page_limit:
-        raise ConfigError("limits.default_page_limit must be <= limits.max_page_limit")
-    if "*" in s.cors_origins and not settings.auth_enabled:
+    if "*" in settings.server.cors_origins and not settings.auth_enabled:
         raise ConfigError(
             'server.cors_origins = ["*"] without an access token would let every web page read '
             "and write every stream; list the origins, or set a token"
         )
+    return settings

@@ -135,7 +135,7 @@ class RunsServer:
 
     async def start(self) -> None:
         settings = make_settings(backend=self.backend_url, workers=self.workers)
-        settings = dataclasses.replace(settings, tasks=self.tasks)
+        settings = settings.evolve(tasks=self.tasks)
         runs = RunsAPI.from_settings(settings, shutdown_grace=1.0)
         app = create_app(settings, routers=[runs.router], on_startup=[runs.startup])
         live = await serve_in_task(app, settings, port=self.port)

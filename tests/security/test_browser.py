@@ -12,7 +12,6 @@ change nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,7 +45,7 @@ SIMPLE_TYPES = [
 
 async def start(settings: Settings | None = None) -> LiveServer:
     settings = (settings or make_settings()).replace(backend="memory://", workers=1)
-    settings = dataclasses.replace(settings, tasks=TASKS)
+    settings = settings.evolve(tasks=TASKS)
     return await serve_in_task(build_app(settings), settings)
 
 

@@ -75,7 +75,7 @@ def served(request: pytest.FixtureRequest, **limits: Any) -> Iterator[Served]:
         workers=0,
         **{f"limit_{k}": v for k, v in limits.items()},
     )
-    settings = dataclasses.replace(settings, tasks={"echo": ECHO_TASK})
+    settings = settings.evolve(tasks={"echo": ECHO_TASK})
     with (
         serve_in_thread(build_app(settings), settings) as url,
         httpx.Client(base_url=url, timeout=30) as http,

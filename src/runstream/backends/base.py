@@ -500,7 +500,7 @@ class EventLog(ABC):
         info = await self.info(stream)
         if position.now:
             # The tail is fixed here, once. A closed stream still yields its end entry.
-            pos = info.last_id - 1 if info.closed else info.last_id
+            pos = info.tail
             cur_epoch = info.epoch
         else:
             pos, reset = check_position(info, position.offset, position.epoch)

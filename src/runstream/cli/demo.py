@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import signal
 import socket
@@ -137,7 +136,7 @@ async def _tour(
     sock = _listen(port)
     bound = sock.getsockname()[1]
     settings = Settings().replace(host=DEMO_HOST, port=bound, backend=backend, log_level="warning")
-    settings = dataclasses.replace(settings, tasks=DEMO_TASKS)
+    settings = settings.evolve(tasks=DEMO_TASKS)
     runs = RunsAPI.from_settings(settings, shutdown_grace=DEMO_SHUTDOWN_GRACE)
     app = create_app(settings, routers=[ui_router, runs.router], on_startup=[runs.startup])
     stopping = asyncio.Event()

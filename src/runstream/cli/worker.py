@@ -34,7 +34,6 @@ from runstream.redact import mask_secrets
 from runstream.runs.tasks import TaskRegistry
 
 DEFAULT_CONCURRENCY = 4
-DEFAULT_SHUTDOWN_GRACE = 30.0
 READY_LINE = "runstream worker {name} ready"
 """Printed to stderr once the worker listens for runs (scripts and tests wait for it)."""
 
@@ -76,9 +75,9 @@ READY_LINE = "runstream worker {name} ready"
 @click.option(
     "--grace",
     type=click.FloatRange(min=0),
-    default=DEFAULT_SHUTDOWN_GRACE,
-    show_default=True,
-    help="On SIGTERM/SIGINT, seconds running runs may take to finish before they are cancelled.",
+    default=None,
+    help="On SIGTERM/SIGINT, seconds running runs may take to finish before they are cancelled "
+    "[default: server.run_grace, 10].",
 )
 @click.option(
     "--log-level",
@@ -92,7 +91,7 @@ def worker(
     concurrency: int,
     lease: float | None,
     name: str | None,
-    grace: float,
+    grace: float | None,
     log_level: str | None,
 ) -> None:
     """Execute queued runs from a Redis backend (any number of workers, any hosts)."""
@@ -107,7 +106,8 @@ def worker(
                 "`runstream serve` (--workers N)"
             )
         registry = TaskRegistry.from_config(settings.tasks)
-        spec = WorkerSpec(concurrency=concurrency, shutdown_grace=grace, name=name, lease=lease)
+        run_grace = settings.server.run_grace if grace is None else grace
+        spec = WorkerSpec(concurrency, run_grace, name=name, lease=lease)
     except RunstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     logging.basicConfig(

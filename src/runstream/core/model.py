@@ -302,6 +302,15 @@ class StreamInfo:
     def closed(self) -> bool:
         return self.status == "closed"
 
+    @property
+    def tail(self) -> int:
+        """Where a reader asking for ``after=now`` starts: after the last event.
+
+        On a closed stream that is before the end entry, so the reader still
+        gets the end (the one rule for ``now``, on every transport and backend).
+        """
+        return max(0, self.last_id - 1) if self.closed else self.last_id
+
     def to_json(self) -> dict[str, JSON]:
         return {
             "stream": self.name,

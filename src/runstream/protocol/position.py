@@ -102,7 +102,7 @@ class ReaderPosition:
             pos = cls()
             pos.pinned = True
             return pos
-        last = max(0, info.last_id - 1) if info.closed else info.last_id
+        last = info.tail
         return cls(last, info.epoch)
 
     # -- where to resume -------------------------------------------------------

@@ -35,6 +35,7 @@ import time
 from typing import Any, Protocol
 
 from runstream.backends.base import EventLog
+from runstream.config import RUN_GRACE
 from runstream.core.model import StreamInfo
 from runstream.errors import (
     ConfigError,
@@ -70,7 +71,7 @@ log = logging.getLogger("runstream.runs")
 DEFAULT_WORKERS = 4
 """Runs executed at once by ``runstream serve`` when ``--workers`` is not given."""
 
-DEFAULT_SHUTDOWN_GRACE = 10.0
+DEFAULT_SHUTDOWN_GRACE = RUN_GRACE
 """Seconds running runs get to finish on shutdown before they are cancelled."""
 
 DEFAULT_RESCAN_INTERVAL = 5.0

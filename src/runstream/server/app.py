@@ -54,16 +54,7 @@ def create_app(
     settings = settings or Settings()
     owns = backend is None
     log_backend = backend if backend is not None else open_backend(settings.server.backend)
-    lim = settings.limits
-    hub_limits = HubLimits(
-        buffer=lim.subscriber_buffer,
-        buffer_bytes=lim.subscriber_buffer_bytes,
-        page_bytes=lim.max_page_bytes,
-        per_stream=lim.max_subscribers_per_stream,
-        total=lim.max_subscribers,
-        reconcile_interval=settings.server.reconcile_interval,
-        create_grace=settings.server.create_grace,
-    )
+    hub_limits = HubLimits.from_settings(settings)
     holder: dict[str, Metrics] = {}
 
     def on_slow(sub: Subscription) -> None:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Final, Literal, cast
 
 from runstream.backends.base import EventLog, event_size
+from runstream.config import LimitSettings, ServerSettings, Settings
 from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data, rfc3339
 from runstream.errors import (
     HistoryLost,
@@ -57,8 +58,7 @@ from runstream.protocol.sse import encode_event
 
 log = logging.getLogger("runstream.server.hub")
 
-CATCH_UP_PAGE: Final = 2000
-"""Events per log read while a subscriber catches up (also bounded by ``HubLimits.page_bytes``)."""
+_LIMITS, _SERVER = LimitSettings(), ServerSettings()
 
 # One encoder for every frame: json.dumps with options builds a new encoder per call,
 # which is most of the cost of encoding a page of history. Same output as encode_data().
@@ -164,13 +164,31 @@ class Frame:
 
 @dataclass(frozen=True, slots=True)
 class HubLimits:
-    buffer: int = 5000
-    buffer_bytes: int = 64 * 1024 * 1024
-    page_bytes: int = 4 * 1024 * 1024
-    per_stream: int = 10_000
-    total: int = 50_000
-    reconcile_interval: float = 5.0
-    create_grace: float = 10.0
+    """The hub's share of the settings (defaults: the settings' defaults)."""
+
+    buffer: int = _LIMITS.subscriber_buffer
+    buffer_bytes: int = _LIMITS.subscriber_buffer_bytes
+    page: int = _LIMITS.max_page_limit
+    """Events per log read while a subscriber catches up."""
+    page_bytes: int = _LIMITS.max_page_bytes
+    per_stream: int = _LIMITS.max_subscribers_per_stream
+    total: int = _LIMITS.max_subscribers
+    reconcile_interval: float = _SERVER.reconcile_interval
+    create_grace: float = _SERVER.create_grace
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> HubLimits:
+        lim, server = settings.limits, settings.server
+        return cls(
+            buffer=lim.subscriber_buffer,
+            buffer_bytes=lim.subscriber_buffer_bytes,
+            page=lim.max_page_limit,
+            page_bytes=lim.max_page_bytes,
+            per_stream=lim.max_subscribers_per_stream,
+            total=lim.max_subscribers,
+            reconcile_interval=server.reconcile_interval,
+            create_grace=server.create_grace,
+        )
 
 
 class _Feed:
@@ -453,7 +471,7 @@ class Subscription:
             page = await backend.read(
                 self.stream,
                 self.pos,
-                CATCH_UP_PAGE,
+                self.hub.limits.page,
                 epoch=self.epoch,
                 max_bytes=self.hub.limits.page_bytes,
             )
@@ -593,7 +611,7 @@ class Hub:
         if position.now:
             if info is None:
                 raise ValueError("subscribing at 'now' needs the stream's info")
-            pos = info.last_id - 1 if info.closed else info.last_id
+            pos = info.tail
             epoch: str | None = info.epoch
         else:
             pos, epoch = position.offset, position.epoch

@@ -27,7 +27,7 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, WebSocket
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, Strict
 from starlette.responses import Response
 
 from runstream.backends import engine_for
@@ -80,9 +80,13 @@ MAX_CREATE_BODY = 1024 * 1024
 
 
 class RunIn(BaseModel):
-    task: str
+    """The body of ``POST /v1/runs``: params and timeout are checked against the task later."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str = Field(min_length=1)
     params: dict[str, Any] = {}
-    timeout: float | None = None
+    timeout: Annotated[float, Strict(), Field(allow_inf_nan=False)] | None = None
 
 
 class RunOut(BaseModel):
@@ -181,6 +185,7 @@ class RunsAPI:
         registry = TaskRegistry.from_config(settings.tasks)
         if workers is None:
             workers = settings.server.workers
+        kwargs.setdefault("shutdown_grace", settings.server.run_grace)
         return cls(registry, workers=workers, **kwargs)
 
     # -- start-up -------------------------------------------------------------------
@@ -394,27 +399,6 @@ def _status(value: str) -> RunStatus:
 
 
 def _parse_create(payload: Any) -> tuple[str, dict[str, Any], float | None]:
-    if not isinstance(payload, dict):
-        raise ValidationError(
-            'body must be an object {"task": ..., "params": {...}, "timeout": ...}', field="body"
-        )
-    unknown = set(payload) - {"task", "params", "timeout"}
-    if unknown:
-        raise ValidationError(f"unknown fields: {sorted(unknown)}", field=sorted(unknown)[0])
-    task = payload.get("task")
-    if not isinstance(task, str) or not task:
-        raise ValidationError("'task' must name a declared task", field="task")
-    params = payload.get("params")
-    if params is None:
-        params = {}
-    if not isinstance(params, dict):
-        raise InvalidParams("'params' must be an object", field="params")
-    timeout = payload.get("timeout")
-    if timeout is None:
-        return task, params, None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float):
-        raise InvalidParams("'timeout' must be a number of seconds", field="timeout")
-    try:
-        return task, params, float(timeout)
-    except OverflowError:  # an int too large for a float: certainly over any task's limit
-        raise InvalidParams("'timeout' is out of range", field="timeout") from None
+    invalid = {"params": InvalidParams, "timeout": InvalidParams}
+    body = schemas.validate_body(RunIn, payload, invalid=invalid)
+    return body.task, body.params, body.timeout

@@ -32,15 +32,7 @@ StreamName = Annotated[
     ),
 ]
 
-_EVENT_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["type"],
-    "additionalProperties": False,
-    "properties": {
-        "type": {"type": "string", "minLength": 1, "maxLength": 100},
-        "data": {"description": "Any JSON value."},
-    },
-}
+_EVENT_SCHEMA: dict[str, Any] = schemas.EventIn.model_json_schema()
 
 _APPEND_BODY: dict[str, Any] = {
     "requestBody": {
@@ -263,16 +255,10 @@ async def close_stream(request: Request, stream: StreamName) -> Response:
     runtime = get_runtime(request)
     validate_stream_name(stream)
     body = await read_body(request, runtime.settings.limits.max_body_bytes)
-    status = reason = None
+    close = schemas.CloseIn()
     if body.strip():
-        payload = parse_json(runtime, body)
-        if not isinstance(payload, dict):
-            raise ValidationError('close body must be an object {"status": ..., "reason": ...}')
-        unknown = set(payload) - {"status", "reason"}
-        if unknown:
-            raise ValidationError(f"unknown close fields: {sorted(unknown)}", field="body")
-        status, reason = payload.get("status"), payload.get("reason")
-    info = await runtime.backend.close(stream, status, reason)
+        close = schemas.validate_body(schemas.CloseIn, parse_json(runtime, body))
+    info = await runtime.backend.close(stream, close.status, close.reason)
     return JSONResponse(info.to_json())
 
 

@@ -422,7 +422,7 @@ async def long_poll(
     offset = position.offset
     if position.now:
         info = await backend.info(stream)
-        offset = info.last_id - 1 if info.closed else info.last_id
+        offset = info.tail
     max_bytes = lim.max_page_bytes
     try:
         page = await backend.read(stream, offset, limit, epoch=position.epoch, max_bytes=max_bytes)

@@ -652,7 +652,7 @@ class RedisEventLog(EventLog):
         if position.now or position.epoch is None:
             info = await self.info(stream)
             if position.now:
-                position = Position(info.last_id - 1 if info.closed else info.last_id, info.epoch)
+                position = Position(info.tail, info.epoch)
             else:
                 position = Position(position.offset, info.epoch)
         offset, epoch = position.offset, position.epoch

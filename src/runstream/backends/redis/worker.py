@@ -34,6 +34,7 @@ from runstream.backends.redis.runstore import (
     NO_MAINT_NOTIFICATIONS,
     RedisRunStore,
 )
+from runstream.config import RUN_GRACE
 from runstream.core.backoff import RECONNECT, BackoffState
 from runstream.errors import (
     BackendError,
@@ -92,7 +93,7 @@ class WorkerOptions:
     name: str = field(default_factory=default_worker_name)
     concurrency: int = 4
     lease: float = DEFAULT_LEASE
-    shutdown_grace: float = 30.0
+    shutdown_grace: float = RUN_GRACE
     """On stop: how long running tasks may take to finish before they are cancelled."""
     janitor: bool = True
     max_deliveries: int = DEFAULT_MAX_DELIVERIES
