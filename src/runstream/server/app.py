@@ -26,7 +26,7 @@ from runstream.backends.base import EventLog
 from runstream.config import Settings
 from runstream.server import service, streams
 from runstream.server.errors import install_error_handlers
-from runstream.server.fastpath import StreamsFastPath
+from runstream.server.fastpath import events_route
 from runstream.server.hub import Hub, HubLimits, Subscription
 from runstream.server.metrics import LatencyMiddleware, Metrics
 from runstream.server.runtime import Runtime
@@ -42,6 +42,7 @@ def create_app(
     backend: EventLog | None = None,
     routers: Sequence[APIRouter] = (),
     on_startup: Sequence[StartupHook] = (),
+    fast_path: bool = True,
 ) -> FastAPI:
     """Build the app. ``backend`` defaults to ``open_backend(settings.server.backend)``.
 
@@ -99,7 +100,9 @@ def create_app(
     for router in routers:
         app.include_router(router)
     app.include_router(service.router)
-    app.add_middleware(StreamsFastPath, runtime=runtime)
+    if fast_path:
+        # Matched before the routed handlers of the same path (which then only document it).
+        app.router.routes.insert(0, events_route(runtime))
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     # Outermost (added last): Host, CORS, content types and Origin are checked before the
     # fast path or any route sees a request.

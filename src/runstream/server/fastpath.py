@@ -1,88 +1,110 @@
-"""A direct route for the two hot endpoints, in front of the framework.
+"""The two hot endpoints as a plain route at the head of the router.
 
 ``GET`` and ``POST /v1/streams/{stream}/events`` carry almost all of a
 server's traffic: every subscriber and every appended event. Served through
-the full FastAPI stack (routing, dependency solving, exit stacks, exception
+FastAPI's routed handlers (dependency solving, exit stacks, exception
 wrappers), an append costs several times what its own work does, and an SSE
 connection, which lives for minutes or hours with everything on its call stack
-allocated, holds roughly twice the memory it needs. This middleware answers
-both itself, with the same auth, validation and error bodies as the routed
-handlers (which still document the endpoints in OpenAPI and serve JSON reads,
-and share their code with this path: :func:`~runstream.server.streams.append_response`,
-:func:`~runstream.server.transports.sse_response`).
+allocated, holds roughly twice the memory it needs.
+
+:func:`events_route` is a Starlette :class:`~starlette.routing.Route` with a
+bare ASGI endpoint, inserted first in the app's router, so it is matched like
+any route (mounts and ``root_path`` included) and the routed FastAPI handlers
+behind it only document the endpoints in OpenAPI. Both call the same functions
+(:func:`~runstream.server.streams.append_response`,
+:func:`~runstream.server.streams.read_response`) with the same auth and the
+same error bodies; ``tests/server/test_fastpath.py`` checks they answer alike.
 """
 
 from __future__ import annotations
 
 import logging
-import re
-from typing import Final
+import math
+from typing import Final, TypeVar
 
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from runstream.core.model import validate_stream_name
-from runstream.errors import RunstreamError
+from runstream.errors import RunstreamError, ValidationError
 from runstream.server.auth import check_access
 from runstream.server.errors import error_response, runstream_error_response
 from runstream.server.metrics import ROUTE_KEY
 from runstream.server.runtime import Runtime
-from runstream.server.streams import append_response
-from runstream.server.transports import SSE_MEDIA_TYPE, sse_response
+from runstream.server.streams import append_response, read_response
 
 log = logging.getLogger("runstream.server")
 
-_EVENTS_PATH: Final = re.compile(r"^/v1/streams/([^/]+)/events$")
-_ROUTE: Final = "/v1/streams/{stream}/events"
+EVENTS_PATH: Final = "/v1/streams/{stream}/events"
 
 
-class StreamsFastPath:
-    """Pure ASGI middleware serving SSE reads and appends of ``/v1/streams/{stream}/events``."""
+class _EventsEndpoint:
+    """The bare ASGI endpoint behind :func:`events_route` (an instance, so Starlette
+    calls it as an ASGI app instead of wrapping it in a request/response function)."""
 
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
+    def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        method = scope.get("method")
-        if scope["type"] != "http" or method not in ("GET", "POST"):
-            await self.app(scope, receive, send)
-            return
-        match = _EVENTS_PATH.match(scope["path"])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        if method == "GET":
-            conn = HTTPConnection(scope)
-            if SSE_MEDIA_TYPE not in conn.headers.get("accept", "").lower():
-                await self.app(scope, receive, send)  # JSON reads: the routed handler
-                return
-            access = "read"
-        else:
-            conn = Request(scope, receive)
-            access = "write"
-        scope[ROUTE_KEY] = _ROUTE
+        scope[ROUTE_KEY] = EVENTS_PATH
+        request = Request(scope, receive)
+        stream: str = scope["path_params"]["stream"]
         response: Response
         try:
-            denied = check_access(conn, access)
+            denied = check_access(request, "write" if scope["method"] == "POST" else "read")
             if denied is not None:
                 status, code, message = denied
                 headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
                 response = error_response(status, code, message, headers=headers)
-            elif isinstance(conn, Request):
-                response = await append_response(conn, self.runtime, match.group(1))
+            elif scope["method"] == "POST":
+                response = await append_response(request, self.runtime, stream)
             else:
-                response = await sse_response(
-                    self.runtime,
-                    validate_stream_name(match.group(1)),
-                    last_event_id=conn.headers.get("last-event-id"),
-                    after=conn.query_params.get("after"),
-                )
+                response = await self._read(request, stream)
         except RunstreamError as exc:
             response = runstream_error_response(exc)
         except Exception:  # never a stack trace to the client
-            log.exception("unhandled error on %s %s", method, scope["path"])
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             response = error_response(500, "internal", "internal server error")
-        del conn
+        del request
         await response(scope, receive, send)
+
+    async def _read(self, request: Request, stream: str) -> Response:
+        query = request.query_params
+        return await read_response(
+            request,
+            self.runtime,
+            validate_stream_name(stream),
+            after=query.get("after"),
+            limit=_number(query.get("limit"), "limit", int, minimum=1),
+            wait=_number(query.get("wait"), "wait", float, minimum=0) or 0.0,
+            last_event_id=request.headers.get("last-event-id"),
+        )
+
+
+N = TypeVar("N", int, float)
+
+
+def _number(text: str | None, name: str, kind: type[N], *, minimum: N) -> N | None:
+    """A query number as the routed handler's declaration reads it (400 ``invalid`` if not)."""
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValidationError(f"query.{name}: not a valid {kind.__name__}", field=name) from None
+    if (isinstance(value, float) and not math.isfinite(value)) or value < minimum:
+        raise ValidationError(f"query.{name}: must be >= {minimum}", field=name)
+    return value
+
+
+def events_route(runtime: Runtime) -> Route:
+    """The route serving ``GET``/``POST`` :data:`EVENTS_PATH`; insert it first in the router."""
+    return Route(
+        EVENTS_PATH,
+        endpoint=_EventsEndpoint(runtime),
+        methods=["GET", "POST"],
+        include_in_schema=False,
+        name="events_fast",
+    )
