@@ -30,6 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
+from runstream.core.backoff import Backoff, BackoffState
+from runstream.core.backoff import GiveUp as CoreGiveUp
+
 Mode: TypeAlias = Literal["stream", "poll"]
 
 DEFAULT_BASE_DELAY = 0.5
@@ -60,22 +63,20 @@ class RetryPolicy:
     probe_interval: float = DEFAULT_PROBE_INTERVAL
 
     def __post_init__(self) -> None:
-        if self.base_delay < 0 or self.max_delay < 0 or self.multiplier < 1:
-            raise ValueError("delays must be >= 0 and multiplier >= 1")
-        if self.max_attempts is not None and self.max_attempts < 1:
-            raise ValueError("max_attempts must be >= 1 or None")
-        if self.max_elapsed is not None and self.max_elapsed <= 0:
-            raise ValueError("max_elapsed must be > 0 or None")
+        self.backoff  # noqa: B018  (Backoff checks the delays and the budget)
         if self.fallback_after < 0 or self.probe_interval <= 0:
             raise ValueError("fallback_after must be >= 0 and probe_interval > 0")
 
+    @property
+    def backoff(self) -> Backoff:
+        """The waits and the budget, as the shared :class:`~runstream.core.backoff.Backoff`."""
+        return Backoff(
+            self.base_delay, self.max_delay, self.multiplier, self.max_attempts, self.max_elapsed
+        )
+
     def ceiling(self, attempt: int) -> float:
         """Upper bound of the jittered wait before retry number ``attempt`` (1-based)."""
-        if attempt < 1:
-            return 0.0
-        # Cap the exponent so huge attempt counts cannot overflow a float.
-        exp = min(attempt - 1, 64)
-        return float(min(self.max_delay, self.base_delay * self.multiplier**exp))
+        return self.backoff.ceiling(attempt)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,16 +122,19 @@ class ReconnectState:
         self.policy = policy or RetryPolicy()
         self.mode: Mode = mode
         self.allow_fallback = allow_fallback
-        self._rand = rand
-        self.attempt = 0
-        """Failures in the current outage (0 = healthy)."""
+        self._outage = BackoffState(self.policy.backoff, rand=rand)
+        """The waits and the budget of the current outage (the shared decision object)."""
         self.stream_failures = 0
         """Consecutive streaming attempts that ended without a real event."""
-        self.outage_started: float | None = None
         self.server_floor = 0.0
         """Seconds from the server's last ``retry:`` field."""
         self.next_probe: float | None = None
         self.sse_unavailable = False
+
+    @property
+    def attempt(self) -> int:
+        """Failures in the current outage (0 = healthy)."""
+        return self._outage.attempt
 
     # -- inputs --------------------------------------------------------------
 
@@ -143,8 +147,7 @@ class ReconnectState:
 
     def on_event(self) -> None:
         """A real event was delivered: the outage, if any, is over."""
-        self.attempt = 0
-        self.outage_started = None
+        self._outage.on_success()
         if self.mode == "stream":
             self.stream_failures = 0
 
@@ -154,8 +157,7 @@ class ReconnectState:
         The server is reachable, so the outage is over. Returns the mode for the
         next request: ``"stream"`` when it is time to probe streaming again.
         """
-        self.attempt = 0
-        self.outage_started = None
+        self._outage.on_success()
         if self.next_probe is None:
             self.next_probe = now + self.policy.probe_interval
         # Probing is part of the fallback; a poll-only follower never streams.
@@ -185,29 +187,24 @@ class ReconnectState:
             self.mode = "poll"
             self.next_probe = now + self.policy.probe_interval
             return Retry(0.0, "poll", self.attempt, reason)
-        if self.outage_started is None:
-            self.outage_started = now
-        self.attempt += 1
-        elapsed = now - self.outage_started
-        p = self.policy
-        if p.max_attempts is not None and self.attempt > p.max_attempts:
-            return GiveUp(
-                reason,
-                self.attempt - 1,
-                elapsed,
-                f"gave up after {self.attempt - 1} failed attempts in {elapsed:.1f}s "
-                f"(last failure: {reason})",
-            )
         floor = max(self.server_floor, retry_after or 0.0)
-        delay = max(floor, self._rand(0.0, p.ceiling(self.attempt)))
-        if p.max_elapsed is not None and elapsed + delay > p.max_elapsed:
-            return GiveUp(
-                reason,
-                self.attempt - 1,
-                elapsed,
-                f"gave up: outage of {elapsed:.1f}s would exceed the {p.max_elapsed:g}s budget "
-                f"after {self.attempt - 1} retries (last failure: {reason})",
-            )
+        decision = self._outage.on_failure(reason, now, floor=floor)
+        if isinstance(decision, CoreGiveUp):
+            retries = decision.attempts - 1
+            if decision.bound == "attempts":
+                message = (
+                    f"gave up after {retries} failed attempts in {decision.elapsed:.1f}s "
+                    f"(last failure: {reason})"
+                )
+            else:
+                message = (
+                    f"gave up: outage of {decision.elapsed:.1f}s would exceed the "
+                    f"{self.policy.max_elapsed:g}s budget after {retries} retries "
+                    f"(last failure: {reason})"
+                )
+            return GiveUp(reason, retries, decision.elapsed, message)
+        delay = decision.delay
+        p = self.policy
         if (
             self.mode == "stream"
             and self.allow_fallback

@@ -34,7 +34,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Literal, TypeAlias
 
 __all__ = ["RECONNECT", "Backoff", "BackoffState", "Decision", "GiveUp", "Retry"]
 
@@ -85,7 +85,7 @@ class Retry:
 
 @dataclass(frozen=True, slots=True)
 class GiveUp:
-    """The outage's budget is spent; ``message`` says which bound was hit.
+    """The outage's budget is spent; ``bound`` and ``message`` say which bound was hit.
 
     ``attempts`` counts the failures of the outage, the last one included.
     """
@@ -94,6 +94,7 @@ class GiveUp:
     attempts: int
     elapsed: float
     message: str
+    bound: Literal["attempts", "elapsed"] = "attempts"
 
 
 Decision: TypeAlias = Retry | GiveUp
@@ -122,8 +123,12 @@ class BackoffState:
         self.attempt = 0
         self.outage_started = None
 
-    def on_failure(self, reason: str, now: float) -> Decision:
-        """An attempt failed at monotonic time ``now``: retry after a delay, or give up."""
+    def on_failure(self, reason: str, now: float, *, floor: float = 0.0) -> Decision:
+        """An attempt failed at monotonic time ``now``: retry after a delay, or give up.
+
+        ``floor`` is the shortest wait the other side asked for (an SSE ``retry:``,
+        a ``Retry-After``); the jittered wait is raised to it.
+        """
         if self.outage_started is None:
             self.outage_started = now
         self.attempt += 1
@@ -137,7 +142,7 @@ class BackoffState:
                 f"gave up after {self.attempt} failed attempts in {elapsed:.1f}s "
                 f"(last failure: {reason})",
             )
-        delay = self._rand(0.0, p.ceiling(self.attempt))
+        delay = max(floor, self._rand(0.0, p.ceiling(self.attempt)))
         if p.max_elapsed is not None and elapsed + delay > p.max_elapsed:
             return GiveUp(
                 reason,
@@ -145,6 +150,7 @@ class BackoffState:
                 elapsed,
                 f"gave up: an outage of {elapsed:.1f}s would exceed the {p.max_elapsed:g}s "
                 f"budget (last failure: {reason})",
+                bound="elapsed",
             )
         return Retry(delay, self.attempt, reason)
 
