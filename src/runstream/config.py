@@ -37,6 +37,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -97,9 +98,10 @@ class _Section(BaseModel):
 
     @field_validator("*", mode="before")
     @classmethod
-    def _no_booleans(cls, value: Any) -> Any:
+    def _no_booleans(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads true as 1; a setting spelt `port = true` is a mistake.
-        if isinstance(value, bool):
+        field = cls.model_fields[info.field_name or ""]
+        if isinstance(value, bool) and field.annotation is not bool:
             raise ValueError("a boolean is not a valid value here")
         return value
 
@@ -118,8 +120,12 @@ class ServerSettings(_Section):
     """Seconds between keepalive comments on an idle SSE response (pings on WS)."""
     reconcile_interval: Seconds = 5.0
     """How often open responses are checked against stream state (closed, deleted)."""
+    wait_for_create: bool = True
+    """Whether SSE, WebSocket and long-poll reads of a stream that does not exist yet wait
+    for it (the default) or answer 404; a read's ``wait_for_create`` parameter overrides it."""
     create_grace: float = Field(10.0, ge=0)
-    """A stream first seen less than this long ago is not ended for being absent."""
+    """Deprecated and ignored (streams not created yet are waited for: ``wait_for_create``);
+    still accepted so that existing configuration files load."""
     shutdown_grace: float = Field(1.0, ge=0)
     """On shutdown, how long a streaming response may take to flush before it is cut."""
     run_grace: float = Field(RUN_GRACE, ge=0)

@@ -114,12 +114,46 @@ async def test_after_now_sees_only_what_is_appended_later(
 
 
 @pytest.mark.parametrize("transport", EVERY)
-async def test_an_unknown_stream_raises_stream_not_found(
+async def test_following_a_stream_before_it_exists_gets_every_event_from_id_1(
+    live_server: LiveServer, transport: str
+) -> None:
+    async with AsyncClient(live_server.url) as c:
+        follower = c.follow("later", transport=transport, poll_wait=0.2)  # type: ignore[arg-type]
+        first = asyncio.create_task(anext(follower))
+        # It connects (several times, on poll) and waits: nothing to deliver yet.
+        await asyncio.sleep(0.4)
+        assert not first.done()
+        await fill(live_server, "later", 3)
+        items = [await first] + [i async for i in follower]
+        await follower.aclose()
+        epoch = (await c.info("later")).epoch
+    assert ids(items) == [1, 2, 3, 4]
+    # The epoch is learned on every transport (WebSocket: in-band), so a resume checks it.
+    assert {i.epoch for i in items if isinstance(i, Event)} == {epoch}
+    assert follower.position == f"{epoch}:4"
+
+
+@pytest.mark.parametrize("transport", EVERY)
+async def test_after_now_on_a_stream_not_created_yet_gets_all_it_will_hold(
+    live_server: LiveServer, transport: str
+) -> None:
+    async with AsyncClient(live_server.url) as c:
+        follower = c.follow("nowlater", after="now", transport=transport, poll_wait=0.2)  # type: ignore[arg-type]
+        first = asyncio.create_task(anext(follower))
+        await asyncio.sleep(0.3)
+        await fill(live_server, "nowlater", 2)
+        items = [await first] + [i async for i in follower]
+        await follower.aclose()
+    assert ids(items) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("transport", EVERY)
+async def test_an_unknown_stream_raises_stream_not_found_when_not_waiting(
     live_server: LiveServer, transport: str
 ) -> None:
     async with AsyncClient(live_server.url) as c:
         with pytest.raises(StreamNotFound):
-            await collect(c.follow("missing", transport=transport))  # type: ignore[arg-type]
+            await collect(c.follow("missing", transport=transport, wait_for_create=False))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("transport", STREAMING)
@@ -297,43 +331,70 @@ async def test_follow_run_over_websocket_uses_the_runs_endpoint() -> None:
 
 
 @pytest.mark.parametrize("transport", EVERY)
-async def test_deleting_the_stream_while_following_raises_stream_not_found(
+async def test_a_stream_deleted_while_followed_is_waited_for_and_reported_as_a_reset(
     live_server: LiveServer, transport: str
 ) -> None:
     await fill(live_server, "gone", 2, close=False)
     async with AsyncClient(live_server.url) as c:
         follower = c.follow("gone", transport=transport, retry=FAST, poll_wait=0.2)  # type: ignore[arg-type]
         got = [await anext(follower), await anext(follower)]
+        old_epoch = follower.epoch
         await c.delete_stream("gone")
+        nxt = asyncio.create_task(anext(follower))
+        await asyncio.sleep(0.3)
+        assert not nxt.done()  # waiting for the stream to come back, not failing
+        await fill(live_server, "gone", 1)
+        items = [await nxt] + [i async for i in follower]
+        await follower.aclose()
+    assert ids(got) == [1, 2]
+    reset = items[0]
+    assert isinstance(reset, Reset) and reset.reason == "epoch_changed"
+    assert reset.epoch != old_epoch and (reset.after, reset.requested) == (0, 2)
+    assert ids(items) == [1, 2]
+
+
+@pytest.mark.parametrize("transport", EVERY)
+async def test_deleting_the_stream_while_following_raises_stream_not_found_when_not_waiting(
+    live_server: LiveServer, transport: str
+) -> None:
+    await fill(live_server, "gone2", 2, close=False)
+    async with AsyncClient(live_server.url) as c:
+        follower = c.follow(
+            "gone2",
+            transport=transport,  # type: ignore[arg-type]
+            retry=FAST,
+            poll_wait=0.2,
+            wait_for_create=False,
+        )
+        got = [await anext(follower), await anext(follower)]
+        await c.delete_stream("gone2")
         with pytest.raises(StreamNotFound):
             await collect(follower)
     assert ids(got) == [1, 2]
 
 
-async def test_websocket_reads_the_epoch_first_under_the_first_event_timer(
+async def test_websocket_learns_the_epoch_in_band_without_another_request(
     live_server: LiveServer, proxy: FaultProxy
 ) -> None:
-    # WebSocket events carry no epoch: the follower asks for it once, and a stalled
-    # answer is a first-event timeout like a stalled stream, not a 30 s hang.
-    first = True
+    # WebSocket events carry their epoch, and the follower resumes with it (no GET of
+    # the stream's state, which would not exist yet for a stream not created).
+    faults = iter([Fault("reset", at=400)])
 
     def plan(head: bytes) -> Fault:
-        nonlocal first
-        if head.startswith(b"GET /v1/streams/wsinfo HTTP") and first:
-            first = False
-            return Fault("stall_first")
-        return Fault()
+        return next(faults, Fault()) if b"upgrade: websocket" in head.lower() else Fault()
 
     proxy.plan = plan
-    await fill(live_server, "wsinfo", 2)
-    metrics = Metrics()
-    # One request per connection, so the stalled one is not reused.
+    await fill(live_server, "wsinfo", 30)
     async with AsyncClient(proxy.url, transport=no_reuse()) as c:
-        follower = c.follow("wsinfo", transport="ws", first_event=0.3, metrics=metrics)
+        follower = c.follow("wsinfo", transport="ws", retry=FAST)
         items = await collect(follower)
-    assert ids(items) == [1, 2, 3] and {e.epoch for e in items if isinstance(e, Event)} != {None}
-    assert metrics.watchdog_kills == {"first_event": 1}
-    assert f"after={follower.epoch}%3A0" in proxy.log[-1].request.decode()
+        epoch = (await c.info("wsinfo")).epoch
+    assert ids(items) == list(range(1, 32))
+    assert {e.epoch for e in items if isinstance(e, Event)} == {epoch}
+    requests = [conn.request.decode() for conn in proxy.log]
+    assert all("upgrade: websocket" in r.lower() for r in requests[:2])
+    assert f"after={epoch}%3A" in requests[1]  # the resume after the reset carried the epoch
+    assert proxy.injected["reset"] == 1
 
 
 def no_reuse() -> httpx.AsyncHTTPTransport:

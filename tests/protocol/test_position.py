@@ -122,3 +122,26 @@ def test_whatever_arrives_the_delivered_ids_are_contiguous_and_never_repeat(
     delivered = feed(pos, received)
     assert delivered == list(range(1, len(delivered) + 1))
     assert pos.offset == len(delivered)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(min_value=1, max_value=12),
+            st.sampled_from(["tick", "end"]),
+            st.sampled_from([None, "ep", "other"]),
+        ),
+        max_size=60,
+    ),
+    st.sampled_from([None, "ep:0", "ep:3", "4"]),
+)
+def test_advance_decides_and_commits_exactly_as_on_event_then_delivered(
+    received: list[tuple[int, str, str | None]], after: str | None
+) -> None:
+    one, two = ReaderPosition.parse(after), ReaderPosition.parse(after)
+    for id_, type_, epoch in received:
+        verdict = two.on_event(id_, type_, epoch)
+        if verdict in ("deliver", "end"):
+            two.delivered(id_, type_, epoch)
+        assert one.advance(id_, type_, epoch) == verdict
+        assert (one.token, one.pinned, one.ended) == (two.token, two.pinned, two.ended)

@@ -72,8 +72,9 @@ async def test_sse_at_end_of_closed_stream_is_204(client: httpx.AsyncClient) -> 
 
 
 async def test_unknown_stream_is_404_json(client: httpx.AsyncClient) -> None:
-    for headers in ({}, {"Accept": "text/event-stream"}):
-        r = await client.get("/v1/streams/nope/events", headers=headers)
+    # A catch-up read; SSE (and long-poll, WebSocket) wait for it unless told not to.
+    for headers, params in (({}, {}), ({"Accept": "text/event-stream"}, {"wait_for_create": "0"})):
+        r = await client.get("/v1/streams/nope/events", headers=headers, params=params)
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "stream_not_found"
     r = await client.get("/v1/streams/nope")

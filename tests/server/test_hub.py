@@ -245,28 +245,126 @@ async def test_reconciliation_ends_subscribers_that_missed_the_delete() -> None:
         await hub.close()
 
 
-async def test_reconciliation_spares_a_stream_created_a_moment_ago(log: YieldingLog) -> None:
-    hub = Hub(log, HubLimits(create_grace=60))
+async def test_a_stream_not_created_yet_is_waited_for_with_keepalives(log: YieldingLog) -> None:
+    hub = Hub(log, HubLimits(reconcile_interval=3600))
     try:
         sub = hub.subscribe("later", Position(0), transport="test", wait_for_create=True)
+        # While it waits, get() comes back empty every idle period (the transport's keepalive).
+        assert await sub.get(idle=0.05) == []
+        await hub.reconcile()  # absent and never seen: not a deletion
+        assert sub.end_reason is None
         waiting = asyncio.ensure_future(sub.get(idle=30))
-        await asyncio.sleep(0.05)
-        await hub.reconcile()
-        assert sub.end_reason is None and not waiting.done()
-        await log.append("later", events(1))
+        await log.append("later", events(2))
         frames = await waiting
-        assert frames is not None and [f.id for f in frames] == [1]
+        assert frames is not None and [f.id for f in frames] == [1, 2]
+        assert sub.waiting is False
         sub.close()
-        # Once its grace has passed, a stream that never appeared ends the response.
-        other = hub.subscribe("never", Position(0), transport="test", wait_for_create=True)
-        other_get = asyncio.ensure_future(other.get(idle=30))
-        await asyncio.sleep(0.05)
-        hub._feeds["never"].created -= 3600
-        await hub.reconcile()
-        assert await other_get is None and other.end_reason == "deleted"
-        other.close()
     finally:
         await hub.close()
+
+
+async def test_many_waiting_clients_cost_one_watch_and_no_reads(log: YieldingLog) -> None:
+    hub = Hub(log)
+    hub.start()
+    reads = 0
+    real_read = log._read
+
+    async def counting_read(*args: object, **kwargs: object) -> object:
+        nonlocal reads
+        reads += 1
+        return await real_read(*args, **kwargs)  # type: ignore[arg-type]
+
+    log._read = counting_read  # type: ignore[method-assign]
+    try:
+        subs = [
+            hub.subscribe(f"s{i % 5}", Position(0), transport="test", wait_for_create=True)
+            for i in range(200)
+        ]
+        gets = [asyncio.ensure_future(s.get(idle=0.2)) for s in subs]
+        assert await asyncio.gather(*gets) == [[]] * 200  # idle: keepalive time
+        first = reads
+        gets = [asyncio.ensure_future(s.get(idle=0.2)) for s in subs]
+        assert await asyncio.gather(*gets) == [[]] * 200
+        # One read each when the stream was found absent; none while waiting on.
+        assert first == 200 and reads == first
+        assert sorted(log.notifier.watched()) == [f"s{i}" for i in range(5)]
+        await log.append("s3", events(1))
+        got = await asyncio.gather(*(s.get(idle=5) for s in subs[3::5]))
+        assert all(f is not None and [x.id for x in f] == [1] for f in got)
+        for s in subs:
+            s.close()
+    finally:
+        await hub.close()
+
+
+async def test_a_deleted_stream_ends_its_readers_but_not_those_waiting_for_it(
+    log: YieldingLog,
+) -> None:
+    hub = Hub(log, HubLimits(reconcile_interval=3600))
+    try:
+        await log.append("d", events(1))
+        reader = hub.subscribe("d", Position(0), transport="test", wait_for_create=True)
+        assert [f.id for f in await collect(reader, 1)] == [1]
+        await log.delete("d")
+        assert await reader.get(idle=5) is None and reader.end_reason == "deleted"
+        reader.close()
+        # A client that comes back (with its position) waits for the stream to return,
+        # then gets a reset: it is another history.
+        back = hub.subscribe("d", Position(1, reader.epoch), transport="test", wait_for_create=True)
+        assert await back.get(idle=0.05) == []
+        await log.append("d", events(3))
+        frames = await collect(back, 3)
+        assert frames[0].reset is not None and frames[0].reset.reason == "epoch_changed"
+        assert [f.id for f in frames[1:]] == [1, 2, 3]
+        back.close()
+    finally:
+        await hub.close()
+
+
+async def test_an_end_check_ends_a_wait_for_a_stream_that_will_never_exist(
+    log: YieldingLog,
+) -> None:
+    hub = Hub(log, HubLimits(reconcile_interval=3600))
+    gone: set[str] = set()
+    seen: list[StreamInfo | None] = []
+
+    async def run_is_gone(stream: str, info: StreamInfo | None) -> str | None:
+        seen.append(info)
+        return "deleted" if stream in gone else None
+
+    hub.add_end_check(run_is_gone)
+    try:
+        sub = hub.subscribe("run-x", Position(0), transport="test", wait_for_create=True)
+        assert await sub.get(idle=0.05) == []
+        await hub.reconcile()
+        assert sub.end_reason is None and seen == [None]
+        gone.add("run-x")
+        await hub.reconcile()
+        assert await sub.get(idle=5) is None and sub.end_reason == "deleted"
+        sub.close()
+    finally:
+        await hub.close()
+
+
+async def test_subscribing_at_now_to_a_stream_not_created_yet_gets_all_it_will_hold(
+    log: YieldingLog, hub: Hub
+) -> None:
+    sub = hub.subscribe("n", Position(now=True), transport="test", wait_for_create=True)
+    assert await sub.get(idle=0.05) == []
+    await log.append("n", events(2))
+    assert [f.id for f in await collect(sub, 2)] == [1, 2]
+    sub.close()
+
+
+async def test_shutdown_ends_a_waiting_subscription_at_once(log: YieldingLog) -> None:
+    hub = Hub(log)
+    sub = hub.subscribe("w", Position(0), transport="test", wait_for_create=True)
+    assert await sub.get(idle=0.05) == []
+    waiting = asyncio.ensure_future(sub.get(idle=60))
+    await asyncio.sleep(0.01)
+    await hub.close()
+    assert await asyncio.wait_for(waiting, 1) is None and sub.end_reason == "shutdown"
+    sub.close()
 
 
 async def test_end_check_hook_ends_responses(log: YieldingLog, hub: Hub) -> None:

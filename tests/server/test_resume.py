@@ -80,7 +80,10 @@ async def test_ws_resume_after_disconnect_is_exact(
             await ws.recv()
     assert [m["data"]["i"] for m in got] == list(range(10))
     assert [m["id"] for m in got] == list(range(1, 11))
-    assert set(got[0]) == {"id", "type", "data", "time"}
+    # The SPEC's fields, plus the epoch (WebSocket has no SSE id to carry it).
+    epoch = (await http.get("/v1/streams/w")).json()["epoch"]
+    assert set(got[0]) == {"id", "type", "data", "time", "epoch"}
+    assert {m["epoch"] for m in got} == {epoch}
     assert end["type"] == "end" and end["id"] == 11 and end["data"]["status"] == "done"
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000
 

@@ -39,6 +39,13 @@ from runstream.client.handlers import (
 )
 from runstream.client.metrics import Metrics
 from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
+from runstream.client.runs import (
+    DEFAULT_MAX_RUNS,
+    RUNS_FEED,
+    RUNS_FEED_PATH,
+    RunFilter,
+    RunsListener,
+)
 from runstream.core.model import JSON, AppendResult, Event, NewEvent, Page, StreamInfo
 from runstream.errors import RemoteError, RetriesExhausted, ValidationError
 
@@ -117,6 +124,9 @@ class AsyncClient:
         self._followers: weakref.WeakSet[Follower] = weakref.WeakSet()
         self._refresh_lock = asyncio.Lock()
         self.registry = HandlerRegistry()
+        self.run_registry = HandlerRegistry()
+        """Handlers for the events of every run (:meth:`on_run`, :meth:`handle_runs`)."""
+        self._listeners: set[RunsListener] = set()
         self._closed = False
 
     # -- session (used by followers) ---------------------------------------------
@@ -374,6 +384,7 @@ class AsyncClient:
         options: FollowOptions | None = None,
         run: bool = False,
         transport: Transport | None = None,
+        path: str | None = None,
         **overrides: Any,
     ) -> Follower:
         """Follow ``stream`` from ``after`` (``None``: the beginning; ``"now"``; an id;
@@ -387,7 +398,9 @@ class AsyncClient:
         ``"poll"``; every one gives the same guarantees. ``overrides`` set
         other :class:`FollowOptions` fields for this call, e.g.
         ``first_event=10, idle=30, stale=0, reset="raise"``. ``run=True``
-        follows a run through ``/v1/runs/{id}/events`` (``/ws``).
+        follows a run through ``/v1/runs/{id}/events`` (``/ws``); ``path``
+        reads another endpoint of the same kind (``…/events``, its WebSocket
+        at ``…/ws``), as :meth:`follow_runs` does.
 
         Close it (``async with`` / :meth:`Follower.aclose`) if you stop early;
         setting ``stop_event`` ends the iteration promptly.
@@ -395,7 +408,8 @@ class AsyncClient:
         if transport is not None:
             overrides["transport"] = transport
         opts = replace(options or self.follow_options, **overrides)
-        path = f"/v1/runs/{stream}/events" if run else None
+        if run:
+            path = f"/v1/runs/{stream}/events"
         follower = Follower(
             self,
             stream,
@@ -436,6 +450,8 @@ class AsyncClient:
         checkpoint_name: str | None = None,
         handler_retry: RetryPolicy | None = None,
         dead_letter: DeadLetter | None = None,
+        registry: HandlerRegistry | None = None,
+        extra: Mapping[str, Any] | None = None,
         **overrides: Any,
     ) -> Event | None:
         """Follow ``stream`` and hand every event to the registered handlers until it ends.
@@ -459,6 +475,10 @@ class AsyncClient:
         and counts as handled: the checkpoint moves past it. If ``dead_letter``
         raises, the listener stops with :class:`HandlerFailed` and the
         checkpoint stays before that item.
+
+        ``registry`` replaces the handlers registered with :meth:`on` (as
+        :meth:`handle_runs` does with :meth:`on_run`'s); ``extra`` is
+        ``ctx.extra`` in every handler.
         """
         metrics = metrics or Metrics()
         writer: CheckpointWriter | None = None
@@ -474,7 +494,9 @@ class AsyncClient:
         follower = self.follow(
             stream, after, stop_event=stop_event, metrics=metrics, run=run, **overrides
         )
-        ctx = Context(stream=stream, metrics=metrics, client=self, follower=follower)
+        ctx = Context(
+            stream=stream, metrics=metrics, client=self, follower=follower, extra=dict(extra or {})
+        )
         pool = WorkerPool(
             metrics,
             concurrency=concurrency,
@@ -483,7 +505,7 @@ class AsyncClient:
             dead_letter=dead_letter,
             watermark=watermark,
         )
-        pump = asyncio.create_task(self._pump(follower, pool, ctx))
+        pump = asyncio.create_task(self._pump(follower, pool, ctx, registry or self.registry))
         failed = asyncio.ensure_future(pool.failed.wait())
         try:
             await asyncio.wait((pump, failed), return_when=asyncio.FIRST_COMPLETED)
@@ -503,13 +525,85 @@ class AsyncClient:
             raise pool.failure
         return follower.end
 
-    async def _pump(self, follower: Follower, pool: WorkerPool, ctx: Context) -> None:
+    async def _pump(
+        self, follower: Follower, pool: WorkerPool, ctx: Context, registry: HandlerRegistry
+    ) -> None:
         while True:
             try:
                 item, received = await follower.next_with_receipt()
             except StopAsyncIteration:
                 return
-            await dispatch(self.registry, pool, item, ctx, received)
+            await dispatch(registry, pool, item, ctx, received)
+
+    # -- every run ---------------------------------------------------------------------
+
+    def follow_runs(self, after: int | str | None = None, **kw: Any) -> Follower:
+        """Follow the runs feed: one item per run lifecycle move, for every run.
+
+        Items are :class:`Event` of type ``created``, ``status`` or ``ended``
+        whose ``data`` is the run object (as :meth:`get_run` returns it) plus
+        ``"previous"`` (the status it moved from; ``None`` when unknown). The
+        feed never ends; ``after`` and every option are :meth:`follow`'s, so
+        ``follower.position`` is a resume point like any other. See
+        ``docs/listening.md`` ("Every run") for what the feed guarantees.
+        """
+        return self.follow(RUNS_FEED, after, path=RUNS_FEED_PATH, **kw)
+
+    def on_run(
+        self, *types: str, where: Where | None = None, key: KeyFn | None = None
+    ) -> Callable[[EventHandler], EventHandler]:
+        """Register a handler for the events of *every* run (see :meth:`handle_runs`).
+
+        Like :meth:`on`; in the handler, ``ctx.stream`` is the run id and
+        ``ctx.extra["run"]`` the run object from the feed item that revealed it.
+        """
+        return self.run_registry.on(*types, where=where, key=key)
+
+    async def handle_runs(
+        self,
+        after: int | str | None = None,
+        *,
+        where: RunFilter | None = None,
+        stop_event: asyncio.Event | None = None,
+        checkpoint: CheckpointStore | None = None,
+        checkpoint_name: str = "runs",
+        max_runs: int = DEFAULT_MAX_RUNS,
+        metrics: Metrics | None = None,
+        **run_options: Any,
+    ) -> None:
+        """One listener for every run: follow the runs feed and, for each run, its stream.
+
+        Each run the feed reveals (and ``where(run)`` accepts) is followed to its
+        end with :meth:`run_forever` and the handlers registered with
+        :meth:`on_run`; ``run_options`` (``concurrency``, ``queue_size``,
+        ``handler_retry``, ``dead_letter``, watchdogs, ``transport``...) apply
+        to each. At most ``max_runs`` runs are followed at once (the feed waits
+        for a free slot). Runs until ``stop_event`` is set or the client
+        closes; a run's listener that fails (:class:`HandlerFailed`,
+        :class:`RetriesExhausted`) stops it and is raised.
+
+        ``checkpoint`` keeps positions durable: the feed's under
+        ``checkpoint_name``, each run's under ``"<checkpoint_name>:<run id>"``.
+        The feed's only moves past a run once that run was handled to its
+        end, so a restarted listener resumes every unfinished run and skips
+        none (at least once, like :meth:`run_forever`).
+        """
+        listener = RunsListener(
+            self,
+            self.run_registry,
+            where=where,
+            max_runs=max_runs,
+            checkpoint=checkpoint,
+            checkpoint_name=checkpoint_name,
+            stop_event=stop_event,
+            metrics=metrics,
+            run_options=run_options,
+        )
+        self._listeners.add(listener)
+        try:
+            await listener.run(after)
+        finally:
+            self._listeners.discard(listener)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -518,6 +612,8 @@ class AsyncClient:
         if self._closed:
             return
         self._closed = True
+        for listener in list(self._listeners):
+            listener.stop.set()
         followers = list(self._followers)
         self._followers.clear()
         await asyncio.gather(*(f.aclose() for f in followers), return_exceptions=True)

@@ -38,6 +38,9 @@ class FollowOptions:
     long-poll fallback), ``"sse"`` (never poll), ``"ws"`` (WebSocket, never
     poll) or ``"poll"`` (only long-poll). ``buffer`` is how many received
     items may wait for the consumer before reading pauses.
+    ``wait_for_create``: a stream that does not exist yet is waited for
+    (``True``) or raises :class:`~runstream.errors.StreamNotFound`
+    (``False``); ``None`` leaves it to the server (which waits by default).
 
     :meth:`from_env` reads the watchdogs, backoff and transport from
     ``RUNSTREAM_*`` variables (see ``docs/listening.md``).
@@ -54,6 +57,7 @@ class FollowOptions:
     buffer: int = DEFAULT_BUFFER
     max_line: int = 1 << 20
     max_event: int = 8 << 20
+    wait_for_create: bool | None = None
 
     def __post_init__(self) -> None:
         if self.reset not in ("yield", "raise"):

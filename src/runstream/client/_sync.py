@@ -22,6 +22,7 @@ from runstream.client.follow import Follower, FollowOptions, Item
 from runstream.client.handlers import EventHandler, KeyFn, ResetHandler, Where
 from runstream.client.metrics import Metrics
 from runstream.client.policy import RetryPolicy
+from runstream.client.runs import RUNS_FEED, RUNS_FEED_PATH
 from runstream.core.model import JSON, AppendResult, Event, NewEvent, Page, StreamInfo
 from runstream.errors import UsageError
 
@@ -269,6 +270,7 @@ class Client:
         metrics: Metrics | None = None,
         options: FollowOptions | None = None,
         run: bool = False,
+        path: str | None = None,
         **overrides: Any,
     ) -> SyncFollower:
         """Blocking :meth:`AsyncClient.follow`: iterate with ``for``; close it if you stop early."""
@@ -282,6 +284,7 @@ class Client:
                 metrics=metrics,
                 options=options,
                 run=run,
+                path=path,
                 **overrides,
             )
 
@@ -310,6 +313,31 @@ class Client:
         target, bridge = self._stop_bridge(stop_event)
         try:
             return self._call(self._async.run_forever(stream, after, stop_event=target, **kw))
+        finally:
+            if bridge is not None and self._runner.thread.is_alive():
+                self._runner.loop.call_soon_threadsafe(bridge.cancel)
+
+    def follow_runs(self, after: int | str | None = None, **kw: Any) -> SyncFollower:
+        """Blocking :meth:`AsyncClient.follow_runs` (the runs feed)."""
+        return self.follow(RUNS_FEED, after, path=RUNS_FEED_PATH, **kw)
+
+    def on_run(
+        self, *types: str, where: Where | None = None, key: KeyFn | None = None
+    ) -> Callable[[EventHandler], EventHandler]:
+        """:meth:`AsyncClient.on_run`: plain functions run in worker threads."""
+        return self._async.on_run(*types, where=where, key=key)
+
+    def handle_runs(
+        self,
+        after: int | str | None = None,
+        *,
+        stop_event: threading.Event | None = None,
+        **kw: Any,
+    ) -> None:
+        """Blocking :meth:`AsyncClient.handle_runs`; ``stop_event`` is a ``threading.Event``."""
+        target, bridge = self._stop_bridge(stop_event)
+        try:
+            self._call(self._async.handle_runs(after, stop_event=target, **kw))
         finally:
             if bridge is not None and self._runner.thread.is_alive():
                 self._runner.loop.call_soon_threadsafe(bridge.cancel)

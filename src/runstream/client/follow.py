@@ -9,8 +9,8 @@ connection attempt uses one transport:
   needs, which httpx-sse does not); the server time comes in the ``time:``
   field that standard parsers ignore;
 * ``ws`` — the WebSocket endpoint ``…/ws?after=`` (the ``websockets``
-  library): one JSON message per event, ``{"type": "ping"}`` heartbeats while
-  idle, close code 1000 once the stream is over;
+  library): one JSON message per event (with its ``epoch``), ``{"type":
+  "ping"}`` heartbeats while idle, close code 1000 once the stream is over;
 * ``poll`` — the JSON long-poll ``?after=&wait=``; also what ``auto`` (SSE
   first) falls back to while streaming keeps failing.
 
@@ -67,7 +67,7 @@ from runstream.errors import (
     RetriesExhausted,
     ValidationError,
 )
-from runstream.protocol.cursor import NOW, parse_position
+from runstream.protocol.cursor import NOW, WAIT_FOR_CREATE, parse_position
 from runstream.protocol.position import ReaderPosition
 from runstream.protocol.sse import SSEDecoder, SSEMessage, check_response
 
@@ -476,13 +476,18 @@ class Follower:
             "Cache-Control": "no-cache",
         }
         headers.update(self._session.auth_headers())
-        params: dict[str, str] = {}
+        params = self._create_param()
         pos = self._pos
         if pos.epoch is not None:
             headers["Last-Event-ID"] = pos.token
         elif pos.offset > 0:
             params["after"] = str(pos.offset)
         return headers, params
+
+    def _create_param(self) -> dict[str, str]:
+        """``wait_for_create=1|0`` when the options say, else nothing (the server decides)."""
+        wait = self.options.wait_for_create
+        return {} if wait is None else {WAIT_FOR_CREATE: "1" if wait else "0"}
 
     async def _sse_once(self) -> None:
         loop = asyncio.get_running_loop()
@@ -586,39 +591,19 @@ class Follower:
         base = self._session.http.base_url
         scheme = "wss" if base.scheme == "https" else "ws"
         url = base.copy_with(scheme=scheme).join(self._ws_path.lstrip("/"))
+        params = self._create_param()
         pos = self._pos
         if pos.epoch is not None or pos.pinned:
             # "<epoch>:0" too: the server then checks the epoch from the first connection.
-            url = url.copy_merge_params({"after": pos.token})
+            params["after"] = pos.token
+        if params:
+            url = url.copy_merge_params(params)
         return str(url)
-
-    async def _learn_epoch(self) -> None:
-        """WebSocket events do not carry the epoch: read it from the stream's state.
-
-        Resuming with ``after=<epoch>:<id>`` then lets the server notice a
-        re-created stream and send a reset, as SSE's ``Last-Event-ID`` does. A
-        stream that does not exist (yet) leaves it unknown.
-        """
-        try:
-            resp = await self._session.http.get(
-                f"/v1/streams/{self.stream}", headers=self._session.auth_headers()
-            )
-        except httpx.TransportError as exc:
-            raise _Retry("network") from exc
-        if resp.status_code == 200:
-            info = expect_json(resp.text, what=f"info of {self.stream!r}")
-            self._pos.learn_epoch(str(info["epoch"]))
-        elif resp.status_code != 404:
-            await self._raise_for_status(resp.status_code, resp.text, resp.headers)
 
     async def _ws_once(self) -> None:
         from runstream.client import _ws
 
         loop = asyncio.get_running_loop()
-        if self._pos.epoch is None:
-            # Under the first-event timer too: a stalled answer must not hold the follower.
-            self._timers.start(loop.time())
-            await self._guard(self._learn_epoch())
         self._timers.start(loop.time())
         delivered_before = self.metrics.events
         async with _ws.Connection(
@@ -682,8 +667,12 @@ class Follower:
         except ProtocolError as exc:
             self._malformed(str(exc))
             return
+        # Each event carries its epoch (servers before that: none; then the position
+        # simply does not learn it).
+        epoch = obj.get("epoch")
+        epoch = epoch if isinstance(epoch, str) and epoch else None
         await self._on_event(
-            event.id, event.type, event.data, event.time or time.time(), None, received
+            event.id, event.type, event.data, event.time or time.time(), epoch, received
         )
 
     # -- long-poll ---------------------------------------------------------------
@@ -696,6 +685,7 @@ class Follower:
             "after": self.position,
             "limit": str(opts.poll_limit),
             "wait": f"{opts.poll_wait:g}",
+            **self._create_param(),
         }
         # The server may legitimately hold the request for ``poll_wait``; beyond that,
         # the idle (else first-event) watchdog's allowance applies. (``stale`` has

@@ -45,6 +45,9 @@ be mistaken for it."""
 RESERVED_TYPES = frozenset({END_TYPE, RESET_TYPE, UNREADABLE_TYPE, HEARTBEAT_TYPE})
 
 STREAM_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$")
+SYSTEM_PREFIX = "runstream:"
+"""Names of streams the server writes itself (the runs feed, ``runstream:runs``): readable
+like any stream, but the streams API refuses to append to, close or delete them."""
 MAX_TYPE_LENGTH = 100
 
 StreamStatus: TypeAlias = Literal["open", "closed"]

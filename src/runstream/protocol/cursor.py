@@ -17,6 +17,8 @@ from runstream.core.model import Reset, StreamInfo
 from runstream.errors import ValidationError
 
 NOW: Literal["now"] = "now"
+WAIT_FOR_CREATE: Literal["wait_for_create"] = "wait_for_create"
+"""The read parameter that says whether a stream not created yet is waited for (``1``/``0``)."""
 
 
 @dataclass(frozen=True, slots=True)

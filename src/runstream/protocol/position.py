@@ -158,6 +158,31 @@ class ReaderPosition:
         if type == END_TYPE:
             self.ended = True
 
+    def advance(self, id: int, type: str | None = None, epoch: str | None = None) -> Verdict:
+        """:meth:`on_event` and, for ``"deliver"`` / ``"end"``, :meth:`delivered`, in one call.
+
+        For a reader that hands an item over the moment it decides to (a
+        server's subscription putting a frame into its client's buffer); a
+        reader that may fail to hand over must decide and commit separately.
+        """
+        # on_event and delivered, inlined: servers call this once per frame per client.
+        if self.ended:
+            return "after_end"
+        if epoch is not None and self.epoch is not None and epoch != self.epoch:
+            return "epoch_mismatch"
+        if id <= self.offset:
+            return "duplicate"
+        if self.pinned and id != self.offset + 1:
+            return "gap"
+        if epoch is not None:
+            self.epoch = epoch
+        self.offset = id
+        self.pinned = True
+        if type == END_TYPE:
+            self.ended = True
+            return "end"
+        return "deliver"
+
     def skip(self, id: int, epoch: str | None = None) -> None:
         """Move past event ``id`` without handing it over (it is unusable and will stay so)."""
         self.delivered(id, None, epoch)

@@ -21,14 +21,18 @@ One move (:meth:`Lifecycle.advance`), in order:
 3. the ``status`` event (:func:`status_event`) is appended to the run's stream;
 4. if the run is now terminal, the stream is closed with the status (the
    error, cut to :data:`MAX_REASON`, as reason). A ``lost`` run is closed by
-   :meth:`Lifecycle.settle_lost`, and only if no retry follows.
+   :meth:`Lifecycle.settle_lost`, and only if no retry follows;
+5. the move is announced on the runs feed (:mod:`runstream.runs.feed`):
+   ``created``, ``status`` or ``ended``.
 
-Steps 3 and 4 happen after the record changed, and the record is the truth:
+Steps 3 to 5 happen after the record changed, and the record is the truth:
 their failures are logged and the move stands (a finished run's stream left
 open is closed later by :meth:`Lifecycle.close_finished`, which the hub's end
-check and the Redis janitor call). With ``strict=True`` both effects are
-still attempted, then :class:`EffectFailed` (carrying the moved record) is
-raised: for a caller that must not go on as if they had happened.
+check and the Redis janitor call; a missing announcement is made later by
+:class:`~runstream.runs.feed.FeedRepair`). With ``strict=True`` the run's own
+effects (3, 4) are still attempted, then :class:`EffectFailed` (carrying the
+moved record) is raised: for a caller that must not go on as if they had
+happened. The announcement never fails a move, strict or not.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any, Protocol
 from runstream.backends.base import EventLog
 from runstream.core.model import NewEvent
 from runstream.errors import BackendError, IllegalTransition, RunstreamError
+from runstream.runs.feed import announce
 from runstream.runs.model import RunRecord, RunStatus
 
 __all__ = [
@@ -211,6 +216,8 @@ class Lifecycle:
     def __init__(self, store: RunRecords, log: EventLog) -> None:
         self.store = store
         self.log = log
+        self.announce_failures = 0
+        """Runs-feed announcements that failed (each is repaired later)."""
 
     async def create(self, record: RunRecord) -> RunRecord:
         """Store a new ``queued`` run and open its stream with the first ``status`` event.
@@ -220,6 +227,7 @@ class Lifecycle:
         """
         await self.store.create(record)
         await self.log.append(record.id, NewEvent("status", status_event(record, before=None)))
+        await self._announce(record, None, final=False)
         return record
 
     async def advance(
@@ -256,6 +264,7 @@ class Lifecycle:
             # Closed even if the event failed: followers must learn that the run ended.
             closing = await self._effect(record, "closing its stream", self._close(record))
             failure = failure or closing
+        await self._announce(record, current, final=new in TERMINAL)
         if strict and failure is not None:
             raise failure
         return record
@@ -276,8 +285,10 @@ class Lifecycle:
         if announce:
             data = status_event(record, before="running")
             await self._effect(record, "its status event", self._append(record, data))
+            await self._announce(record, "running", final=False)
         if not wants_retry(record, retries):
             await self._effect(record, "closing its stream", self._close(record))
+            await self._announce(record, "running", final=True)
             return record
         try:
             return await self.advance(
@@ -298,15 +309,34 @@ class Lifecycle:
     async def close_finished(self, record: RunRecord) -> None:
         """Close the stream of a finished run (idempotent): the repair for a close that was lost.
 
+        Its announcement on the runs feed is made again too (stored only if missing).
         Raises what the event log raises.
         """
         await self._close(record)
+        await self._announce(record, None, final=True)
 
     async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:
         await self.log.append(record.id, NewEvent("status", data))
 
     async def _close(self, record: RunRecord) -> None:
         await self.log.close(record.id, record.status, close_reason(record))
+
+    async def _announce(
+        self, record: RunRecord, previous: RunStatus | None, *, final: bool
+    ) -> None:
+        """Announce the move on the runs feed; a failure is logged and counted, never raised
+        (:class:`~runstream.runs.feed.FeedRepair` makes the announcement later)."""
+        try:
+            await announce(self.log, record, previous, final=final)
+        except RunstreamError as exc:
+            self.announce_failures += 1
+            log.warning(
+                "run %s is %s, but announcing it on the runs feed failed: %s (it is repaired "
+                "later)",
+                record.id,
+                record.status,
+                exc,
+            )
 
     async def _effect(
         self, record: RunRecord, what: str, action: Coroutine[Any, Any, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
@@ -15,6 +16,8 @@ RunStatus: TypeAlias = Literal[
 """A run's status; the moves between them are in :mod:`runstream.runs.lifecycle`."""
 
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
+RUN_ID_RE = re.compile(f"^run-[{_CROCKFORD}]{{26}}$")
+"""What :func:`new_run_id` returns (and nothing a run id is not)."""
 
 
 def new_run_id() -> str:

@@ -51,7 +51,7 @@ from runstream.runs.executor import (
 )
 from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
-from runstream.runs.model import RunRecord, new_run_id
+from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
 from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
@@ -271,18 +271,27 @@ class RunService:
         status and closing the stream, or a backend lost the close), close it
         with the run's status, so every follower gets the ``end`` event. Only
         if that fails does it return a reason to end the responses directly.
+
+        A run's stream that does not exist (``info`` is ``None``; its readers
+        wait for it to be created) will never be written if the run is gone
+        or finished that long ago: ``"deleted"`` ends those waits.
         """
-        if info is None or info.closed or not stream.startswith(RUN_ID_PREFIX):
+        if info is None:
+            if not RUN_ID_RE.fullmatch(stream):
+                return None
+        elif info.closed or not stream.startswith(RUN_ID_PREFIX):
             return None
         try:
             record = await self.store.get(stream)
         except RunNotFound:
-            return None
+            return "deleted" if info is None else None
         if record.status not in FINISHED:
             return None
         finished = record.finished_at or record.created_at
         if time.time() - finished < self.end_check_guard:
             return None
+        if info is None:
+            return "deleted"
         try:
             await self.lifecycle.close_finished(record)
         except RunstreamError:

@@ -29,6 +29,7 @@ from starlette.types import Receive, Scope, Send
 
 from runstream.core.model import validate_stream_name
 from runstream.errors import RunstreamError, ValidationError
+from runstream.protocol.cursor import WAIT_FOR_CREATE
 from runstream.server.auth import check_access
 from runstream.server.errors import error_response, runstream_error_response
 from runstream.server.metrics import ROUTE_KEY
@@ -80,6 +81,7 @@ class _EventsEndpoint:
             limit=_number(query.get("limit"), "limit", int, minimum=1),
             wait=_number(query.get("wait"), "wait", float, minimum=0) or 0.0,
             last_event_id=request.headers.get("last-event-id"),
+            wait_for_create=query.get(WAIT_FOR_CREATE),
         )
 
 

@@ -21,31 +21,44 @@ dropped: the producer is never slowed and memory stays bounded, and the client
 resumes from the last id it received. Transports cut a client that stops taking
 writes the same way (:meth:`Subscription.cut_slow`).
 
+Positions are :class:`~runstream.protocol.position.ReaderPosition` objects, the
+sans-I/O rules the SDK's followers use too: each frame a subscription takes is
+decided and committed there (duplicates dropped, a gap or a frame from another
+epoch ends the subscription so the client resumes from the log, a reset moves
+the position and carries what the client had).
+
+A stream that does not exist yet can be *waited for* (``wait_for_create``):
+the subscription then waits on its feed, which waits on the backend's wake-up
+for that name (one watch per stream, not per client; the reconciler's batched
+state read is the backstop), and reads from the beginning once the stream
+appears. While waiting, :meth:`Subscription.get` returns ``[]`` every ``idle``
+seconds, so transports keep sending keepalives.
+
 Lifecycle is reconciled from state: besides what the log says (end entry,
 deletion), a periodic pass compares each feed with ``info()`` and with any
-registered :data:`EndCheck` (e.g. "the run is terminal"), ending responses that
-missed the moment. A stream first seen less than ``create_grace`` ago is not
-ended for being absent.
+registered :data:`EndCheck` (e.g. "the run is terminal", "the run is gone":
+checks see ``None`` for a stream not created yet), ending responses that
+missed the moment. A stream that was seen and is gone ends the responses that
+read it as ``"deleted"``; subscriptions still waiting for it to be created
+keep waiting.
 
 No sockets here: transports (SSE, WebSocket, long-poll) drive a subscription
 through :meth:`Subscription.get` and encode frames with :meth:`Frame.sse` /
-:meth:`Frame.ws`.
+:meth:`Frame.ws` (:mod:`runstream.server.frames`, re-exported here).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Final, Literal, cast
+from typing import Literal, cast
 
-from runstream.backends.base import EventLog, event_size
+from runstream.backends.base import EventLog
 from runstream.config import LimitSettings, ServerSettings, Settings
-from runstream.core.model import Event, Reset, ResetReason, StreamInfo, encode_data, rfc3339
+from runstream.core.model import Reset, ResetReason, StreamInfo
 from runstream.errors import (
     HistoryLost,
     RunstreamError,
@@ -53,16 +66,15 @@ from runstream.errors import (
     StreamNotFound,
     TooManySubscribers,
 )
-from runstream.protocol.cursor import Position, format_sse_id
-from runstream.protocol.sse import encode_event
+from runstream.protocol.cursor import Position
+from runstream.protocol.position import ReaderPosition
+from runstream.server.frames import Frame
+
+__all__ = ["EndCheck", "EndReason", "Frame", "Hub", "HubLimits", "Subscription"]
 
 log = logging.getLogger("runstream.server.hub")
 
 _LIMITS, _SERVER = LimitSettings(), ServerSettings()
-
-# One encoder for every frame: json.dumps with options builds a new encoder per call,
-# which is most of the cost of encoding a page of history. Same output as encode_data().
-_JSON: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 EndCheck = Callable[[str, StreamInfo | None], Awaitable[str | None]]
 """Extra lifecycle check run by the reconciler: given a stream and its state
@@ -84,84 +96,6 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
-def _encode(value: object) -> str:
-    try:
-        return _JSON.encode(value)
-    except (TypeError, ValueError):
-        return encode_data(value)  # raises the usual ValidationError with a message
-
-
-class Frame:
-    """One item for clients: an event or a reset, in an epoch. Encodings are cached."""
-
-    __slots__ = ("_sse", "_ws", "epoch", "event", "reset", "size")
-
-    def __init__(self, epoch: str, event: Event | None = None, reset: Reset | None = None) -> None:
-        self.epoch = epoch
-        self.event = event
-        self.reset = reset
-        self._sse: bytes | None = None
-        self._ws: str | None = None
-        self.size = 0
-        """What the frame weighs against byte limits: its event's :func:`event_size` (resets: 0;
-        an event read without its data text, which no backend does, counts its type only)."""
-        if event is not None:
-            self.size = event_size(event.type, event.data_json or "")
-
-    @property
-    def id(self) -> int:
-        """The position a client has reached after this frame."""
-        if self.event is not None:
-            return self.event.id
-        assert self.reset is not None
-        return self.reset.after
-
-    @property
-    def is_end(self) -> bool:
-        return self.event is not None and self.event.is_end
-
-    def sse(self) -> bytes:
-        """The SSE encoding: ``id: <epoch>:<id>``, ``event: <type>``, ``time: <RFC 3339>``,
-        ``data: <json>``.
-
-        ``time`` is the server timestamp. Standard parsers (``EventSource``,
-        npm ``eventsource``) ignore a field they do not know, so only clients
-        that look for it (the SDK) see it.
-        """
-        if self._sse is None:
-            if self.event is not None:
-                event = self.event
-                self._sse = encode_event(
-                    _encode(event.data) if event.data_json is None else event.data_json,
-                    event=event.type,
-                    id=format_sse_id(self.epoch, event.id),
-                    time=rfc3339(event.time),
-                )
-            else:
-                assert self.reset is not None
-                self._sse = encode_event(
-                    _encode(self.reset.to_json()),
-                    event="reset",
-                    id=format_sse_id(self.epoch, self.reset.after),
-                )
-        return self._sse
-
-    def ws(self) -> str:
-        """The WebSocket message: the event's JSON, or ``{"type": "reset", "data": ...}``."""
-        if self._ws is None:
-            event = self.event
-            if event is not None:
-                self._ws = event.to_json_text()
-            else:
-                assert self.reset is not None
-                self._ws = _encode({"type": "reset", "data": self.reset.to_json()})
-        return self._ws
-
-    def __repr__(self) -> str:
-        what = self.event or self.reset
-        return f"Frame({self.epoch!r}, {what!r})"
-
-
 @dataclass(frozen=True, slots=True)
 class HubLimits:
     """The hub's share of the settings (defaults: the settings' defaults)."""
@@ -174,7 +108,6 @@ class HubLimits:
     per_stream: int = _LIMITS.max_subscribers_per_stream
     total: int = _LIMITS.max_subscribers
     reconcile_interval: float = _SERVER.reconcile_interval
-    create_grace: float = _SERVER.create_grace
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HubLimits:
@@ -187,37 +120,64 @@ class HubLimits:
             per_stream=lim.max_subscribers_per_stream,
             total=lim.max_subscribers,
             reconcile_interval=server.reconcile_interval,
-            create_grace=server.create_grace,
         )
 
 
 class _Feed:
-    """The one backend reader of a stream in this process."""
+    """The one backend reader of a stream in this process.
+
+    It starts by reading the stream's state; a stream that does not exist yet is
+    waited for (one wake-up watch for the name, whoever waits for it). ``seen``
+    is true once the stream was found to exist; ``changes`` counts the moments
+    waiters were woken (ready, a delivery, the end), so a waiter can tell
+    whether anything happened since it last looked.
+    """
 
     def __init__(self, hub: Hub, stream: str) -> None:
         self.hub = hub
         self.stream = stream
-        self.epoch: str | None = None
-        self.pos = -1
+        self.position = ReaderPosition()
         self.live: set[Subscription] = set()
         self.subs: set[Subscription] = set()
-        self.created = time.monotonic()
         self.seen = False
+        self.ready = False
+        """The reader knows the stream's state (epoch and tail) or is done."""
         self.done = False
         self.error = False
+        self.changes = 0
         self.closed_since: int | None = None
         self._waiters: list[asyncio.Future[None]] = []
         self.task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             self._run(), name=f"runstream-feed:{stream}"
         )
 
+    @property
+    def epoch(self) -> str | None:
+        return self.position.epoch if self.ready else None
+
+    @property
+    def pos(self) -> int:
+        return self.position.offset if self.ready else -1
+
     # -- waiting for the feed to move -----------------------------------------
 
     def _wake(self) -> None:
+        self.changes += 1
         waiters, self._waiters = self._waiters, []
         for fut in waiters:
             if not fut.done():
                 fut.set_result(None)
+
+    def add_waiter(self, fut: asyncio.Future[None]) -> None:
+        """Resolve ``fut`` at the next change (at once if the feed is done)."""
+        if self.done:
+            _resolve(fut)
+        else:
+            self._waiters.append(fut)
+
+    def remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(fut)
 
     async def wait_change(self, at_most: float) -> None:
         """Return when the feed delivered, changed epoch, became ready or ended (or timeout)."""
@@ -230,12 +190,7 @@ class _Feed:
         finally:
             if not fut.done():
                 fut.cancel()
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(fut)
-
-    @property
-    def ready(self) -> bool:
-        return self.epoch is not None or self.done
+                self.remove_waiter(fut)
 
     # -- the reader -----------------------------------------------------------
 
@@ -244,20 +199,17 @@ class _Feed:
         reason: EndReason = "closed"
         try:
             info = await self._first_info()
-            if info is None:
-                reason = "deleted"
-                return
-            epoch = self.epoch = info.epoch
-            self.pos = info.last_id
-            self.seen = True
+            self.position = ReaderPosition(info.last_id, info.epoch)
+            self.seen = self.ready = True
             self._wake()
             if info.closed:
                 return
             async for item in backend.follow(self.stream, Position(info.last_id, info.epoch)):
                 if isinstance(item, Reset):
-                    epoch = item.epoch
-                    self._deliver(Frame(epoch, reset=item))
+                    self._deliver(Frame(item.epoch, reset=item))
                 else:
+                    epoch = self.position.epoch
+                    assert epoch is not None
                     self._deliver(Frame(epoch, item))
                     if item.is_end:
                         reason = "end"
@@ -277,8 +229,13 @@ class _Feed:
         finally:
             self._finish(reason)
 
-    async def _first_info(self) -> StreamInfo | None:
-        """The stream's state; waits up to ``create_grace`` for a stream not created yet."""
+    async def _first_info(self) -> StreamInfo:
+        """The stream's state, waiting (as long as the feed has subscribers) for its creation.
+
+        The wake-up for the name is armed before each read, so a creation is never
+        missed between the two. With the hub's reconciler running there is no
+        timer: its batched state read pokes the name if a wake-up went missing.
+        """
         backend = self.hub.backend
         while True:
             fut = backend.notifier.watch(self.stream)
@@ -286,32 +243,40 @@ class _Feed:
                 try:
                     return await backend.info(self.stream)
                 except StreamNotFound:
-                    left = self.created + self.hub.limits.create_grace - time.monotonic()
-                    if left <= 0:
-                        return None
-                    await asyncio.wait((fut,), timeout=min(left, backend.safety_poll))
+                    await asyncio.wait((fut,), timeout=self.hub.absent_poll)
             finally:
                 backend.notifier.unwatch(self.stream, fut)
 
     def _deliver(self, frame: Frame) -> None:
+        # The backend's follow is gap-free; the position only records where it is.
         if frame.reset is not None:
-            self.epoch = frame.reset.epoch
-        self.pos = frame.id
+            self.position.reset(frame.reset)
+        else:
+            assert frame.event is not None
+            self.position.delivered(frame.event.id, frame.event.type, frame.epoch)
         for sub in tuple(self.live):
             sub._offer(frame)
         self._wake()
 
     def _finish(self, reason: EndReason) -> None:
-        self.done = True
+        self.done = self.ready = True
         self.hub._feed_done(self)
         for sub in tuple(self.live):
             sub._end(reason)
         self._wake()
 
-    def terminate(self, reason: EndReason | str, *, catching_up: bool = True) -> None:
-        """End subscribers now (all, or only live ones) and stop reading if none remain."""
+    def terminate(
+        self, reason: EndReason | str, *, catching_up: bool = True, waiting: bool = True
+    ) -> None:
+        """End subscribers now and stop reading if none remain.
+
+        ``catching_up=False`` ends only live subscribers; ``waiting=False`` spares
+        those still waiting for the stream to be created (for a stream deleted
+        under them: they wait for it to come back).
+        """
         for sub in tuple(self.subs if catching_up else self.live):
-            sub._end(reason)
+            if waiting or not sub.waiting:
+                sub._end(reason)
         if not self.subs and not self.task.done():
             self.task.cancel()
 
@@ -336,26 +301,36 @@ class Subscription:
     ) -> None:
         self.hub = hub
         self.stream = stream
-        self.pos = pos
-        self.epoch = epoch
+        self.position = ReaderPosition(pos, epoch)
+        # Bound once: _offer runs once per frame per client (the object is never replaced).
+        self._advance = self.position.advance
         self.transport = transport
         self.live = False
         self.end_reason: str | None = None
         self.ended: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         """Resolved with the reason when the subscription ends (await it alongside a send)."""
+        self.waiting = wait_for_create
+        """Waits for the stream to be created and has not read it yet; once it has,
+        the stream's absence means it was deleted."""
         # A list, not a deque: it is only appended to and drained whole, and an
         # idle client's empty deque would cost ten times more.
         self._buf: list[Frame] = []
         self._buf_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self._closed = False
-        # A stream that does not exist yet (a run queued a moment ago) is waited for,
-        # up to create_grace; once seen, its absence means it was deleted.
-        self._create_deadline = (
-            time.monotonic() + hub.limits.create_grace if wait_for_create else 0.0
-        )
+        self._absent: tuple[_Feed, int] | None = None
+        """While waiting: the feed and its change count when the stream was found absent."""
         self._feed = hub._feed_for(stream)
         self._feed.subs.add(self)
+
+    @property
+    def pos(self) -> int:
+        """The id of the last event handed to this subscriber's client (or its start)."""
+        return self.position.offset
+
+    @property
+    def epoch(self) -> str | None:
+        return self.position.epoch
 
     async def __aenter__(self) -> Subscription:
         return self
@@ -369,18 +344,18 @@ class Subscription:
         if self.end_reason is not None:
             return
         if frame.reset is not None:
-            reset = frame.reset
-            if reset.requested != self.pos:
-                frame = Frame(
-                    reset.epoch, reset=Reset(reset.epoch, reset.after, reset.reason, self.pos)
-                )
-            self.epoch = reset.epoch
-            self.pos = reset.after
+            reset = self.position.reset(frame.reset)
+            if reset is not frame.reset:
+                frame = Frame(reset.epoch, reset=reset)
         else:
-            assert frame.event is not None
-            if frame.epoch == self.epoch and frame.event.id <= self.pos:
+            event = frame.event
+            assert event is not None
+            verdict = self._advance(event.id, event.type, frame.epoch)
+            if verdict == "duplicate":
                 return  # already read from the log during catch-up
-            self.pos = frame.event.id
+            if verdict != "deliver" and verdict != "end":
+                self._lost_step(verdict, event.id)
+                return
         self._buf.append(frame)
         self._buf_bytes += frame.size
         limits = self.hub.limits
@@ -393,6 +368,19 @@ class Subscription:
         if frame.is_end:
             self._end("end")
         self._wake()
+
+    def _lost_step(self, verdict: str, id: int) -> None:
+        """A frame the position cannot take (a gap, another epoch): never expected from a
+        gap-free reader. The client resumes from its last id and catches up from the log."""
+        log.error(
+            "%s subscriber of stream %r got event %d at position %s (%s); ending it to resume",
+            self.transport,
+            self.stream,
+            id,
+            self.position.token,
+            verdict,
+        )
+        self._end("backend_error")
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -432,8 +420,9 @@ class Subscription:
         """Next frames, in order: a page of history, or everything buffered live.
 
         Returns ``[]`` if ``idle`` seconds passed with nothing new (send a
-        keepalive), ``None`` once the subscription is over (after the last
-        frames were returned; see :attr:`end_reason`).
+        keepalive) — also while waiting for the stream to be created —, ``None``
+        once the subscription is over (after the last frames were returned; see
+        :attr:`end_reason`).
         """
         while True:
             if self._buf:
@@ -442,6 +431,10 @@ class Subscription:
                 return None
             if self.live:
                 return await self._wait_live(idle)
+            if self._absent is not None:
+                if not await self._wait_created(idle):
+                    return []
+                continue
             page = await self._catch_up()
             if page:
                 return page
@@ -464,30 +457,62 @@ class Subscription:
             return frames
         return None if self.end_reason is not None else []
 
+    async def _wait_created(self, idle: float | None) -> bool:
+        """Wait (up to ``idle``) for the feed to move after the stream was found absent.
+
+        True if it is worth reading again (the feed changed or ended, or this
+        subscription ended); False when ``idle`` passed with nothing new. No
+        timer but ``idle``'s and no read while nothing changes: a thousand
+        clients waiting for a stream cost one wake-up watch, not a thousand polls.
+        """
+        assert self._absent is not None
+        feed, mark = self._absent
+        if feed is self._feed and not feed.done and feed.changes == mark:
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            feed.add_waiter(waiter)
+            timer = loop.call_later(idle, _resolve, waiter) if idle is not None else None
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                feed.remove_waiter(waiter)
+                if timer is not None:
+                    timer.cancel()
+            if self.end_reason is None and not feed.done and feed.changes == mark:
+                return False
+        self._absent = None
+        if self._feed.done and self.end_reason is None:
+            self._move_to(self.hub._feed_for(self.stream))
+        return True
+
     async def _catch_up(self) -> list[Frame] | None:
         """One step of catch-up: a page read, or the join. ``None``/``[]`` means call again."""
         backend = self.hub.backend
+        position = self.position
+        feed = self._feed
+        mark = feed.changes  # before the read: a creation during it must not be missed
         try:
             page = await backend.read(
                 self.stream,
-                self.pos,
+                position.offset,
                 self.hub.limits.page,
-                epoch=self.epoch,
+                epoch=position.epoch,
                 max_bytes=self.hub.limits.page_bytes,
             )
         except HistoryLost as exc:
             if self.end_reason is not None:
                 return None
-            after = exc.first_id - 1
-            reset = Reset(exc.epoch, after, cast(ResetReason, exc.reason), self.pos)
-            self.epoch, self.pos = exc.epoch, after
+            self.waiting = False
+            lost = Reset(exc.epoch, exc.first_id - 1, cast(ResetReason, exc.reason), 0)
+            reset = position.reset(lost)
             return [Frame(exc.epoch, reset=reset)]
         except StreamNotFound:
-            left = self._create_deadline - time.monotonic()
-            if left > 0 and self.end_reason is None:
-                await self._feed.wait_change(min(left, backend.safety_poll))
-                return None
-            self._end("deleted")
+            if self.end_reason is None:
+                if self.waiting:
+                    self._absent = (feed, mark)
+                else:
+                    self._end("deleted")
             return None
         except RunstreamError as exc:
             log.warning("catch-up read of %r failed: %s", self.stream, exc)
@@ -495,19 +520,29 @@ class Subscription:
             return None
         if self.end_reason is not None:
             return None
-        self._create_deadline = 0.0
-        self.epoch = page.epoch
+        self.waiting = False
         if page.events:
-            frames = [Frame(page.epoch, e) for e in page.events]
-            self.pos = page.next_after
-            if frames[-1].is_end:
+            epoch = page.epoch
+            frames: list[Frame] = []
+            for event in page.events:
+                verdict = position.advance(event.id, event.type, epoch)
+                if verdict == "deliver" or verdict == "end":
+                    frames.append(Frame(epoch, event))
+                elif verdict != "duplicate":
+                    self._lost_step(verdict, event.id)
+                    break
+            if frames and frames[-1].is_end:
                 self._end("end")
-            return frames
+            return frames or None
+        if page.next_after != position.offset:
+            # Nothing is retained up to next_after (trimmed): the next id is the one after.
+            position.skip(page.next_after, page.epoch)
+        else:
+            position.learn_epoch(page.epoch)
         if page.closed:
             self._end("closed")  # at the end already; the end entry was passed or trimmed
             return None
         # At the tail of the log: join the live fan-out if the feed is not past us.
-        feed = self._feed
         if feed.done:
             if feed.error:
                 self._end("backend_error")
@@ -517,12 +552,12 @@ class Subscription:
         if not feed.ready:
             await feed.wait_change(backend.safety_poll)
             return None
-        if feed.epoch == self.epoch and self.pos >= feed.pos:
+        if feed.epoch == position.epoch and position.offset >= feed.pos:
             # No await between the check above and this: nothing can be delivered in between.
             feed.live.add(self)
             self.live = True
             return None
-        if feed.epoch != self.epoch:
+        if feed.epoch != position.epoch:
             # The feed has not seen the new epoch yet (or we have not): let it move first.
             await feed.wait_change(backend.safety_poll)
         return None
@@ -575,6 +610,15 @@ class Hub:
     def closing(self) -> bool:
         return self._closing
 
+    @property
+    def absent_poll(self) -> float | None:
+        """How long a feed waits for a stream's creation between looks (``None``: until woken).
+
+        With the reconciler running, only wake-ups wake it (the reconciler pokes
+        streams that appeared unannounced); without, the backend's safety poll.
+        """
+        return None if self._reconciler is not None else self.backend.safety_poll
+
     def add_end_check(self, check: EndCheck) -> None:
         """Register another reason to end responses (checked every reconcile interval)."""
         self.end_checks.append(check)
@@ -592,8 +636,9 @@ class Hub:
 
         ``info`` is required for ``Position(now=True)`` (the tail is fixed from
         it). With ``wait_for_create``, a stream that does not exist yet is
-        waited for up to ``create_grace`` seconds instead of ending the
-        subscription as deleted. Raises :class:`TooManySubscribers` at a limit, or
+        waited for (``info=None`` with ``now``: everything it will hold is
+        new) instead of ending the subscription as deleted. Raises
+        :class:`TooManySubscribers` at a limit, or
         :class:`~runstream.errors.RunstreamError` if the hub is shutting down.
         """
         if self._closing:
@@ -609,10 +654,10 @@ class Hub:
                 f"(limit {self.limits.per_stream})"
             )
         if position.now:
-            if info is None:
+            if info is None and not wait_for_create:
                 raise ValueError("subscribing at 'now' needs the stream's info")
-            pos = info.tail
-            epoch: str | None = info.epoch
+            tail = ReaderPosition.at_tail(info)
+            pos, epoch = tail.offset, tail.epoch
         else:
             pos, epoch = position.offset, position.epoch
         self._counts[stream] = count + 1
@@ -689,14 +734,17 @@ class Hub:
                 continue
             info = infos.get(feed.stream)
             if info is None:
-                fresh = time.monotonic() - feed.created < self.limits.create_grace
-                if feed.seen or not fresh:
-                    feed.terminate("deleted")
+                if feed.seen:
+                    # Deleted under its readers; those waiting for a creation wait on (for
+                    # the next one), and the reader is poked to notice and finish.
+                    feed.terminate("deleted", waiting=False)
+                    self.backend.notifier.notify(feed.stream)
                     continue
+                # Not created yet: its subscribers wait (an end check may still end them).
             else:
-                feed.seen = True
-                if feed.ready and (info.epoch != feed.epoch or info.last_id > feed.pos):
-                    # The reader is behind the state (missed wake-up): poke it.
+                if not feed.ready or info.epoch != feed.epoch or info.last_id > feed.pos:
+                    # The reader is behind the state (missed wake-up), or still waits
+                    # for a stream that now exists: poke it.
                     self.backend.notifier.notify(feed.stream)
                 if info.closed and feed.ready:
                     if feed.closed_since is not None and feed.closed_since == feed.pos:

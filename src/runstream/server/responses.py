@@ -31,9 +31,15 @@ class JSONResponse(responses.JSONResponse):
 
 
 def page_response(page: Page) -> responses.Response:
-    """A JSON page (``Page.to_json()``) built from the events' stored data text."""
+    """A JSON page (``Page.to_json()``) built from the events' stored data text.
+
+    An empty epoch (the page of a stream that does not exist yet: no history, no
+    epoch) is sent as ``null``.
+    """
     head = json.dumps(
-        {"stream": page.stream, "epoch": page.epoch}, ensure_ascii=False, separators=(",", ":")
+        {"stream": page.stream, "epoch": page.epoch or None},
+        ensure_ascii=False,
+        separators=(",", ":"),
     )
     events = ",".join([e.to_json_text() for e in page.events])
     body = (

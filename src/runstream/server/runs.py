@@ -19,10 +19,17 @@ close event was never written. Its cleanup stops the pool (running runs get
 A run's events are its stream's: ``GET /v1/runs/{id}/events`` and
 ``/v1/runs/{id}/ws`` are served by the streams API's own SSE, long-poll and
 WebSocket code, with the same positions, resets and end.
+
+The runs feed (:mod:`runstream.runs.feed`), every run's lifecycle in one
+stream, is served the same way as ``GET /v1/runs/events`` and
+``/v1/runs/ws``; the start-up hook also runs its repair sweep
+(:class:`~runstream.runs.feed.FeedRepair`) until shutdown.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Annotated, Any
 
@@ -38,9 +45,11 @@ from runstream.errors import (
     ConfigError,
     InvalidParams,
     RunstreamError,
+    StreamNotFound,
     ValidationError,
 )
-from runstream.runs.lifecycle import RunStatus, is_status
+from runstream.runs.feed import FEED_REPAIR_INTERVAL, RUN_FEED, FeedRepair
+from runstream.runs.lifecycle import TERMINAL, RunStatus, is_status
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.service import (
     DEFAULT_SHUTDOWN_GRACE,
@@ -60,6 +69,7 @@ from runstream.server.streams import (
     AfterQuery,
     LastEventIdHeader,
     LimitQuery,
+    WaitForCreateQuery,
     WaitQuery,
     parse_json,
     read_body,
@@ -153,12 +163,14 @@ class RunsAPI:
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
         store: RunStore | None = None,
         dispatcher: Dispatcher | None = None,
+        feed_repair_interval: float = FEED_REPAIR_INTERVAL,
     ) -> None:
         """``workers``: in-process runs at once (``None`` = default, 0 = API only).
 
         ``store``/``dispatcher`` replace the ones opened from the backend URL
         (for embedding and tests); a store passed in is neither started nor
-        closed here.
+        closed here. ``feed_repair_interval``: seconds between the sweeps that
+        announce runs missing from the runs feed (see :class:`FeedRepair`).
         """
         if workers is not None and workers < 0:
             raise ConfigError("workers must be >= 0")
@@ -172,6 +184,8 @@ class RunsAPI:
         self.pool: LocalWorkerPool | None = None
         self.queue: RunDispatch | None = None
         """The server's side of a shared queue, on engines that have one (Redis)."""
+        self.feed_repair_interval = feed_repair_interval
+        self.feed_repair: FeedRepair | None = None
         self.router = self._build_router()
 
     @classmethod
@@ -230,8 +244,15 @@ class RunsAPI:
                 await pool.start()
         runtime.hub.add_end_check(service.end_check)
         self.service, self.pool, self.queue = service, pool, queue
+        self.feed_repair = FeedRepair(store, runtime.backend, interval=self.feed_repair_interval)
+        repair = asyncio.get_running_loop().create_task(
+            self.feed_repair.run_forever(), name="runstream-runs-feed-repair"
+        )
 
         async def shutdown() -> None:
+            repair.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await repair
             try:
                 if pool is not None:
                     await pool.shutdown()
@@ -309,6 +330,43 @@ class RunsAPI:
             return JSONResponse({"runs": [r.to_json() for r in runs], "next_cursor": next_cursor})
 
         @router.get(
+            "/runs/events",
+            dependencies=[require_read],
+            response_model=schemas.PageOut,
+            responses=read_responses("the feed"),
+            summary="The runs feed: every run's lifecycle (created, status, ended), resumable",
+        )
+        async def runs_feed(
+            request: Request,
+            after: AfterQuery = None,
+            limit: LimitQuery = None,
+            wait: WaitQuery = 0.0,
+            last_event_id: LastEventIdHeader = None,
+        ) -> Response:
+            # The feed exists for its readers before the first run: always waited for.
+            return await read_response(
+                request,
+                get_runtime(request),
+                RUN_FEED,
+                after=after,
+                limit=limit,
+                wait=wait,
+                last_event_id=last_event_id,
+                wait_for_create="1",
+                always_wait=True,
+            )
+
+        @router.websocket("/runs/ws")
+        async def runs_feed_websocket(websocket: WebSocket) -> None:
+            """Follow the runs feed over WebSocket (``?after=``, ``?token=``)."""
+            runtime = get_runtime(websocket)
+            denied = check_access(websocket, "read")
+            if denied is not None:
+                await deny_websocket(websocket, *denied)
+                return
+            await serve_websocket(runtime, websocket, RUN_FEED, wait_for_create=True)
+
+        @router.get(
             "/runs/{run_id}",
             dependencies=[require_read],
             response_model=RunOut,
@@ -345,6 +403,7 @@ class RunsAPI:
             limit: LimitQuery = None,
             wait: WaitQuery = 0.0,
             last_event_id: LastEventIdHeader = None,
+            wait_for_create: WaitForCreateQuery = None,
         ) -> Response:
             runtime = get_runtime(request)
             await api._prepare_stream(runtime, run_id)
@@ -356,6 +415,7 @@ class RunsAPI:
                 limit=limit,
                 wait=wait,
                 last_event_id=last_event_id,
+                wait_for_create=wait_for_create,
             )
 
         @router.websocket("/runs/{run_id}/ws")
@@ -380,14 +440,20 @@ class RunsAPI:
 
         The second part is the end check done at once, so a client connecting
         to a finished run whose close was never written gets the ``end`` event
-        instead of waiting for the reconciler.
+        instead of waiting for the reconciler. A finished run whose stream does
+        not exist (it was deleted) is 404 too: nothing will ever be written to
+        it, so waiting for its creation would be waiting forever.
         """
         service = self._service()
         record = await service.get(run_id)
         try:
             info = await runtime.backend.info(record.id)
+        except StreamNotFound:
+            if record.status in TERMINAL:
+                raise
+            return  # queued or running: its stream is about to be written
         except RunstreamError:
-            return  # the transport reports a missing stream (404) or backend trouble itself
+            return  # the transport reports backend trouble itself
         if not info.closed and record.finished_at is not None:
             await service.end_check(record.id, info)
 

@@ -8,8 +8,15 @@ from fastapi import APIRouter, Header, Path, Query, Request, WebSocket
 from starlette.responses import Response
 
 from runstream.core import jsonbody
-from runstream.core.model import STREAM_NAME_RE, NewEvent, Producer, validate_stream_name
+from runstream.core.model import (
+    STREAM_NAME_RE,
+    SYSTEM_PREFIX,
+    NewEvent,
+    Producer,
+    validate_stream_name,
+)
 from runstream.errors import PayloadTooLarge, ValidationError
+from runstream.protocol.cursor import WAIT_FOR_CREATE
 from runstream.server import schemas
 from runstream.server.auth import check_access, require_read, require_write
 from runstream.server.responses import JSONResponse, page_response
@@ -19,6 +26,7 @@ from runstream.server.transports import (
     long_poll,
     serve_websocket,
     sse_response,
+    waits_for_create,
     wants_sse,
 )
 
@@ -68,6 +76,18 @@ WaitQuery = Annotated[
     float, Query(ge=0, description="JSON: seconds to wait when nothing is new (capped).")
 ]
 LastEventIdHeader = Annotated[str | None, Header(alias="Last-Event-ID")]
+WaitForCreateQuery = Annotated[
+    str | None,
+    Query(
+        alias=WAIT_FOR_CREATE,
+        description=(
+            "A stream that does not exist yet: wait for it (true: SSE and WebSocket open at"
+            " once and deliver from id 1 once it is created; a JSON read with wait= waits up"
+            " to that long, then answers an empty page with epoch null) or answer 404"
+            " (false). Default: the server's wait_for_create setting (true)."
+        ),
+    ),
+]
 
 
 def read_responses(what: str) -> dict[int | str, dict[str, Any]]:
@@ -91,11 +111,25 @@ async def read_response(
     limit: int | None,
     wait: float,
     last_event_id: str | None,
+    wait_for_create: str | None = None,
+    always_wait: bool = False,
 ) -> Response:
-    """SSE if the client asks for ``text/event-stream``, else a JSON page (long-poll with wait)."""
+    """SSE if the client asks for ``text/event-stream``, else a JSON page (long-poll with wait).
+
+    ``wait_for_create`` is the query parameter (see :func:`waits_for_create`); a
+    JSON read waits for a missing stream only as a long-poll (``wait`` > 0):
+    without, it is 404, unless ``always_wait`` (a stream that exists for its
+    readers before its first event, like the runs feed) makes it an empty page.
+    """
+    waits = waits_for_create(runtime, wait_for_create)
     if wants_sse(request):
-        return await sse_response(runtime, stream, last_event_id=last_event_id, after=after)
-    page = await long_poll(runtime, stream, after=after, limit=limit, wait=wait)
+        return await sse_response(
+            runtime, stream, last_event_id=last_event_id, after=after, wait_for_create=waits
+        )
+    waits = waits and (wait > 0 or always_wait)
+    page = await long_poll(
+        runtime, stream, after=after, limit=limit, wait=wait, wait_for_create=waits
+    )
     return page_response(page)
 
 
@@ -163,7 +197,7 @@ async def append_response(request: Request, runtime: Runtime, stream: str) -> JS
     handler and :class:`~runstream.server.fastpath.StreamsFastPath`. Raises
     :class:`~runstream.errors.RunstreamError` for anything to refuse.
     """
-    validate_stream_name(stream)
+    validate_writable(stream)
     producer = parse_producer(
         request.headers.get("producer-id"), request.headers.get("producer-seq")
     )
@@ -173,6 +207,23 @@ async def append_response(request: Request, runtime: Runtime, stream: str) -> JS
     if not result.duplicate:
         runtime.metrics.events_appended.inc(len(events))
     return JSONResponse(result.to_json(), status_code=201)
+
+
+def validate_writable(stream: str) -> str:
+    """``stream`` if it is a valid name the streams API may write to; else 400.
+
+    Names starting with ``runstream:`` are the server's own (the runs feed):
+    a client appending to, closing or deleting them would forge or break what
+    every run listener reads.
+    """
+    validate_stream_name(stream)
+    if stream.startswith(SYSTEM_PREFIX):
+        raise ValidationError(
+            f"stream {stream!r} is written by the server itself (names starting with "
+            f"{SYSTEM_PREFIX!r} are reserved); it can be read, not written",
+            field="stream",
+        )
+    return stream
 
 
 def parse_producer(producer_id: str | None, producer_seq: str | None) -> Producer | None:
@@ -221,11 +272,19 @@ async def read_events(
     limit: LimitQuery = None,
     wait: WaitQuery = 0.0,
     last_event_id: LastEventIdHeader = None,
+    wait_for_create: WaitForCreateQuery = None,
 ) -> Response:
     runtime = get_runtime(request)
     validate_stream_name(stream)
     return await read_response(
-        request, runtime, stream, after=after, limit=limit, wait=wait, last_event_id=last_event_id
+        request,
+        runtime,
+        stream,
+        after=after,
+        limit=limit,
+        wait=wait,
+        last_event_id=last_event_id,
+        wait_for_create=wait_for_create,
     )
 
 
@@ -253,7 +312,7 @@ async def stream_info(request: Request, stream: StreamName) -> Response:
 )
 async def close_stream(request: Request, stream: StreamName) -> Response:
     runtime = get_runtime(request)
-    validate_stream_name(stream)
+    validate_writable(stream)
     body = await read_body(request, runtime.settings.limits.max_body_bytes)
     close = schemas.CloseIn()
     if body.strip():
@@ -271,7 +330,7 @@ async def close_stream(request: Request, stream: StreamName) -> Response:
 )
 async def delete_stream(request: Request, stream: StreamName) -> Response:
     runtime = get_runtime(request)
-    validate_stream_name(stream)
+    validate_writable(stream)
     await runtime.backend.delete(stream)
     return Response(status_code=204)
 
@@ -297,7 +356,7 @@ async def list_streams(
 
 @router.websocket("/streams/{stream}/ws")
 async def stream_websocket(websocket: WebSocket, stream: str) -> None:
-    """Follow a stream over WebSocket (``?after=``, ``?token=``)."""
+    """Follow a stream over WebSocket (``?after=``, ``?token=``, ``?wait_for_create=``)."""
     runtime = get_runtime(websocket)
     denied = check_access(websocket, "read")
     if denied is not None:

@@ -29,14 +29,21 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from runstream.core.model import HEARTBEAT_TYPE, Page, StreamInfo, now, rfc3339
+from runstream.core.model import (
+    HEARTBEAT_TYPE,
+    Page,
+    StreamInfo,
+    now,
+    rfc3339,
+)
 from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, ValidationError
-from runstream.protocol.cursor import Position, parse_position
+from runstream.protocol.cursor import WAIT_FOR_CREATE, Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
 from runstream.server.auth import ws_subprotocol
 from runstream.server.connections import abort_handle
 from runstream.server.errors import error_response
-from runstream.server.hub import Frame, Subscription
+from runstream.server.frames import Frame
+from runstream.server.hub import Subscription
 from runstream.server.runtime import Runtime
 
 log = logging.getLogger("runstream.server")
@@ -58,6 +65,27 @@ WS_CLOSE: Final[dict[str, tuple[int, str]]] = {
 def wants_sse(request: Request) -> bool:
     accept = request.headers.get("accept", "")
     return SSE_MEDIA_TYPE in accept.lower()
+
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
+
+
+def waits_for_create(runtime: Runtime, value: str | None) -> bool:
+    """Whether a read of a stream that does not exist yet waits for it.
+
+    ``value`` is the ``wait_for_create`` query parameter (``1``/``true``/``yes``/``on``
+    or ``0``/``false``/``no``/``off``); absent, the server's ``wait_for_create``
+    setting (default true). Raises :class:`ValidationError` (400) for anything else.
+    """
+    if value is None or value == "":
+        return runtime.settings.server.wait_for_create
+    text = value.strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValidationError("wait_for_create must be true or false (1 or 0)", field=WAIT_FOR_CREATE)
 
 
 def start_position(last_event_id: str | None, after: str | None) -> tuple[Position, bool]:
@@ -356,15 +384,16 @@ async def open_subscription(
 ) -> tuple[StreamInfo | None, Subscription | None]:
     """Check the stream exists and subscribe; no subscription if the reader is at the end.
 
-    With ``wait_for_create`` (a run whose stream is not written yet), a missing
-    stream is waited for up to ``create_grace`` instead of answered with 404.
-    Raises :class:`StreamNotFound` (404), :class:`TooManySubscribers` (429).
+    With ``wait_for_create``, a stream that does not exist yet is waited for
+    (the subscription reads it from the beginning once it is created; ``now``
+    then means everything it will hold) instead of answered with 404. Raises
+    :class:`StreamNotFound` (404), :class:`TooManySubscribers` (429).
     """
     info: StreamInfo | None
     try:
         info = await runtime.backend.info(stream)
     except StreamNotFound:
-        if not wait_for_create or position.now:
+        if not wait_for_create:
             raise
         info = None
     if info is not None and at_end(info, position):
@@ -387,7 +416,9 @@ async def sse_response(
 ) -> Response:
     """The SSE answer for ``stream``: 200 event stream, 204 when already at the end.
 
-    Raises runstream errors (the app's handlers turn them into JSON answers).
+    With ``wait_for_create``, a stream that does not exist yet gets the 200 at
+    once (``retry:`` and keepalives flow) and its events from id 1 once it is
+    created. Raises runstream errors (the app's handlers turn them into JSON answers).
     """
     position, resumed = start_position(last_event_id, after)
     _, sub = await open_subscription(
@@ -402,11 +433,21 @@ async def sse_response(
 
 
 async def long_poll(
-    runtime: Runtime, stream: str, *, after: str | None, limit: int | None, wait: float
+    runtime: Runtime,
+    stream: str,
+    *,
+    after: str | None,
+    limit: int | None,
+    wait: float,
+    wait_for_create: bool = False,
 ) -> Page:
     """A page of events after ``after``; with ``wait`` > 0, wait up to that long for one.
 
-    Raises :class:`HistoryLost` (410) if the position cannot be served exactly.
+    With ``wait_for_create``, a stream that does not exist yet is waited for up
+    to ``wait`` seconds too; if it still does not exist then, the answer is an
+    empty page with no epoch (``Page.epoch == ""``, sent as ``null``) and
+    ``next_after`` the requested offset. Raises :class:`StreamNotFound` (404)
+    otherwise, :class:`HistoryLost` (410) if the position cannot be served exactly.
     """
     settings = runtime.settings
     lim = settings.limits
@@ -419,20 +460,25 @@ async def long_poll(
     wait = min(wait, settings.server.long_poll_max_wait)
     position = parse_position(after)
     backend = runtime.backend
-    offset = position.offset
-    if position.now:
-        info = await backend.info(stream)
-        offset = info.tail
+    offset, epoch = position.offset, position.epoch
     max_bytes = lim.max_page_bytes
     try:
-        page = await backend.read(stream, offset, limit, epoch=position.epoch, max_bytes=max_bytes)
+        if position.now:
+            info = await backend.info(stream)
+            offset = info.last_id - 1 if info.closed else info.last_id
+        page = await backend.read(stream, offset, limit, epoch=epoch, max_bytes=max_bytes)
     except HistoryLost:
         runtime.metrics.resets.labels("longpoll").inc()
         raise
+    except StreamNotFound:
+        if not wait_for_create:
+            raise
+        page = Page(stream, "", (), offset, False)
     if page.events or page.closed or wait <= 0 or runtime.shutting_down.is_set():
         return page
+    start = Position(page.next_after, page.epoch or epoch)
+    sub = runtime.hub.subscribe(stream, start, transport="longpoll", wait_for_create=not page.epoch)
     metrics = runtime.metrics
-    sub = runtime.hub.subscribe(stream, Position(page.next_after, page.epoch), transport="longpoll")
     metrics.connections.labels("longpoll").inc()
     gauge = metrics.open_connections.labels("longpoll")
     gauge.inc()
@@ -441,7 +487,17 @@ async def long_poll(
     finally:
         sub.close()
         gauge.dec()
-    page = await backend.read(stream, page.next_after, limit, epoch=page.epoch, max_bytes=max_bytes)
+    try:
+        page = await backend.read(
+            stream, start.offset, limit, epoch=start.epoch, max_bytes=max_bytes
+        )
+    except HistoryLost:
+        runtime.metrics.resets.labels("longpoll").inc()
+        raise
+    except StreamNotFound:
+        if not wait_for_create:
+            raise
+        return Page(stream, "", (), start.offset, False)
     metrics.events_delivered.labels("longpoll").inc(len(page.events))
     return page
 
@@ -458,19 +514,24 @@ async def deny_websocket(websocket: WebSocket, status: int, code: str, message: 
 
 
 async def serve_websocket(
-    runtime: Runtime, websocket: WebSocket, stream: str, *, wait_for_create: bool = False
+    runtime: Runtime, websocket: WebSocket, stream: str, *, wait_for_create: bool | None = None
 ) -> None:
     """Serve ``stream`` over an (unaccepted) WebSocket until it ends or the client leaves.
 
     Position from the ``after`` query (or ``Last-Event-ID`` header). One text
-    message per event (``Event.to_json()``), ``{"type": "reset", ...}`` for a
-    reset, :func:`ws_heartbeat` when idle for ``keepalive`` seconds; after the
-    end entry the socket is closed with 1000.
+    message per event (``Event.to_json()`` plus its ``epoch``), ``{"type":
+    "reset", ...}`` for a reset, :func:`ws_heartbeat` when idle for
+    ``keepalive`` seconds; after the end entry the socket is closed with 1000.
+    ``wait_for_create`` (``None``: the ``wait_for_create`` query parameter,
+    else the setting) accepts the handshake of a stream that does not exist
+    yet and serves it once created.
     """
     try:
         position, resumed = start_position(
             websocket.headers.get("last-event-id"), websocket.query_params.get("after")
         )
+        if wait_for_create is None:
+            wait_for_create = waits_for_create(runtime, websocket.query_params.get(WAIT_FOR_CREATE))
         _, sub = await open_subscription(
             runtime, stream, position, "ws", resumed=resumed, wait_for_create=wait_for_create
         )
