@@ -18,7 +18,8 @@ misbehaved", so callers can decide what is worth retrying::
     │   └── ConfigError             invalid configuration or URL
     └── RemoteError                 the remote side misbehaved (often retryable)
         ├── BackendError            the storage backend failed or is unreachable
-        │   └── BackendUnavailable  could not reach the backend at all     (HTTP 503)
+        │   ├── BackendUnavailable  could not reach the backend at all     (HTTP 503)
+        │   └── InsufficientStorage free disk below [storage] min_free_disk (HTTP 507)
         ├── ProtocolError           a peer sent something we cannot accept
         ├── HTTPStatusError         the server answered with an error status
         ├── StreamTimeout           a watchdog timer fired (first event, idle, stale)
@@ -43,6 +44,7 @@ __all__ = [
     "HandlerFailed",
     "HistoryLost",
     "IllegalTransition",
+    "InsufficientStorage",
     "InvalidParams",
     "PayloadTooLarge",
     "ProtocolError",
@@ -214,6 +216,16 @@ class BackendError(RemoteError):
 class BackendUnavailable(BackendError):
     code = "backend_unavailable"
     http_status = 503
+
+
+class InsufficientStorage(BackendError):
+    """Free disk space is below ``[storage] min_free_disk``: nothing was written.
+
+    Appends and new runs are refused until space returns; retry later.
+    """
+
+    code = "insufficient_storage"
+    http_status = 507
 
 
 class ProtocolError(RemoteError):

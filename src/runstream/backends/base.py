@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from types import TracebackType
 from typing import Self
 
+from runstream.backends.space import SpaceGuard
 from runstream.core.jsonbody import check_text, is_utf8
 from runstream.core.model import (
     END_TYPE,
@@ -231,6 +232,28 @@ class EventLog(ABC):
         self.follow_max_bytes: int = FOLLOW_MAX_BYTES
         self.unreadable_events = 0
         """Stored entries served as :data:`UNREADABLE_TYPE` items since start (a metric)."""
+        self.space_guard: SpaceGuard | None = None
+        """Checked before every append (see :mod:`runstream.backends.space`); None: no check."""
+
+    def check_space(self) -> None:
+        """Raise :class:`~runstream.errors.InsufficientStorage` if the space guard refuses."""
+        if self.space_guard is not None:
+            self.space_guard.check()
+
+    def storage_path(self) -> str | None:
+        """The local directory this backend writes to (for the free-disk check), if any."""
+        return None
+
+    async def storage_stats(self) -> dict[str, float]:
+        """Size and row counts of the store, by name (e.g. ``file_bytes``, ``events``).
+
+        Engines report what they can measure; the default is nothing.
+        """
+        return {}
+
+    async def reclaim_space(self) -> int:
+        """Return space freed by deletions to the system (SQLite); how many pages were."""
+        return 0
 
     def unreadable(self, stream: str, id_: int, time: float, reason: str) -> Event:
         """The item served in place of stored entry ``id_`` that cannot be served; counted.
@@ -383,6 +406,7 @@ class EventLog(ABC):
         :class:`ValidationError` (400) or :class:`BackendError`.
         """
         validate_stream_name(stream)
+        self.check_space()
         batch = [events] if isinstance(events, NewEvent) else list(events)
         if not batch:
             raise ValidationError("an append needs at least one event", field="events")
@@ -402,6 +426,7 @@ class EventLog(ABC):
         :meth:`append` for idempotent retries.
         """
         validate_stream_name(stream)
+        self.check_space()
         batch = list(runs)
         for item in batch:
             if not isinstance(item, EncodedEvents):

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from runstream.backends.base import EventLog
 from runstream.core.model import NewEvent
-from runstream.errors import BackendError, IllegalTransition, RunstreamError
+from runstream.errors import BackendError, IllegalTransition, RunstreamError, StreamNotFound
 from runstream.runs.feed import announce
 from runstream.runs.model import RunRecord, RunStatus
 
@@ -209,6 +209,8 @@ class RunRecords(Protocol):
         **fields: Any,
     ) -> RunRecord: ...
 
+    async def delete(self, run_id: str, *, expect: Iterable[RunStatus] = ...) -> RunRecord: ...
+
 
 class Lifecycle:
     """Moves runs of one store and writes the effects to one event log. Cheap; share or not."""
@@ -314,6 +316,23 @@ class Lifecycle:
         """
         await self._close(record)
         await self._announce(record, None, final=True)
+
+    async def delete(self, run_id: str) -> RunRecord:
+        """Delete a run that ended: its record, then its stream. Returns the record removed.
+
+        Raises :class:`~runstream.errors.RunNotFound`, or :class:`IllegalTransition`
+        (nothing deleted) if the run has not ended (``queued``, ``running``):
+        cancel it and wait for its end first. The record goes first (it is the
+        truth); if deleting the stream then fails, the error is raised and the
+        stream, an orphan, is removed by the next retention pass. Followers of
+        the stream end (SSE ``end``, WebSocket close 4404); later reads get 404.
+        """
+        record = await self.store.delete(run_id, expect=FINISHED)
+        try:
+            await self.log.delete(run_id)
+        except StreamNotFound:
+            pass  # never created, or already gone
+        return record
 
     async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:
         await self.log.append(record.id, NewEvent("status", data))

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runstream.errors import IllegalTransition, ValidationError
-from runstream.runs.lifecycle import RunStatus, check_transition, is_status
+from runstream.runs.lifecycle import FINISHED, RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
 
 RUN_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(RunRecord))
@@ -173,6 +173,36 @@ def apply_transition(
 
 JSON_FIELDS = frozenset({"params", "extra"})
 
+DELETABLE: frozenset[RunStatus] = FINISHED
+"""Statuses in which a run may be deleted: it has ended (never ``queued`` or ``running``)."""
+
+
+def check_deletable(record: RunRecord, expect: frozenset[RunStatus]) -> None:
+    """Refuse (:class:`IllegalTransition`) to delete ``record`` unless its status is in ``expect``."""
+    if record.status not in expect:
+        raise IllegalTransition(
+            f"run {record.id} is {record.status!r}: only runs that ended "
+            f"({', '.join(sorted(expect))}) can be deleted"
+        )
+
+
+def check_extra_args(key: str, value: Any) -> None:
+    """Refuse (:class:`ValidationError`) an ``extra`` key or value that cannot be stored."""
+    if not isinstance(key, str) or not key:
+        raise ValidationError("an extra key must be a non-empty string", field="extra")
+    if value is not None:
+        check_field("extra", {key: value})
+
+
+def with_extra(record: RunRecord, key: str, value: Any) -> dict[str, Any]:
+    """``record.extra`` with ``key`` set to ``value`` (removed if ``value`` is None)."""
+    extra = dict(record.extra)
+    if value is None:
+        extra.pop(key, None)
+    else:
+        extra[key] = value
+    return extra
+
 
 def encode_json_field(name: str, value: Any) -> str:
     try:
@@ -269,6 +299,51 @@ class RunStore(ABC):
         Works in every status and changes nothing else; returns the record.
         Raises :class:`~runstream.errors.RunNotFound`.
         """
+
+    async def stats(self) -> dict[str, float]:
+        """Row counts: ``runs`` (all), and ``runs_<status>`` where the engine counts cheaply."""
+        return {}
+
+    async def delete(
+        self, run_id: str, *, expect: Iterable[RunStatus] = DELETABLE
+    ) -> RunRecord:
+        """Remove the run's record atomically if its status is in ``expect``; return it.
+
+        Only the record: the run's stream is the caller's (see
+        :meth:`runstream.runs.lifecycle.Lifecycle.delete`). Raises
+        :class:`~runstream.errors.RunNotFound`, or
+        :class:`~runstream.errors.IllegalTransition` (nothing removed) if the
+        run is in another status, e.g. still ``queued`` or ``running``.
+        """
+        allowed = frozenset(expect)
+        for status in allowed:
+            if not is_status(status):
+                raise ValidationError(f"unknown run status {status!r}", field="status")
+        return await self._delete(run_id, allowed)
+
+    @abstractmethod
+    async def _delete(self, run_id: str, expect: frozenset[RunStatus]) -> RunRecord:
+        """:meth:`delete` with its arguments checked: compare-status-and-remove, atomically."""
+
+    async def set_extra(
+        self, run_id: str, key: str, value: Any, *, expect: Iterable[RunStatus] = ("queued",)
+    ) -> RunRecord | None:
+        """Set ``extra[key] = value`` (``None`` removes it) if the run's status is in ``expect``.
+
+        For notes that are not a status change, such as why a queued run waits
+        (``extra["waiting"]``). Returns the record as stored, or ``None`` if the
+        run was in another status (nothing changed). Raises
+        :class:`~runstream.errors.RunNotFound` or
+        :class:`~runstream.errors.ValidationError` for a value ``extra`` cannot hold.
+        """
+        check_extra_args(key, value)
+        return await self._set_extra(run_id, key, value, frozenset(expect))
+
+    @abstractmethod
+    async def _set_extra(
+        self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
+    ) -> RunRecord | None:
+        """:meth:`set_extra` with its arguments checked, atomically."""
 
     @abstractmethod
     async def list(

@@ -114,6 +114,13 @@ class MemoryEventLog(EventLog):
         del self._streams[stream]
         self.notifier.notify(stream)
 
+    async def storage_stats(self) -> dict[str, float]:
+        """``streams`` and ``events`` (retained, end entries included)."""
+        return {
+            "streams": float(len(self._streams)),
+            "events": float(sum(len(st.events) for st in self._streams.values())),
+        }
+
     async def list_streams(
         self, *, prefix: str = "", start_after: str = "", limit: int = 100
     ) -> list[StreamInfo]:

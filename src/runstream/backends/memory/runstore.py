@@ -12,11 +12,13 @@ from runstream.runs.model import RunRecord
 from runstream.runs.store import (
     RunStore,
     apply_transition,
+    check_deletable,
     check_list_args,
     check_new_record,
     decode_cursor,
     encode_cursor,
     json_copies,
+    with_extra,
 )
 
 __all__ = ["MemoryRunStore"]
@@ -59,6 +61,30 @@ class MemoryRunStore(RunStore):
         updated = apply_transition(record, new, expect, match, json_copies(fields))
         self._runs[run_id] = updated
         return updated
+
+    async def stats(self) -> dict[str, float]:
+        out: dict[str, float] = {"runs": float(len(self._runs))}
+        for record in self._runs.values():
+            key = f"runs_{record.status}"
+            out[key] = out.get(key, 0.0) + 1
+        return out
+
+    async def _delete(self, run_id: str, expect: frozenset[RunStatus]) -> RunRecord:
+        record = await self.get(run_id)
+        check_deletable(record, expect)
+        del self._runs[run_id]
+        return record
+
+    async def _set_extra(
+        self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
+    ) -> RunRecord | None:
+        record = await self.get(run_id)
+        if record.status not in expect:
+            return None
+        extra = json_copies({"extra": with_extra(record, key, value)})["extra"]
+        record = dataclasses.replace(record, extra=extra)
+        self._runs[run_id] = record
+        return record
 
     async def request_cancel(self, run_id: str) -> RunRecord:
         record = await self.get(run_id)

@@ -349,6 +349,13 @@ class RedisEventLog(EventLog):
         async with self._op("PING"):
             await self._redis.ping()
 
+    async def storage_stats(self) -> dict[str, float]:
+        """``used_memory`` (bytes, the whole Redis) and ``keys`` (in this database)."""
+        async with self._op("INFO memory"):
+            info = await self._redis.info("memory")
+            keys = await self._redis.dbsize()
+        return {"used_memory": float(info.get("used_memory", 0)), "keys": float(keys)}
+
     def _check_open(self) -> None:
         if self._closed:
             raise BackendError("this redis backend is closed")

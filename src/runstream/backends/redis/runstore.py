@@ -44,6 +44,7 @@ from runstream.runs.store import (
     NUMBER_FIELDS,
     RUN_FIELDS,
     RunStore,
+    check_deletable,
     check_list_args,
     check_new_record,
     decode_cursor,
@@ -101,6 +102,38 @@ redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
 redis.call('PUBLISH', ARGV[1], ARGV[2])
 return {'ok', redis.call('HGETALL', KEYS[1])}
 """
+
+_DELETE = """
+-- KEYS[1] run hash, KEYS[2] lease. ARGV: the statuses the run may be deleted in.
+local flat = redis.call('HGETALL', KEYS[1])
+if #flat == 0 then return {'missing'} end
+local cur = redis.call('HGET', KEYS[1], 'status')
+for i = 1, #ARGV do
+  if ARGV[i] == cur then
+    redis.call('DEL', KEYS[1], KEYS[2])
+    return {'ok', flat}
+  end
+end
+return {'refused', flat}
+"""
+
+_SET_EXTRA = """
+-- KEYS[1] run hash. ARGV[1] the extra JSON read, ARGV[2] the extra JSON to write,
+-- ARGV[3..] the statuses the run must be in.
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {'missing'} end
+local ok = false
+for i = 3, #ARGV do
+  if ARGV[i] == cur then ok = true; break end
+end
+if not ok then return {'refused'} end
+if redis.call('HGET', KEYS[1], 'extra') ~= ARGV[1] then return {'changed'} end
+redis.call('HSET', KEYS[1], 'extra', ARGV[2])
+return {'ok', redis.call('HGETALL', KEYS[1])}
+"""
+
+SET_EXTRA_ATTEMPTS = 5
+"""Tries of :meth:`RedisRunStore.set_extra`'s compare-and-set before giving up."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -220,6 +253,8 @@ class RedisRunStore(RunStore):
         self._create = self.redis.register_script(_CREATE)
         self._transition = self.redis.register_script(_TRANSITION)
         self._cancel = self.redis.register_script(_REQUEST_CANCEL)
+        self._delete_script = self.redis.register_script(_DELETE)
+        self._set_extra_script = self.redis.register_script(_SET_EXTRA)
 
     @classmethod
     def from_url(cls, url: str) -> RedisRunStore:
@@ -289,6 +324,50 @@ class RedisRunStore(RunStore):
                 f"not {_encode_value(reply[2], match[reply[2]])}"
             )
         return _decode(run_id, reply[1])
+
+    async def stats(self) -> dict[str, float]:
+        with translated("count runs"):
+            return {"runs": float(await self.redis.zcard(self.keys.index))}
+
+    async def _delete(self, run_id: str, expect: frozenset[RunStatus]) -> RunRecord:
+        with translated("delete run"):
+            reply = await self._delete_script(
+                keys=[self.keys.run(run_id), self.keys.lease(run_id)], args=sorted(expect)
+            )
+            if reply[0] == "missing":
+                raise RunNotFound(f"run {run_id!r} does not exist")
+            record = _decode(run_id, reply[1])
+            if reply[0] == "refused":
+                check_deletable(record, expect)
+            # Cross-slot, so after the script: list() skips index entries without a record.
+            await self.redis.zrem(self.keys.index, run_id)
+        return record
+
+    async def _set_extra(
+        self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
+    ) -> RunRecord | None:
+        for _ in range(SET_EXTRA_ATTEMPTS):
+            with translated("read run extra"):
+                old = cast(str | None, await self.redis.hget(self.keys.run(run_id), "extra"))
+            if old is None:
+                raise RunNotFound(f"run {run_id!r} does not exist")
+            extra = dict(json.loads(old))
+            if value is None:
+                extra.pop(key, None)
+            else:
+                extra[key] = value
+            with translated("set run extra"):
+                reply = await self._set_extra_script(
+                    keys=[self.keys.run(run_id)],
+                    args=[old, _encode_value("extra", extra), *sorted(expect)],
+                )
+            if reply[0] == "missing":
+                raise RunNotFound(f"run {run_id!r} does not exist")
+            if reply[0] == "refused":
+                return None
+            if reply[0] == "ok":
+                return _decode(run_id, reply[1])
+        raise BackendError(f"run {run_id}: its extra kept changing; not updated")
 
     async def request_cancel(self, run_id: str) -> RunRecord:
         with translated("request cancel"):

@@ -50,7 +50,6 @@ from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.sqlite.sql import (
     _INFO_COLUMNS,
     _INFO_MANY_CHUNK,
-    _SCHEMA,
     _SELECT_STREAM,
     _SYNCHRONOUS_VALUES,
     DECODE_CHUNK,
@@ -60,7 +59,7 @@ from runstream.backends.sqlite.sql import (
     POLL_CHUNK,
     POLL_INTERVAL,
     READER_THREADS,
-    SCHEMA_VERSION,
+    JOURNAL_SIZE_LIMIT,
     Synchronous,
     _as_list,
     _base,
@@ -73,11 +72,12 @@ from runstream.backends.sqlite.sql import (
     _translate,
     parse_url,
 )
+from runstream.backends.sqlite.migrate import migrate
+from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.writes import (
     op_append,
     op_append_encoded,
     op_close,
-    op_delete,
     op_trim,
 )
 from runstream.core.jsonbody import is_utf8
@@ -161,7 +161,7 @@ class _ReaderPool:
             conn.close()
 
 
-class SQLiteEventLog(EventLog):
+class SQLiteEventLog(SpaceMixin, EventLog):
     """Streams stored in one SQLite file (WAL mode), shareable by processes on one machine.
 
     Create it with :meth:`from_url` or directly, then ``async with`` it (or
@@ -276,23 +276,9 @@ class SQLiteEventLog(EventLog):
                 raise BackendError(
                     f"sqlite database {self.path!r} could not switch to WAL mode (got {mode!r})"
                 )
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version > SCHEMA_VERSION:
-                    raise BackendError(
-                        f"sqlite database {self.path!r} has schema version {version}, newer than "
-                        f"this runstream understands ({SCHEMA_VERSION}); upgrade runstream"
-                    )
-                if version < SCHEMA_VERSION:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
+            migrate(conn, self.path)
+            # Without a limit, the WAL file keeps the size of its largest burst.
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
             self.json_each = _has_json_each(conn)
         except sqlite3.Error as exc:
             conn.close()
@@ -594,7 +580,8 @@ class SQLiteEventLog(EventLog):
         return await self._write(stream, lambda conn: op_close(conn, stream, status, reason))
 
     async def delete(self, stream: str) -> None:
-        await self._write(stream, lambda conn: op_delete(conn, stream))
+        """Delete ``stream`` in bounded steps (see :meth:`SpaceMixin.purge`)."""
+        await self.purge(stream)
 
     async def trim(
         self, stream: str, *, max_len: int | None = None, max_age: float | None = None

@@ -39,11 +39,13 @@ from runstream.runs.store import (
     RUN_FIELDS,
     RunStore,
     apply_transition,
+    check_deletable,
     check_list_args,
     check_new_record,
     decode_cursor,
     encode_cursor,
     encode_json_field,
+    with_extra,
 )
 
 __all__ = ["SQLiteRunStore"]
@@ -268,6 +270,45 @@ class SQLiteRunStore(RunStore):
             return updated
 
         return await self._run(cas)
+
+    async def stats(self) -> dict[str, float]:
+        def count(conn: sqlite3.Connection) -> dict[str, float]:
+            rows = conn.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+            out = {f"runs_{status}": float(n) for status, n in rows}
+            out["runs"] = float(sum(n for _, n in rows))
+            return out
+
+        return await self._run(count)
+
+    async def _delete(self, run_id: str, expect: frozenset[RunStatus]) -> RunRecord:
+        def remove(conn: sqlite3.Connection) -> RunRecord:
+            conn.execute("BEGIN IMMEDIATE")
+            record = self._select(conn, run_id)
+            check_deletable(record, expect)
+            conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+            conn.execute("COMMIT")
+            return record
+
+        return await self._run(remove)
+
+    async def _set_extra(
+        self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
+    ) -> RunRecord | None:
+        def update(conn: sqlite3.Connection) -> RunRecord | None:
+            conn.execute("BEGIN IMMEDIATE")
+            record = self._select(conn, run_id)
+            if record.status not in expect:
+                conn.execute("COMMIT")
+                return None
+            extra = with_extra(record, key, value)
+            conn.execute(
+                "UPDATE runs SET extra = ? WHERE id = ?",
+                (encode_json_field("extra", extra), run_id),
+            )
+            conn.execute("COMMIT")
+            return self._select(conn, run_id)
+
+        return await self._run(update)
 
     async def request_cancel(self, run_id: str) -> RunRecord:
         def mark(conn: sqlite3.Connection) -> RunRecord:

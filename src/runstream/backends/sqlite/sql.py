@@ -19,8 +19,18 @@ from runstream.core.model import StreamInfo
 from runstream.errors import BackendError, BackendUnavailable, ConfigError
 from runstream.redact import mask_secrets
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; bump it and add a migration when the schema changes."""
+SCHEMA_VERSION = 2
+"""Stored in ``PRAGMA user_version``: the last step of :data:`.migrate.STEPS`."""
+
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+"""Bytes the WAL file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)."""
+
+PURGE_BATCH = 5000
+"""Events removed per write transaction when a stream is deleted: appends to other
+streams wait for one batch at most, not for the whole stream."""
+
+RECLAIM_STEP = 256
+"""Free pages returned to the file system per write transaction (``incremental_vacuum``)."""
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a connection waits for another process's lock before giving up."""

@@ -1,0 +1,134 @@
+"""Space of the SQLite file: bounded deletes, returning free pages, size and row counts.
+
+A mixin of :class:`~runstream.backends.sqlite.log.SQLiteEventLog` (kept apart so the
+log module stays about appends and reads). Every write here is a request on the log's
+writer thread like an append, and each is small: a stream is deleted
+:data:`~.sql.PURGE_BATCH` events per transaction, free pages are returned
+:data:`~.sql.RECLAIM_STEP` at a time, so an append waits for one step at most.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import TYPE_CHECKING
+
+from runstream.backends.sqlite.sql import PURGE_BATCH, RECLAIM_STEP
+from runstream.backends.sqlite.writes import _row, op_delete, op_trim
+from runstream.errors import StreamNotFound
+
+if TYPE_CHECKING:
+    from runstream.backends.sqlite.log import SQLiteEventLog
+
+__all__ = ["SpaceMixin", "op_purge_step", "op_reclaim"]
+
+_RECLAIM_STREAM = "runstream:space"
+"""Name the writer's requests for page reclaiming are filed under (no stream is woken)."""
+
+
+def op_purge_step(conn: sqlite3.Connection, stream: str, batch: int) -> bool:
+    """Remove up to ``batch`` of the oldest events of ``stream``, or the whole stream if
+    that is all that is left; True once it is gone. Raises :class:`StreamNotFound`."""
+    found = _row(conn, stream)
+    if found is None:
+        raise StreamNotFound(stream)
+    info = found[1]
+    retained = max(0, info.last_id - info.first_id + 1)
+    if retained <= batch:
+        op_delete(conn, stream)
+        return True
+    op_trim(conn, stream, retained - batch, None)
+    return False
+
+
+def op_reclaim(conn: sqlite3.Connection, pages: int) -> int:
+    """Return up to ``pages`` free pages to the file system; how many are still free.
+
+    One ``PRAGMA incremental_vacuum(1)`` per page: Python's ``execute`` steps a
+    statement once, and each step of this one frees one page.
+    """
+    free = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+    for _ in range(min(pages, free)):
+        conn.execute("PRAGMA incremental_vacuum(1)")
+    return int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+
+
+def _file_bytes(path: str) -> int:
+    total = 0
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            total += os.stat(name).st_size
+        except OSError:
+            pass
+    return total
+
+
+class SpaceMixin:
+    """Deleting, reclaiming and measuring; see the module docstring."""
+
+    async def purge(self: SQLiteEventLog, stream: str, *, batch: int = PURGE_BATCH) -> None:
+        """Delete ``stream`` and its history, ``batch`` events per write transaction.
+
+        Between steps the stream looks trimmed (followers get a ``reset``),
+        then it is gone (followers end with ``StreamDeleted``). Raises
+        :class:`StreamNotFound` if it does not exist.
+        """
+        first = True
+        while True:
+            try:
+                done = await self._write(stream, lambda conn: op_purge_step(conn, stream, batch))
+            except StreamNotFound:
+                if first:
+                    raise
+                return  # someone else finished it
+            first = False
+            if done:
+                return
+
+    async def reclaim_space(
+        self: SQLiteEventLog, *, step: int = RECLAIM_STEP, max_steps: int | None = None
+    ) -> int:
+        """Return free pages to the file system, ``step`` pages per write transaction.
+
+        Call it after large deletions (the retention pass does). Returns the pages
+        freed. Each step is queued behind the appends already waiting, so appends
+        are held for one step at most.
+        """
+        freed = 0
+        steps = 0
+        left = await self._write(_RECLAIM_STREAM, lambda conn: op_reclaim(conn, 0))
+        while left > 0 and (max_steps is None or steps < max_steps):
+            before = left
+            left = await self._write(_RECLAIM_STREAM, lambda conn: op_reclaim(conn, step))
+            steps += 1
+            if left >= before:
+                break  # auto_vacuum is off for this file (e.g. another tool rebuilt it)
+            freed += before - left
+        return freed
+
+    async def storage_stats(self: SQLiteEventLog) -> dict[str, float]:
+        """``file_bytes`` (database, WAL and shared-memory files), ``free_pages``,
+        ``page_size``, ``streams`` and ``events`` (rows)."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, float]:
+            conn.execute("BEGIN")
+            try:
+                streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
+                events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+            return {
+                "file_bytes": float(_file_bytes(self.path)),
+                "free_pages": float(free),
+                "page_size": float(page_size),
+                "streams": float(streams),
+                "events": float(events),
+            }
+
+        return await self._reader(read)
+
+    def storage_path(self: SQLiteEventLog) -> str | None:
+        """The directory the database file lives in (for the free-disk check)."""
+        return os.path.dirname(os.path.abspath(self.path))
