@@ -10,12 +10,17 @@ File layout::
     [server]                # host, port, backend, workers, retry_ms, keepalive, ...
     [auth]                  # token = "...", read_token = "...", tokens = [{token, scopes}]
     [limits]                # max_body_bytes, max_batch, max_event_bytes, ...
+    [retention]             # max_age, max_runs, stream_max_idle, ... (docs/operations.md)
+    [storage]               # min_free_disk, stats_interval
+    [gates]                 # min_free_memory, min_free_disk, max_load
     [tasks.NAME]            # kept raw for the runs layer (see SPEC §4)
 
 Environment: ``RUNSTREAM_CONFIG`` (file path), ``RUNSTREAM_TOKEN`` (read+write),
 ``RUNSTREAM_READ_TOKEN`` (read only), and ``RUNSTREAM_<FIELD>`` for every field
 of ``[server]`` and ``[limits]`` (``RUNSTREAM_BACKEND``, ``RUNSTREAM_PORT``,
-``RUNSTREAM_KEEPALIVE``, ``RUNSTREAM_MAX_BODY_BYTES``, ...). List settings
+``RUNSTREAM_KEEPALIVE``, ``RUNSTREAM_MAX_BODY_BYTES``, ...); ``[retention]``,
+``[storage]`` and ``[gates]`` fields take their section in the name
+(``RUNSTREAM_RETENTION_MAX_AGE``, ``RUNSTREAM_STORAGE_MIN_FREE_DISK``). List settings
 (``allowed_hosts``, ``cors_origins``) are TOML arrays, comma-separated in the
 environment (``RUNSTREAM_CORS_ORIGINS=https://a.example,https://b.example``).
 """
@@ -59,7 +64,7 @@ ENV_PREFIX = "RUNSTREAM_"
 DEFAULT_CONFIG_FILE = "runstream.toml"
 RUN_GRACE = 10.0
 """Default of ``server.run_grace`` (for code that runs runs without settings)."""
-SECTIONS = ("server", "auth", "limits", "tasks")
+SECTIONS = ("server", "auth", "limits", "tasks", "retention", "storage", "gates")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +214,60 @@ class AuthSettings(_Section):
         return tuple(found)
 
 
+Bytes = Annotated[int, Field(ge=0)]
+OptionalSeconds = Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_optional)]
+OptionalCount = Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_optional)]
+OptionalBytes = Annotated[Bytes | None, BeforeValidator(_optional)]
+
+
+class RetentionSettings(_Section):
+    """``[retention]``: what is deleted on its own. Everything unset keeps forever.
+
+    Runs are removed only once they have ended; a task's own ``retention``
+    table overrides ``max_age`` / ``max_runs`` for its runs.
+    """
+
+    max_age: OptionalSeconds = None
+    """Ended runs (and their streams) older than this many seconds since they finished."""
+    max_runs: OptionalCount = None
+    """Ended runs kept per task (the newest); older ones are deleted."""
+    stream_max_idle: OptionalSeconds = None
+    """Plain streams (not runs) with no append for this many seconds."""
+    stream_max_closed: OptionalSeconds = None
+    """Plain streams closed this many seconds ago."""
+    feed_max_age: OptionalSeconds = None
+    """Runs-feed items older than this; unset: ``max_age``."""
+    feed_max_len: OptionalCount = None
+    """Runs-feed items kept (the newest)."""
+    interval: Seconds = 300.0
+    """Seconds between two retention passes of a server."""
+
+
+class StorageSettings(_Section):
+    """``[storage]``: the floor under which writes are refused (HTTP 507)."""
+
+    min_free_disk: Bytes = 256 * 1024 * 1024
+    """Bytes that must stay free where a local store (SQLite) writes; 0 = no check."""
+    stats_interval: Seconds = 15.0
+    """Seconds between two readings of the store's size for ``/metrics``."""
+
+
+class GateSettings(_Section):
+    """``[gates]``: what the machine must have free before any run starts (0 / unset = no gate).
+
+    A task's ``gate`` table adds its own minimums; the stricter value wins.
+    """
+
+    min_free_memory: OptionalBytes = None
+    """Bytes of available memory (``MemAvailable``)."""
+    min_free_disk: OptionalBytes = None
+    """Bytes free in the working directory of the worker."""
+    max_load: Annotated[Annotated[float, Field(gt=0)] | None, BeforeValidator(_optional)] = None
+    """1-minute load average divided by the number of CPUs."""
+    interval: Seconds = 5.0
+    """Seconds between two checks of a closed gate."""
+
+
 class Settings(BaseSettings):
     """Everything runstream's server reads from configuration. Immutable; use :meth:`replace`.
 
@@ -225,6 +284,9 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     tokens: tuple[Token, ...] = ()
     tasks: Mapping[str, Mapping[str, Any]] = Field(default_factory=dict)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    gates: GateSettings = Field(default_factory=GateSettings)
     """The raw ``[tasks.*]`` tables, validated by the runs layer."""
     source: str | None = None
     """Path of the file these settings came from, for messages."""
@@ -335,6 +397,16 @@ class _FlatEnvironment(PydanticBaseSettingsSource):
         for section, model in (("server", ServerSettings), ("limits", LimitSettings)):
             for name in model.model_fields:
                 if (value := self.env.get(ENV_PREFIX + name.upper())) is not None:
+                    out.setdefault(section, {})[name] = value
+        ops: tuple[tuple[str, type[BaseModel]], ...] = (
+            ("retention", RetentionSettings),
+            ("storage", StorageSettings),
+            ("gates", GateSettings),
+        )
+        for section, table in ops:
+            for name in table.model_fields:
+                key = f"{ENV_PREFIX}{section.upper()}_{name.upper()}"
+                if (value := self.env.get(key)) is not None:
                     out.setdefault(section, {})[name] = value
         auth = {
             key: self.env[ENV_PREFIX + key.upper()]

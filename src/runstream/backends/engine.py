@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from runstream.backends.base import EventLog
 
 if TYPE_CHECKING:  # annotations only: the runs layer builds on the backends, not the reverse
+    from runstream.runs.gates import Gates
     from runstream.runs.service import Dispatcher
     from runstream.runs.store import RunStore
     from runstream.runs.tasks import TaskRegistry
@@ -37,6 +38,8 @@ class WorkerSpec:
     """``None``: the engine's default (host and pid)."""
     lease: float | None = None
     """Seconds; ``None``: the engine's default."""
+    gates: Gates | None = None
+    """Resource gates checked before each run starts; ``None``: none."""
 
 
 class QueueWorker(Protocol):
@@ -85,6 +88,7 @@ class DispatchContext:
     workers: int | None
     """``None``: only queue (workers run elsewhere); a number: also take runs here."""
     shutdown_grace: float
+    gates: Gates | None = None
 
 
 def no_file(url: str) -> Path | None:

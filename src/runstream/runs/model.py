@@ -55,7 +55,7 @@ class RunRecord:
         def ts(v: float | None) -> str | None:
             return rfc3339(v) if v is not None else None
 
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "task": self.task,
             "params": self.params,
@@ -71,3 +71,7 @@ class RunRecord:
             "cancel_requested": self.cancel_requested,
             "stream": self.id,
         }
+        waiting = self.extra.get("waiting")
+        if self.status == "queued" and isinstance(waiting, str):
+            out["waiting"] = waiting  # why it has not started (a closed resource gate)
+        return out

@@ -9,6 +9,11 @@
   task (its ``concurrency``);
 * jobs start in the order they were submitted, but a job waiting for its
   task's limit does not hold up jobs of other tasks;
+* with a ``gate`` (see :mod:`runstream.runs.gates`), a job also waits while
+  the gate gives a reason not to start it; ``on_wait`` hears each new reason
+  (``None`` once it may start), and the gate is asked again every
+  ``gate_interval`` seconds and whenever a slot frees up or :meth:`Scheduler.recheck`
+  is called;
 * stopping is two steps: :meth:`Scheduler.stop_taking` (nothing new starts;
   the jobs that were waiting are handed back to the caller), then
   :meth:`Scheduler.drain`: running jobs get ``grace`` seconds to finish, then
@@ -29,6 +34,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from runstream.runs.executor import RunControl
 
@@ -53,6 +59,12 @@ class Job:
     control: RunControl = field(default_factory=RunControl)
     handle: asyncio.Task[None] | None = None
     """The asyncio task running the job, once started."""
+    gate: Any = None
+    """What the scheduler's ``gate`` callable is asked about (e.g. the task's Gate)."""
+    run_id: str | None = None
+    """The run this job executes (``None``: its ``key``)."""
+    waiting: str | None = None
+    """Why the gate last held it back (``None``: it was not held back)."""
 
 
 class Scheduler:
@@ -63,13 +75,24 @@ class Scheduler:
     """
 
     def __init__(
-        self, capacity: int, *, name: str = "runstream", on_change: Callable[[], None] | None = None
+        self,
+        capacity: int,
+        *,
+        name: str = "runstream",
+        on_change: Callable[[], None] | None = None,
+        gate: Callable[[Job], str | None] | None = None,
+        on_wait: Callable[[Job, str | None], None] | None = None,
+        gate_interval: float = 5.0,
     ) -> None:
         if capacity < 1:
             raise ValueError("a scheduler needs a capacity >= 1")
         self.capacity = capacity
         self.name = name
         self._on_change = on_change
+        self._gate = gate
+        self._on_wait = on_wait
+        self.gate_interval = gate_interval
+        self._recheck_timer: asyncio.TimerHandle | None = None
         self._pending: dict[str, Job] = {}  # in submission order
         self._running: dict[str, Job] = {}
         self._per_task: Counter[str] = Counter()
@@ -132,12 +155,28 @@ class Scheduler:
         for job in self._running.values():
             job.control.cancel(reason)
 
+    def recheck(self) -> None:
+        """Ask the gate again now for the waiting jobs (e.g. after resources were freed)."""
+        if not self.stopping:
+            self._launch_ready()
+
     def _launch_ready(self) -> None:
+        gated = False
         for key, job in list(self._pending.items()):
             if len(self._running) >= self.capacity:
-                return
+                break
             if job.limit is not None and self._per_task[job.task] >= job.limit:
                 continue
+            if self._gate is not None:
+                reason = self._gate(job)
+                if reason is not None:
+                    gated = True
+                    if reason != job.waiting:
+                        job.waiting = reason
+                        if self._on_wait is not None:
+                            self._on_wait(job, reason)
+                        self._changed()
+                    continue
             del self._pending[key]
             self._running[key] = job
             self._per_task[job.task] += 1
@@ -145,6 +184,14 @@ class Scheduler:
                 self._run(job), name=f"{self.name}:{key}"
             )
             self._changed()
+        if gated and self._recheck_timer is None:
+            self._recheck_timer = asyncio.get_running_loop().call_later(
+                self.gate_interval, self._on_recheck_timer
+            )
+
+    def _on_recheck_timer(self) -> None:
+        self._recheck_timer = None
+        self.recheck()
 
     async def _run(self, job: Job) -> None:
         try:
@@ -170,6 +217,9 @@ class Scheduler:
     def stop_taking(self) -> list[Job]:
         """Start no more jobs; return the ones that were waiting (never started), in order."""
         self.stopping = True
+        if self._recheck_timer is not None:
+            self._recheck_timer.cancel()
+            self._recheck_timer = None
         dropped = list(self._pending.values())
         self._pending.clear()
         if not self._running:

@@ -43,6 +43,7 @@ from runstream.errors import (
     RunNotFound,
     RunstreamError,
 )
+from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.executor import (
     CANCEL_POLL,
     RUN_ID_ENV,
@@ -319,7 +320,9 @@ class LocalWorkerPool:
         rescan_interval: float = DEFAULT_RESCAN_INTERVAL,
         cancel_poll: float = CANCEL_POLL,
         metrics: RunMetrics | None = None,
+        gates: Gates | None = None,
     ) -> None:
+        """``gates``: resource gates checked before each run starts (see :mod:`.gates`)."""
         if workers < 1:
             raise ConfigError("a worker pool needs workers >= 1")
         self.registry = registry
@@ -332,6 +335,8 @@ class LocalWorkerPool:
         self.rescan_interval = rescan_interval
         self.cancel_poll = cancel_poll
         self.metrics = metrics
+        self.gates = gates
+        self.notes = WaitNotes(store)
         self.scheduler = self._new_scheduler()
         if metrics is not None:
             metrics.track_pool(
@@ -344,7 +349,16 @@ class LocalWorkerPool:
         self.executed = 0
 
     def _new_scheduler(self) -> Scheduler:
-        return Scheduler(self.workers, name="runstream-run")
+        gates = self.gates
+        if gates is None:
+            return Scheduler(self.workers, name="runstream-run")
+        return Scheduler(
+            self.workers,
+            name="runstream-run",
+            gate=lambda job: gates.reason(job.gate),
+            on_wait=lambda job, reason: self.notes.note(job.key, reason),
+            gate_interval=gates.interval,
+        )
 
     # -- Dispatcher -----------------------------------------------------------------
 
@@ -464,6 +478,7 @@ class LocalWorkerPool:
             return
         task = self.registry.get(task_name)
         job = Job(run_id, task.name, lambda: self._execute(job, task), task.concurrency, task.grace)
+        job.gate = task.gate
         self.scheduler.submit(job)
 
     async def _rescan(self) -> None:
@@ -478,6 +493,7 @@ class LocalWorkerPool:
     async def _execute(self, job: Job, task: TaskSpec) -> None:
         run_id = job.key
         try:
+            await self.notes.clear(run_id)
             record = await self.store.get(run_id)
             if record.status == "queued":
                 final = await execute_run(

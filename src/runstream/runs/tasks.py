@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar, cast
 
 from runstream.errors import ConfigError, InvalidParams, TaskNotFound, ValidationError
+from runstream.runs.gates import Gate
+from runstream.runs.retention import RunRetention
 
 __all__ = [
     "DEFAULT_GRACE",
@@ -116,6 +118,8 @@ _TASK_KEYS = frozenset(
         "inherit_env",
         "cwd",
         "description",
+        "retention",
+        "gate",
     }
 )
 
@@ -375,6 +379,10 @@ class TaskSpec:
     inherit_env: bool = False
     cwd: str | None = None
     description: str = ""
+    retention: RunRetention | None = None
+    """Overrides ``[retention]`` max_age / max_runs for this task's runs."""
+    gate: Gate | None = None
+    """Resources this task's runs need free before they start (on top of ``[gates]``)."""
 
     @property
     def kind(self) -> Literal["command", "python"]:
@@ -435,6 +443,10 @@ class TaskSpec:
             inherit_env=table.get("inherit_env", False),
             cwd=table.get("cwd"),
             description=table.get("description", ""),
+            retention=None
+            if table.get("retention") is None
+            else RunRetention.from_config(where, table["retention"]),
+            gate=None if table.get("gate") is None else Gate.from_config(where, table["gate"]),
         )
 
     @classmethod
@@ -453,6 +465,8 @@ class TaskSpec:
         inherit_env: bool = False,
         cwd: str | os.PathLike[str] | None = None,
         description: str = "",
+        retention: RunRetention | None = None,
+        gate: Gate | None = None,
     ) -> TaskSpec:
         """Check everything and build a task. Raises :class:`ConfigError`."""
         where = f"[tasks.{name}]"
@@ -524,6 +538,8 @@ class TaskSpec:
             inherit_env=inherit_env,
             cwd=os.fspath(cwd) if cwd is not None else None,
             description=description,
+            retention=retention,
+            gate=gate,
         )
 
     # -- use -------------------------------------------------------------------
@@ -642,6 +658,10 @@ class TaskSpec:
             "retries": self.retries,
             "description": self.description,
         }
+        if self.retention is not None:
+            out["retention"] = self.retention.to_json()
+        if self.gate is not None:
+            out["gate"] = self.gate.to_json()
         if self.command is not None:
             out["command"] = list(self.command)
         else:

@@ -114,6 +114,8 @@ class RunOut(BaseModel):
     timeout: float | None
     cancel_requested: bool
     stream: str
+    waiting: str | None = None
+    """Only on a queued run held back by a resource gate: why it has not started."""
 
 
 class RunListOut(BaseModel):

@@ -103,7 +103,7 @@ def new_worker(
         shutdown_grace=spec.shutdown_grace,
         name=spec.name or default_worker_name(),
     )
-    return RedisWorker(_redis_store(store), log_, registry, options=options)
+    return RedisWorker(_redis_store(store), log_, registry, options=options, gates=spec.gates)
 
 
 @dataclass(eq=False)
@@ -144,6 +144,7 @@ async def start_dispatch(ctx: DispatchContext) -> RedisDispatch:
             ctx.log,
             ctx.registry,
             options=WorkerOptions(concurrency=ctx.workers, shutdown_grace=ctx.shutdown_grace),
+            gates=ctx.gates,
         )
         dispatch._task = asyncio.get_running_loop().create_task(
             dispatch.worker.run(dispatch._stop), name="runstream-serve-redis-worker"

@@ -47,6 +47,7 @@ from runstream.errors import (
 from runstream.runs.executor import RunControl, execute_run
 from runstream.runs.lifecycle import TERMINAL
 from runstream.runs.model import RunRecord
+from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.tasks import TaskRegistry
 
@@ -160,8 +161,13 @@ class RedisWorker:
         registry: TaskRegistry,
         *,
         options: WorkerOptions | None = None,
+        gates: Gates | None = None,
     ) -> None:
+        """``gates``: resource gates checked before each run starts (see
+        :mod:`runstream.runs.gates`); a gated run stays queued, held by this worker."""
         self.store = store
+        self.gates = gates
+        self.notes = WaitNotes(store)
         self.log = log
         self.registry = registry
         self.options = options or WorkerOptions()
@@ -185,7 +191,12 @@ class RedisWorker:
         """Entries being looked at (or handed back); runs themselves are the scheduler's."""
         self._slots_changed = asyncio.Event()
         self.scheduler = Scheduler(
-            self.options.concurrency, name="run", on_change=self._slots_changed.set
+            self.options.concurrency,
+            name="run",
+            on_change=self._slots_changed.set,
+            gate=None if gates is None else (lambda job: gates.reason(job.gate)),
+            on_wait=lambda job, reason: self.notes.note(job.run_id or job.key, reason),
+            gate_interval=5.0 if gates is None else gates.interval,
         )
         self._token = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
         self._claim_name_script = store.redis.register_script(_CLAIM_NAME)
@@ -395,6 +406,8 @@ class RedisWorker:
             limit=spec.concurrency if spec is not None else None,
             grace=spec.grace if spec is not None else 0.0,
             control=held.control,
+            gate=spec.gate if spec is not None else None,
+            run_id=record.id,
         )
         if self.scheduler.submit(job):
             return True
@@ -407,6 +420,7 @@ class RedisWorker:
         await self.janitor.ack(held.entry_id)
 
     async def _claim_and_run(self, held: _Active, record: RunRecord) -> None:
+        await self.notes.clear(record.id)
         if self.scheduler.stopping:
             await self._hand_back(held)
             return

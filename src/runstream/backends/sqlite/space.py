@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from runstream.backends.sqlite.sql import PURGE_BATCH, RECLAIM_STEP
 from runstream.backends.sqlite.writes import _row, op_delete, op_trim
 from runstream.errors import StreamNotFound
 
-if TYPE_CHECKING:
-    from runstream.backends.sqlite.log import SQLiteEventLog
+T = TypeVar("T")
 
 __all__ = ["SpaceMixin", "op_purge_step", "op_reclaim"]
 
@@ -66,7 +66,14 @@ def _file_bytes(path: str) -> int:
 class SpaceMixin:
     """Deleting, reclaiming and measuring; see the module docstring."""
 
-    async def purge(self: SQLiteEventLog, stream: str, *, batch: int = PURGE_BATCH) -> None:
+    if TYPE_CHECKING:  # provided by SQLiteEventLog
+        path: str
+
+        async def _write(self, stream: str, op: Callable[[sqlite3.Connection], T]) -> T: ...
+
+        async def _reader(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def purge(self, stream: str, *, batch: int = PURGE_BATCH) -> None:
         """Delete ``stream`` and its history, ``batch`` events per write transaction.
 
         Between steps the stream looks trimmed (followers get a ``reset``),
@@ -86,7 +93,7 @@ class SpaceMixin:
                 return
 
     async def reclaim_space(
-        self: SQLiteEventLog, *, step: int = RECLAIM_STEP, max_steps: int | None = None
+        self, *, step: int = RECLAIM_STEP, max_steps: int | None = None
     ) -> int:
         """Return free pages to the file system, ``step`` pages per write transaction.
 
@@ -106,7 +113,7 @@ class SpaceMixin:
             freed += before - left
         return freed
 
-    async def storage_stats(self: SQLiteEventLog) -> dict[str, float]:
+    async def storage_stats(self) -> dict[str, float]:
         """``file_bytes`` (database, WAL and shared-memory files), ``free_pages``,
         ``page_size``, ``streams`` and ``events`` (rows)."""
 
@@ -129,6 +136,6 @@ class SpaceMixin:
 
         return await self._reader(read)
 
-    def storage_path(self: SQLiteEventLog) -> str | None:
+    def storage_path(self) -> str | None:
         """The directory the database file lives in (for the free-disk check)."""
         return os.path.dirname(os.path.abspath(self.path))

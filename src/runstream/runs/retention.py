@@ -1,0 +1,341 @@
+"""Retention: what is deleted on its own, and the pass that deletes it.
+
+Policies (``[retention]`` in the settings; a task's ``retention`` table
+overrides the run part for its runs):
+
+* **runs** — only runs that ended (``succeeded``, ``failed``, ``cancelled``,
+  ``timed_out``, and ``lost`` once no retry follows) are ever removed: those
+  that finished more than ``max_age`` seconds ago, and those beyond the newest
+  ``max_runs`` ended runs of their task. Deleting a run deletes its stream
+  (:meth:`~runstream.runs.lifecycle.Lifecycle.delete`). ``queued`` and
+  ``running`` runs are never touched.
+* **plain streams** (not a run's, not ``runstream:*``) — deleted once no event
+  was appended for ``stream_max_idle`` seconds, or ``stream_max_closed``
+  seconds after they were closed.
+* **the runs feed** (``runstream:runs``) — trimmed to its newest
+  ``feed_max_len`` items and to ``feed_max_age`` seconds (default ``max_age``).
+* **orphans** — a closed run stream whose run record is gone (a deletion that
+  failed halfway) is deleted.
+
+:class:`Retention` runs a pass (:meth:`Retention.sweep`) on the same
+:class:`~runstream.runs.store.RunStore` and :class:`EventLog` contracts on
+every engine, so the semantics are the same on memory, SQLite and Redis; a
+server runs one every ``interval`` seconds and ``POST /v1/gc`` runs one now.
+After deletions the engine is asked to return the space
+(:meth:`EventLog.reclaim_space`: SQLite's incremental vacuum, in small steps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from runstream.backends.base import EventLog
+from runstream.core.model import SYSTEM_PREFIX, StreamInfo
+from runstream.errors import (
+    ConfigError,
+    HistoryLost,
+    IllegalTransition,
+    RunNotFound,
+    RunstreamError,
+    StreamNotFound,
+)
+from runstream.runs.feed import RUN_FEED, is_final
+from runstream.runs.lifecycle import FINISHED, Lifecycle
+from runstream.runs.model import RUN_ID_RE, RunRecord
+from runstream.runs.store import MAX_LIST_LIMIT, RunStore
+
+__all__ = ["Retention", "RetentionPolicy", "RunRetention", "StreamRetention", "SweepResult"]
+
+log = logging.getLogger("runstream.runs")
+
+_STREAM_PAGE = 500
+_RUN_KEYS = ("max_age", "max_runs")
+
+
+@dataclass(frozen=True, slots=True)
+class RunRetention:
+    """How long ended runs are kept: ``max_age`` seconds since they finished, and/or the
+    newest ``max_runs`` per task. ``None``: no limit of that kind."""
+
+    max_age: float | None = None
+    max_runs: int | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.max_age is None and self.max_runs is None
+
+    @classmethod
+    def from_config(cls, where: str, table: Any) -> RunRetention:
+        """Parse a task's ``retention = {max_age = ..., max_runs = ...}``; ConfigError if bad."""
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: retention must be a table (max_age, max_runs)")
+        unknown = set(table) - set(_RUN_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown retention key(s) {sorted(unknown)}; known: {list(_RUN_KEYS)}"
+            )
+        age = table.get("max_age")
+        if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or age <= 0):
+            raise ConfigError(f"{where}: retention.max_age must be a number of seconds > 0")
+        runs = table.get("max_runs")
+        if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 0):
+            raise ConfigError(f"{where}: retention.max_runs must be an integer >= 0")
+        return cls(None if age is None else float(age), runs)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"max_age": self.max_age, "max_runs": self.max_runs}
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRetention:
+    """Plain streams: deleted ``max_idle`` seconds after their last append, or
+    ``max_closed`` seconds after they were closed."""
+
+    max_idle: float | None = None
+    max_closed: float | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.max_idle is None and self.max_closed is None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """Everything one retention pass applies."""
+
+    runs: RunRetention = RunRetention()
+    streams: StreamRetention = StreamRetention()
+    feed_max_age: float | None = None
+    feed_max_len: int | None = None
+    tasks: Mapping[str, RunRetention] = field(default_factory=dict)
+    """Per-task overrides of :attr:`runs` (a task's ``retention`` table)."""
+
+    def for_task(self, task: str) -> RunRetention:
+        return self.tasks.get(task, self.runs)
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.runs.empty
+            and self.streams.empty
+            and self.feed_max_age is None
+            and self.feed_max_len is None
+            and all(r.empty for r in self.tasks.values())
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Any, tasks: Mapping[str, RunRetention]) -> RetentionPolicy:
+        """From a :class:`~runstream.config.RetentionSettings` and the tasks' own tables."""
+        return cls(
+            runs=RunRetention(settings.max_age, settings.max_runs),
+            streams=StreamRetention(settings.stream_max_idle, settings.stream_max_closed),
+            feed_max_age=settings.feed_max_age
+            if settings.feed_max_age is not None
+            else settings.max_age,
+            feed_max_len=settings.feed_max_len,
+            tasks=dict(tasks),
+        )
+
+
+@dataclass(slots=True)
+class SweepResult:
+    """What one pass removed (``POST /v1/gc`` answers it)."""
+
+    runs: int = 0
+    streams: int = 0
+    orphans: int = 0
+    feed_events: int = 0
+    pages_reclaimed: int = 0
+    errors: int = 0
+    duration: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "runs_deleted": self.runs,
+            "streams_deleted": self.streams,
+            "orphan_streams_deleted": self.orphans,
+            "feed_events_trimmed": self.feed_events,
+            "pages_reclaimed": self.pages_reclaimed,
+            "errors": self.errors,
+            "duration": round(self.duration, 6),
+        }
+
+
+def expired_runs(
+    records: list[RunRecord], policy: RetentionPolicy, now: float
+) -> list[RunRecord]:
+    """The runs of ``records`` (newest first) that ``policy`` removes at ``now``. Pure."""
+    kept: Counter[str] = Counter()
+    out: list[RunRecord] = []
+    for record in records:
+        if record.status not in FINISHED or not is_final(record, now):
+            continue
+        rule = policy.for_task(record.task)
+        if rule.empty:
+            continue
+        kept[record.task] += 1
+        finished = record.finished_at if record.finished_at is not None else record.created_at
+        too_old = rule.max_age is not None and now - finished > rule.max_age
+        too_many = rule.max_runs is not None and kept[record.task] > rule.max_runs
+        if too_old or too_many:
+            out.append(record)
+    return out
+
+
+class Retention:
+    """Applies a :class:`RetentionPolicy` to one run store and event log.
+
+    ``sweep()`` runs one pass; ``run_forever()`` one every ``interval`` seconds
+    (a server's background task). One pass at a time: a sweep asked for while
+    one runs waits for it and then runs its own.
+    """
+
+    def __init__(
+        self,
+        policy: RetentionPolicy,
+        store: RunStore,
+        log: EventLog,
+        *,
+        interval: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        on_sweep: Callable[[SweepResult], None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.store = store
+        self.log = log
+        self.lifecycle = Lifecycle(store, log)
+        self.interval = interval
+        self.clock = clock
+        self.on_sweep = on_sweep
+        self.sweeping = False
+        """True while a pass runs (the soak bench splits append latency by it)."""
+        self.passes = 0
+        self._lock = asyncio.Lock()
+
+    async def sweep(self) -> SweepResult:
+        """Apply the policy once; return what was removed. Errors are counted, not raised
+        (each item is independent), except an unreachable backend while listing."""
+        async with self._lock:
+            self.sweeping = True
+            started = time.perf_counter()
+            result = SweepResult()
+            try:
+                now = self.clock()
+                await self._runs(now, result)
+                await self._streams(now, result)
+                await self._feed(result)
+                if result.runs or result.streams or result.orphans or result.feed_events:
+                    result.pages_reclaimed = await self.log.reclaim_space()
+            finally:
+                self.sweeping = False
+                result.duration = time.perf_counter() - started
+                self.passes += 1
+            if self.on_sweep is not None:
+                self.on_sweep(result)
+            if result.runs or result.streams or result.orphans:
+                log.info("retention: %s", result.to_json())
+            return result
+
+    async def _all_runs(self) -> list[RunRecord]:
+        records: list[RunRecord] = []
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.store.list(limit=MAX_LIST_LIMIT, cursor=cursor)
+            records.extend(page)
+            if cursor is None:
+                return records
+
+    async def _runs(self, now: float, result: SweepResult) -> None:
+        if self.policy.runs.empty and all(r.empty for r in self.policy.tasks.values()):
+            return
+        for record in expired_runs(await self._all_runs(), self.policy, now):
+            try:
+                await self.lifecycle.delete(record.id)
+                result.runs += 1
+            except (RunNotFound, IllegalTransition):
+                pass  # deleted meanwhile, or retried (lost → queued)
+            except RunstreamError as exc:
+                result.errors += 1
+                log.warning("retention: could not delete run %s: %s", record.id, exc)
+
+    async def _streams(self, now: float, result: SweepResult) -> None:
+        rule = self.policy.streams
+        start_after = ""
+        while True:
+            page = await self.log.list_streams(start_after=start_after, limit=_STREAM_PAGE)
+            if not page:
+                return
+            start_after = page[-1].name
+            for info in page:
+                if info.name.startswith(SYSTEM_PREFIX):
+                    continue
+                try:
+                    if RUN_ID_RE.fullmatch(info.name):
+                        if await self._orphan(info):
+                            await self.log.delete(info.name)
+                            result.orphans += 1
+                    elif not rule.empty and await self._stream_expired(info, rule, now):
+                        await self.log.delete(info.name)
+                        result.streams += 1
+                except StreamNotFound:
+                    pass
+                except RunstreamError as exc:
+                    result.errors += 1
+                    log.warning("retention: could not delete stream %r: %s", info.name, exc)
+
+    async def _orphan(self, info: StreamInfo) -> bool:
+        if not info.closed:
+            return False
+        try:
+            await self.store.get(info.name)
+        except RunNotFound:
+            return True
+        return False
+
+    async def _stream_expired(self, info: StreamInfo, rule: StreamRetention, now: float) -> bool:
+        if rule.max_closed is not None and info.closed_at is not None:
+            if now - info.closed_at > rule.max_closed:
+                return True
+        if rule.max_idle is not None:
+            last = await self._last_activity(info)
+            return now - last > rule.max_idle
+        return False
+
+    async def _last_activity(self, info: StreamInfo) -> float:
+        """Time of the stream's last event (its creation if it holds none)."""
+        if info.last_id >= info.first_id and info.last_id > 0:
+            with contextlib.suppress(HistoryLost, StreamNotFound):
+                page = await self.log.read(info.name, after=info.last_id - 1, limit=1)
+                if page.events:
+                    return page.events[-1].time
+        return max(info.created_at, info.closed_at or 0.0)
+
+    async def _feed(self, result: SweepResult) -> None:
+        policy = self.policy
+        if policy.feed_max_age is None and policy.feed_max_len is None:
+            return
+        try:
+            result.feed_events = await self.log.trim(
+                RUN_FEED, max_len=policy.feed_max_len, max_age=policy.feed_max_age
+            )
+        except StreamNotFound:
+            pass
+        except RunstreamError as exc:
+            result.errors += 1
+            log.warning("retention: could not trim the runs feed: %s", exc)
+
+    async def run_forever(self) -> None:
+        """A pass every ``interval`` seconds until cancelled; failures are logged."""
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.sweep()
+            except RunstreamError as exc:
+                log.warning("retention pass failed: %s", exc)
