@@ -1,0 +1,226 @@
+"""Retention and deletion, one contract on every engine (memory, SQLite, Redis).
+
+Each test builds runs and streams through the real Lifecycle and EventLog of
+one engine, then runs a retention pass with a clock moved forward: what the
+policy says goes is gone (record and stream), everything else is untouched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from runstream.backends import EventLog, open_backend, open_run_store
+from runstream.core.model import NewEvent
+from runstream.errors import IllegalTransition, RunNotFound, StreamNotFound
+from runstream.runs.feed import RUN_FEED
+from runstream.runs.lifecycle import Lifecycle
+from runstream.runs.model import RunRecord, new_run_id
+from runstream.runs.retention import (
+    Retention,
+    RetentionPolicy,
+    RunRetention,
+    StreamRetention,
+)
+from runstream.runs.store import RunStore
+
+ENGINES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
+HOUR = 3600.0
+
+
+@dataclass
+class Engine:
+    name: str
+    store: RunStore
+    log: EventLog
+    lifecycle: Lifecycle
+
+    async def run(self, task: str = "t", *, end: str | None = "succeeded") -> RunRecord:
+        """A run through the lifecycle: queued, then running and ``end`` (None: running)."""
+        record = RunRecord(
+            id=new_run_id(), task=task, params={}, status="queued", created_at=time.time()
+        )
+        await self.lifecycle.create(record)
+        if end == "queued":
+            return record
+        record = await self.lifecycle.advance(
+            record.id, "queued", "running", worker="w", started_at=time.time()
+        )
+        if end is None:
+            return record
+        return await self.lifecycle.advance(
+            record.id, "running", end, finished_at=time.time(), exit_code=0  # type: ignore[arg-type]
+        )
+
+    async def exists(self, run_id: str) -> bool:
+        try:
+            await self.store.get(run_id)
+        except RunNotFound:
+            return False
+        try:
+            await self.log.info(run_id)
+        except StreamNotFound:
+            raise AssertionError(f"run {run_id} exists without its stream") from None
+        return True
+
+    async def stream_exists(self, name: str) -> bool:
+        try:
+            await self.log.info(name)
+        except StreamNotFound:
+            return False
+        return True
+
+    def retention(self, policy: RetentionPolicy, *, later: float) -> Retention:
+        """A retention pass whose clock is ``later`` seconds ahead of now."""
+        return Retention(policy, self.store, self.log, clock=lambda: time.time() + later)
+
+
+@pytest.fixture(params=ENGINES)
+async def engine(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Engine]:
+    kind = request.param
+    if kind == "memory":
+        url = "memory://"
+    elif kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ret.db'}"
+    else:
+        server = request.getfixturevalue("redis_server")
+        url = f"{server.url}?prefix=t{uuid.uuid4().hex[:12]}"
+    log = open_backend(url)
+    store = open_run_store(url)
+    async with log:
+        await store.start()
+        try:
+            yield Engine(kind, store, log, Lifecycle(store, log))
+        finally:
+            await store.aclose()
+
+
+# -- deletion ------------------------------------------------------------------------
+
+
+async def test_deleting_an_ended_run_removes_its_record_and_its_stream(engine: Engine) -> None:
+    record = await engine.run(end="failed")
+    deleted = await engine.lifecycle.delete(record.id)
+    assert deleted.id == record.id and deleted.status == "failed"
+    assert not await engine.stream_exists(record.id)
+    with pytest.raises(RunNotFound):
+        await engine.store.get(record.id)
+    with pytest.raises(RunNotFound):
+        await engine.lifecycle.delete(record.id)
+
+
+@pytest.mark.parametrize("end", ["queued", None], ids=["queued", "running"])
+async def test_a_run_that_has_not_ended_is_not_deleted(engine: Engine, end: str | None) -> None:
+    record = await engine.run(end=end)
+    with pytest.raises(IllegalTransition):
+        await engine.lifecycle.delete(record.id)
+    assert await engine.exists(record.id)
+
+
+# -- runs ----------------------------------------------------------------------------
+
+
+async def test_ended_runs_older_than_max_age_go_and_unended_ones_stay(engine: Engine) -> None:
+    old = [await engine.run(end=end) for end in ("succeeded", "failed", "cancelled", "timed_out")]
+    queued = await engine.run(end="queued")
+    running = await engine.run(end=None)
+    policy = RetentionPolicy(runs=RunRetention(max_age=HOUR))
+
+    assert (await engine.retention(policy, later=HOUR / 2).sweep()).runs == 0
+    result = await engine.retention(policy, later=2 * HOUR).sweep()
+
+    assert result.runs == len(old)
+    for record in old:
+        assert not await engine.exists(record.id)
+    assert await engine.exists(queued.id)
+    assert await engine.exists(running.id)
+
+
+async def test_max_runs_keeps_the_newest_ended_runs_of_each_task(engine: Engine) -> None:
+    a = [await engine.run("a") for _ in range(4)]
+    b = [await engine.run("b") for _ in range(2)]
+    a_running = await engine.run("a", end=None)
+    policy = RetentionPolicy(runs=RunRetention(max_runs=2))
+
+    result = await engine.retention(policy, later=0).sweep()
+
+    assert result.runs == 2
+    assert [await engine.exists(r.id) for r in a] == [False, False, True, True]
+    assert [await engine.exists(r.id) for r in b] == [True, True]
+    assert await engine.exists(a_running.id)
+
+
+async def test_a_task_override_replaces_the_global_rule_for_its_runs(engine: Engine) -> None:
+    keep = [await engine.run("keep") for _ in range(3)]
+    short = [await engine.run("short") for _ in range(3)]
+    policy = RetentionPolicy(
+        runs=RunRetention(max_runs=1), tasks={"keep": RunRetention(max_age=10 * HOUR)}
+    )
+
+    await engine.retention(policy, later=HOUR).sweep()
+
+    assert [await engine.exists(r.id) for r in keep] == [True, True, True]
+    assert [await engine.exists(r.id) for r in short] == [False, False, True]
+
+
+# -- streams -------------------------------------------------------------------------
+
+
+async def test_plain_streams_go_after_max_idle_and_max_closed(engine: Engine) -> None:
+    await engine.log.append("idle", NewEvent("x", 1))
+    await engine.log.append("closed", NewEvent("x", 1))
+    await engine.log.close("closed")
+    run = await engine.run()
+    policy = RetentionPolicy(streams=StreamRetention(max_closed=HOUR))
+
+    result = await engine.retention(policy, later=2 * HOUR).sweep()
+
+    assert result.streams == 1
+    assert not await engine.stream_exists("closed")
+    assert await engine.stream_exists("idle")
+    assert await engine.exists(run.id), "a run's stream goes with its run, not as a stream"
+
+    policy = RetentionPolicy(streams=StreamRetention(max_idle=HOUR))
+    assert (await engine.retention(policy, later=HOUR / 2).sweep()).streams == 0
+    assert (await engine.retention(policy, later=2 * HOUR).sweep()).streams == 1
+    assert not await engine.stream_exists("idle")
+    assert await engine.stream_exists(RUN_FEED), "runstream:* streams are never deleted"
+
+
+async def test_a_stream_appended_to_recently_is_not_idle(engine: Engine) -> None:
+    await engine.log.append("busy", NewEvent("x", 1))
+    policy = RetentionPolicy(streams=StreamRetention(max_idle=HOUR))
+    retention = Retention(policy, engine.store, engine.log, clock=lambda: time.time() + 10)
+    assert (await retention.sweep()).streams == 0
+    assert await engine.stream_exists("busy")
+
+
+async def test_the_runs_feed_is_trimmed_to_its_newest_items(engine: Engine) -> None:
+    for _ in range(5):
+        await engine.run()  # created, running, ended: 3 items each
+    before = await engine.log.info(RUN_FEED)
+    policy = RetentionPolicy(feed_max_len=4)
+
+    result = await engine.retention(policy, later=0).sweep()
+
+    after = await engine.log.info(RUN_FEED)
+    assert result.feed_events == before.last_id - 4
+    assert (after.first_id, after.last_id) == (before.last_id - 3, before.last_id)
+
+
+async def test_a_closed_run_stream_without_its_run_is_removed_as_an_orphan(
+    engine: Engine,
+) -> None:
+    record = await engine.run()
+    await engine.store.delete(record.id)  # as if the stream's deletion had failed
+    assert await engine.stream_exists(record.id)
+
+    result = await engine.retention(RetentionPolicy(), later=0).sweep()
+
+    assert result.orphans == 1
+    assert not await engine.stream_exists(record.id)

@@ -1,0 +1,108 @@
+"""The RunStore contract for deleting runs and noting why they wait, on every engine.
+
+Kept apart from ``test_store_contract.py`` (which is at the module size limit);
+the same ``run_store`` fixture runs it on memory, SQLite and Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runstream.errors import IllegalTransition, RunNotFound, ValidationError
+from runstream.runs.lifecycle import ALL_STATUSES, FINISHED, RunStatus
+from runstream.runs.store import RunStore
+from tests.runs.conftest import RunStores
+from tests.runs.test_store_contract import make, run_in
+
+
+@pytest.mark.parametrize("status", sorted(FINISHED))
+async def test_an_ended_run_is_deleted_and_gone_from_get_and_list(
+    run_store: RunStore, status: RunStatus
+) -> None:
+    keep = await run_in(run_store, "succeeded")
+    gone = await run_in(run_store, status)
+    assert await run_store.delete(gone.id) == gone
+    with pytest.raises(RunNotFound):
+        await run_store.get(gone.id)
+    assert [r.id for r in (await run_store.list())[0]] == [keep.id]
+    assert [r.id for r in (await run_store.list(status=status))[0]] == (
+        [keep.id] if status == "succeeded" else []
+    )
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+async def test_a_run_that_has_not_ended_is_never_deleted(
+    run_store: RunStore, status: RunStatus
+) -> None:
+    record = await run_in(run_store, status)
+    with pytest.raises(IllegalTransition):
+        await run_store.delete(record.id)
+    assert await run_store.get(record.id) == record
+
+
+async def test_delete_of_an_unknown_run_raises_run_not_found(run_store: RunStore) -> None:
+    with pytest.raises(RunNotFound):
+        await run_store.delete("run-missing")
+
+
+async def test_delete_may_be_allowed_in_other_statuses_and_refuses_unknown_ones(
+    run_store: RunStore,
+) -> None:
+    record = await run_in(run_store, "queued")
+    with pytest.raises(ValidationError):
+        await run_store.delete(record.id, expect=["nope"])  # type: ignore[list-item]
+    assert await run_store.delete(record.id, expect=ALL_STATUSES) == record
+
+
+async def test_concurrent_deletes_of_one_run_let_exactly_one_win(run_stores: RunStores) -> None:
+    store = await run_stores.open()
+    other = await run_stores.open()
+    record = await run_in(store, "failed")
+    results = await asyncio.gather(
+        store.delete(record.id), other.delete(record.id), return_exceptions=True
+    )
+    assert sum(1 for r in results if not isinstance(r, BaseException)) == 1
+    assert all(isinstance(r, RunNotFound) for r in results if isinstance(r, BaseException))
+
+
+async def test_a_deleted_id_can_be_created_again(run_store: RunStore) -> None:
+    record = await run_in(run_store, "cancelled")
+    await run_store.delete(record.id)
+    again = make(run_id=record.id, task="again")
+    await run_store.create(again)
+    assert (await run_store.get(record.id)).task == "again"
+
+
+async def test_stats_count_the_runs(run_store: RunStore) -> None:
+    await run_in(run_store, "queued")
+    await run_in(run_store, "succeeded")
+    stats = await run_store.stats()
+    assert stats["runs"] == 2
+
+
+# -- set_extra -----------------------------------------------------------------------
+
+
+async def test_set_extra_notes_a_queued_run_and_removes_the_note_with_none(
+    run_store: RunStore,
+) -> None:
+    record = await run_store.create(make(extra={"keep": 1}))
+    noted = await run_store.set_extra(record.id, "waiting", "free memory 1.0 GiB < 2.0 GiB")
+    assert noted is not None
+    assert noted.extra == {"keep": 1, "waiting": "free memory 1.0 GiB < 2.0 GiB"}
+    assert await run_store.get(record.id) == noted
+    cleared = await run_store.set_extra(record.id, "waiting", None)
+    assert cleared is not None and cleared.extra == {"keep": 1}
+    assert (await run_store.get(record.id)).extra == {"keep": 1}
+
+
+async def test_set_extra_changes_nothing_in_another_status(run_store: RunStore) -> None:
+    record = await run_in(run_store, "running")
+    assert await run_store.set_extra(record.id, "waiting", "x") is None
+    assert await run_store.get(record.id) == record
+    with pytest.raises(RunNotFound):
+        await run_store.set_extra("run-missing", "waiting", "x")
+    with pytest.raises(ValidationError):
+        await run_store.set_extra(record.id, "waiting", float("nan"), expect=["running"])
