@@ -54,7 +54,11 @@ class Engine:
         if end is None:
             return record
         return await self.lifecycle.advance(
-            record.id, "running", end, finished_at=time.time(), exit_code=0  # type: ignore[arg-type]
+            record.id,
+            "running",
+            end,
+            finished_at=time.time(),
+            exit_code=0,  # type: ignore[arg-type]
         )
 
     async def exists(self, run_id: str) -> bool:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -35,7 +35,7 @@ __all__ = [
     "Resources",
     "WaitNotes",
     "closed_reason",
-    "format_bytes",
+    "gates_from_settings",
     "system_resources",
 ]
 
@@ -151,17 +151,12 @@ def closed_reason(gate: Gate, now: Resources) -> str | None:
     What could not be measured does not close a gate.
     """
     reasons: list[str] = []
-    if gate.min_free_memory is not None and now.free_memory is not None:
-        if now.free_memory < gate.min_free_memory:
-            reasons.append(
-                f"free memory {format_bytes(now.free_memory)} < "
-                f"{format_bytes(gate.min_free_memory)}"
-            )
-    if gate.min_free_disk is not None and now.free_disk is not None:
-        if now.free_disk < gate.min_free_disk:
-            reasons.append(
-                f"free disk {format_bytes(now.free_disk)} < {format_bytes(gate.min_free_disk)}"
-            )
+    memory, need_memory = now.free_memory, gate.min_free_memory
+    if need_memory is not None and memory is not None and memory < need_memory:
+        reasons.append(f"free memory {format_bytes(memory)} < {format_bytes(need_memory)}")
+    disk, need_disk = now.free_disk, gate.min_free_disk
+    if need_disk is not None and disk is not None and disk < need_disk:
+        reasons.append(f"free disk {format_bytes(disk)} < {format_bytes(need_disk)}")
     if gate.max_load is not None and now.load is not None and now.load > gate.max_load:
         reasons.append(f"load {now.load:.2f} per CPU > {gate.max_load:.2f}")
     return "; ".join(reasons) or None
@@ -202,10 +197,18 @@ class Gates:
         return closed_reason(gate, now)
 
 
+def gates_from_settings(settings: Any, tasks: Iterable[Any]) -> Gates | None:
+    """The :class:`Gates` of ``settings.gates`` (a :class:`~runstream.config.Settings`) and
+    the tasks' own ``gate`` tables; ``None`` when nothing is gated."""
+    table = settings.gates
+    default = Gate(table.min_free_memory, table.min_free_disk, table.max_load)
+    if default.empty and all(getattr(t, "gate", None) is None for t in tasks):
+        return None
+    return Gates(default, interval=table.interval)
+
+
 class _ExtraStore(Protocol):
-    async def set_extra(
-        self, run_id: str, key: str, value: Any, *, expect: Any = ...
-    ) -> Any: ...
+    async def set_extra(self, run_id: str, key: str, value: Any, *, expect: Any = ...) -> Any: ...
 
 
 class WaitNotes:

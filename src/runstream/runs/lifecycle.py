@@ -37,6 +37,7 @@ happened. The announcement never fails a move, strict or not.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Coroutine, Iterable, Mapping
@@ -328,10 +329,8 @@ class Lifecycle:
         the stream end (SSE ``end``, WebSocket close 4404); later reads get 404.
         """
         record = await self.store.delete(run_id, expect=FINISHED)
-        try:
+        with contextlib.suppress(StreamNotFound):  # never created, or already gone
             await self.log.delete(run_id)
-        except StreamNotFound:
-            pass  # never created, or already gone
         return record
 
     async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:

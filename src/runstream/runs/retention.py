@@ -82,7 +82,9 @@ class RunRetention:
                 f"{where}: unknown retention key(s) {sorted(unknown)}; known: {list(_RUN_KEYS)}"
             )
         age = table.get("max_age")
-        if age is not None and (isinstance(age, bool) or not isinstance(age, int | float) or age <= 0):
+        if age is not None and (
+            isinstance(age, bool) or not isinstance(age, int | float) or age <= 0
+        ):
             raise ConfigError(f"{where}: retention.max_age must be a number of seconds > 0")
         runs = table.get("max_runs")
         if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 0):
@@ -168,9 +170,7 @@ class SweepResult:
         }
 
 
-def expired_runs(
-    records: list[RunRecord], policy: RetentionPolicy, now: float
-) -> list[RunRecord]:
+def expired_runs(records: list[RunRecord], policy: RetentionPolicy, now: float) -> list[RunRecord]:
     """The runs of ``records`` (newest first) that ``policy`` removes at ``now``. Pure."""
     kept: Counter[str] = Counter()
     out: list[RunRecord] = []
@@ -300,9 +300,13 @@ class Retention:
         return False
 
     async def _stream_expired(self, info: StreamInfo, rule: StreamRetention, now: float) -> bool:
-        if rule.max_closed is not None and info.closed_at is not None:
-            if now - info.closed_at > rule.max_closed:
-                return True
+        closed_at = info.closed_at
+        if (
+            rule.max_closed is not None
+            and closed_at is not None
+            and now - closed_at > rule.max_closed
+        ):
+            return True
         if rule.max_idle is not None:
             last = await self._last_activity(info)
             return now - last > rule.max_idle

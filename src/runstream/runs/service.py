@@ -36,20 +36,22 @@ from typing import Any, Protocol
 
 from runstream.backends.base import EventLog
 from runstream.config import RUN_GRACE
-from runstream.core.model import StreamInfo
+from runstream.core.model import END_TYPE, Event, StreamInfo
 from runstream.errors import (
     ConfigError,
     IllegalTransition,
     RunNotFound,
     RunstreamError,
+    StreamNotFound,
 )
-from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.executor import (
     CANCEL_POLL,
     RUN_ID_ENV,
     execute_run,
     new_worker_id,
 )
+from runstream.runs.feed import is_final
+from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
@@ -77,6 +79,9 @@ DEFAULT_SHUTDOWN_GRACE = RUN_GRACE
 
 DEFAULT_RESCAN_INTERVAL = 5.0
 """Seconds between scans for queued runs that other processes created."""
+
+FORCE_DELETE_MARGIN = 15.0
+"""Seconds beyond its task's grace that a forced delete waits for a cancelled run to end."""
 
 END_CHECK_GUARD = 10.0
 """A run finished less than this long ago is left alone by :meth:`RunService.end_check`:
@@ -208,6 +213,7 @@ class RunService:
         spec = self.registry.get(task)
         checked = spec.validate_params(params)
         effective_timeout = spec.check_timeout(timeout)
+        self.log.check_space()  # InsufficientStorage (507) before anything is stored
         record = RunRecord(
             id=new_run_id(),
             task=spec.name,
@@ -263,6 +269,45 @@ class RunService:
         if self.dispatcher is not None:
             await self.dispatcher.cancel(record)
         return record
+
+    async def delete(self, run_id: str, *, force: bool = False) -> RunRecord:
+        """Delete a run that ended, with its stream; return the record removed.
+
+        A run that has not ended (``queued``, ``running``, ``lost`` about to be
+        retried) is refused with :class:`IllegalTransition` (409) unless
+        ``force``: then it is cancelled first and deleted once it has ended
+        (within its task's grace plus :data:`FORCE_DELETE_MARGIN` seconds, else
+        ``IllegalTransition``). Raises :class:`RunNotFound` (404).
+        """
+        record = await self.store.get(run_id)
+        if record.status not in FINISHED or not is_final(record, time.time()):
+            if not force:
+                raise IllegalTransition(
+                    f"run {run_id} is {record.status}: cancel it first, or delete with force"
+                )
+            await self.cancel(run_id)
+            grace = self.registry.get(record.task).grace if record.task in self.registry else 0.0
+            await self.wait_ended(run_id, timeout=grace + FORCE_DELETE_MARGIN)
+        return await self.lifecycle.delete(run_id)
+
+    async def wait_ended(self, run_id: str, *, timeout: float) -> RunRecord:  # noqa: ASYNC109
+        """Return the run once it has ended (its stream's ``end``), within ``timeout`` seconds.
+
+        Raises :class:`IllegalTransition` if it has not ended by then.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                record = await self.store.get(run_id)
+                if record.status not in TERMINAL:
+                    with contextlib.suppress(StreamNotFound):
+                        async for item in self.log.follow(run_id, after="now"):
+                            if isinstance(item, Event) and item.type == END_TYPE:
+                                break
+                return await self.store.get(run_id)
+        except TimeoutError:
+            raise IllegalTransition(
+                f"run {run_id} did not end within {timeout:g}s of being cancelled"
+            ) from None
 
     async def end_check(self, stream: str, info: StreamInfo | None) -> str | None:
         """Hub reconciler hook: a finished run's stream must be closed, even if nobody did it.

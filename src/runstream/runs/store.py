@@ -178,7 +178,7 @@ DELETABLE: frozenset[RunStatus] = FINISHED
 
 
 def check_deletable(record: RunRecord, expect: frozenset[RunStatus]) -> None:
-    """Refuse (:class:`IllegalTransition`) to delete ``record`` unless its status is in ``expect``."""
+    """Refuse (:class:`IllegalTransition`) deleting ``record`` unless its status is ``expect``ed."""
     if record.status not in expect:
         raise IllegalTransition(
             f"run {record.id} is {record.status!r}: only runs that ended "
@@ -304,9 +304,7 @@ class RunStore(ABC):
         """Row counts: ``runs`` (all), and ``runs_<status>`` where the engine counts cheaply."""
         return {}
 
-    async def delete(
-        self, run_id: str, *, expect: Iterable[RunStatus] = DELETABLE
-    ) -> RunRecord:
+    async def delete(self, run_id: str, *, expect: Iterable[RunStatus] = DELETABLE) -> RunRecord:
         """Remove the run's record atomically if its status is in ``expect``; return it.
 
         Only the record: the run's stream is the caller's (see

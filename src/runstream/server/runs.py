@@ -49,6 +49,7 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.runs.feed import FEED_REPAIR_INTERVAL, RUN_FEED, FeedRepair
+from runstream.runs.gates import Gates, gates_from_settings
 from runstream.runs.lifecycle import TERMINAL, RunStatus, is_status
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.service import (
@@ -166,6 +167,7 @@ class RunsAPI:
         store: RunStore | None = None,
         dispatcher: Dispatcher | None = None,
         feed_repair_interval: float = FEED_REPAIR_INTERVAL,
+        gates: Gates | None = None,
     ) -> None:
         """``workers``: in-process runs at once (``None`` = default, 0 = API only).
 
@@ -188,6 +190,8 @@ class RunsAPI:
         """The server's side of a shared queue, on engines that have one (Redis)."""
         self.feed_repair_interval = feed_repair_interval
         self.feed_repair: FeedRepair | None = None
+        self.gates = gates
+        """Resource gates checked before each run starts here (``[gates]``, tasks' ``gate``)."""
         self.router = self._build_router()
 
     @classmethod
@@ -202,6 +206,7 @@ class RunsAPI:
         if workers is None:
             workers = settings.server.workers
         kwargs.setdefault("shutdown_grace", settings.server.run_grace)
+        kwargs.setdefault("gates", gates_from_settings(settings, registry))
         return cls(registry, workers=workers, **kwargs)
 
     # -- start-up -------------------------------------------------------------------
@@ -230,6 +235,7 @@ class RunsAPI:
                         self.registry,
                         workers=self.workers if self._workers_given else None,
                         shutdown_grace=self.shutdown_grace,
+                        gates=self.gates,
                     )
                 )
                 service.dispatcher = queue.dispatcher
@@ -241,6 +247,7 @@ class RunsAPI:
                     workers=self.workers,
                     shutdown_grace=self.shutdown_grace,
                     metrics=metrics,
+                    gates=self.gates,
                 )
                 service.dispatcher = pool
                 await pool.start()

@@ -45,9 +45,9 @@ from runstream.errors import (
     ValidationError,
 )
 from runstream.runs.executor import RunControl, execute_run
+from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.lifecycle import TERMINAL
 from runstream.runs.model import RunRecord
-from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.tasks import TaskRegistry
 

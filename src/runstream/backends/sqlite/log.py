@@ -47,6 +47,8 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from runstream.backends.base import EventLog, events_from_rows
+from runstream.backends.sqlite.migrate import migrate
+from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.sql import (
     _INFO_COLUMNS,
     _INFO_MANY_CHUNK,
@@ -54,12 +56,12 @@ from runstream.backends.sqlite.sql import (
     _SYNCHRONOUS_VALUES,
     DECODE_CHUNK,
     DEFAULT_BUSY_TIMEOUT,
+    JOURNAL_SIZE_LIMIT,
     MAX_EVENT_ID,
     MAX_GROUP_REQUESTS,
     POLL_CHUNK,
     POLL_INTERVAL,
     READER_THREADS,
-    JOURNAL_SIZE_LIMIT,
     Synchronous,
     _as_list,
     _base,
@@ -72,8 +74,6 @@ from runstream.backends.sqlite.sql import (
     _translate,
     parse_url,
 )
-from runstream.backends.sqlite.migrate import migrate
-from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.writes import (
     op_append,
     op_append_encoded,

@@ -9,6 +9,7 @@ writer thread like an append, and each is small: a stream is deleted
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 from collections.abc import Callable
@@ -56,10 +57,8 @@ def op_reclaim(conn: sqlite3.Connection, pages: int) -> int:
 def _file_bytes(path: str) -> int:
     total = 0
     for name in (path, path + "-wal", path + "-shm"):
-        try:
+        with contextlib.suppress(OSError):
             total += os.stat(name).st_size
-        except OSError:
-            pass
     return total
 
 
@@ -92,9 +91,7 @@ class SpaceMixin:
             if done:
                 return
 
-    async def reclaim_space(
-        self, *, step: int = RECLAIM_STEP, max_steps: int | None = None
-    ) -> int:
+    async def reclaim_space(self, *, step: int = RECLAIM_STEP, max_steps: int | None = None) -> int:
         """Return free pages to the file system, ``step`` pages per write transaction.
 
         Call it after large deletions (the retention pass does). Returns the pages
