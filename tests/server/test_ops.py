@@ -79,6 +79,12 @@ async def until_end(reader: SSEReader) -> list[tuple[str, Any]]:
     return out
 
 
+async def drain(ws: Any) -> None:
+    """Receive until the server closes the WebSocket (raises ConnectionClosed)."""
+    while True:
+        await ws.recv()
+
+
 def backend_for(request: pytest.FixtureRequest, engine: str, tmp_path: Path) -> str:
     if engine == "memory":
         return "memory://"
@@ -222,8 +228,7 @@ async def test_readers_of_an_expired_stream_end_on_every_transport(
 
             await asyncio.wait_for(sse.rest(), 30)  # the SSE response ends
             with pytest.raises(ConnectionClosed) as closed:
-                while True:
-                    await asyncio.wait_for(ws.recv(), 30)
+                await asyncio.wait_for(drain(ws), 30)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
         page = await ops.client.get("/v1/streams/expiring/events", params={"after": 0})
         assert page.status_code == 404
