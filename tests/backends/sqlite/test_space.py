@@ -1,0 +1,119 @@
+"""The SQLite file gives space back: schema 2 (incremental auto-vacuum), bounded purges."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from runstream.backends.sqlite.log import SQLiteEventLog
+from runstream.backends.sqlite.migrate import STEPS, migrate
+from runstream.backends.sqlite.sql import SCHEMA_VERSION
+from runstream.core.model import NewEvent
+from runstream.errors import StreamNotFound
+
+BIG = "x" * 2000
+
+
+def pragma(path: Path, name: str) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def make_v1(path: Path) -> None:
+    """A database as runstream with schema 1 left it: WAL, no auto-vacuum, one stream."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in STEPS[0].statements:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute(
+        "INSERT INTO streams (sid, name, epoch, status, first_id, last_id, created_at) "
+        "VALUES (1, 'old', 'e1', 'open', 1, 1, 1.0)"
+    )
+    conn.execute("INSERT INTO events VALUES (?, 'x', '\"kept\"', 1.0)", ((1 << 32) + 1,))
+    conn.close()
+
+
+def test_the_steps_are_numbered_in_order_and_end_at_the_schema_version() -> None:
+    assert [s.version for s in STEPS] == list(range(1, SCHEMA_VERSION + 1))
+    assert SCHEMA_VERSION >= 2
+
+
+async def test_a_new_database_is_created_at_the_current_version_with_incremental_vacuum(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "new.db"
+    async with SQLiteEventLog(path):
+        pass
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    assert pragma(path, "auto_vacuum") == 2  # INCREMENTAL
+
+
+async def test_a_version_1_database_is_migrated_once_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    make_v1(path)
+    assert pragma(path, "auto_vacuum") == 0
+    async with SQLiteEventLog(path) as log:
+        page = await log.read("old")
+        assert [e.data for e in page.events] == ["kept"]
+    assert pragma(path, "user_version") == SCHEMA_VERSION
+    assert pragma(path, "auto_vacuum") == 2
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, str(path)) == []  # nothing left to do
+    finally:
+        conn.close()
+
+
+async def test_deleting_a_stream_and_reclaiming_shrinks_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "shrink.db"
+    async with SQLiteEventLog(path) as log:
+        await log.append("keep", NewEvent("x", 1))
+        for _ in range(20):
+            await log.append("big", [NewEvent("x", BIG) for _ in range(100)])
+        full = (await log.storage_stats())["file_bytes"]
+        await log.purge("big", batch=300)
+        stats = await log.storage_stats()
+        assert stats["free_pages"] > 0
+        freed = await log.reclaim_space(step=64)
+        assert freed > 0
+        after = await log.storage_stats()
+        assert after["free_pages"] == 0
+        assert (after["streams"], after["events"]) == (1, 1)
+        with pytest.raises(StreamNotFound):
+            await log.info("big")
+    # The WAL is checkpointed on close: the database file itself is smaller.
+    assert os.path.getsize(path) < full / 4
+
+
+async def test_a_purge_goes_in_batches_and_lets_other_appends_through(tmp_path: Path) -> None:
+    async with SQLiteEventLog(tmp_path / "batches.db") as log:
+        await log.append("big", [NewEvent("x", i) for i in range(1000)])
+        commits = log.commits
+        purge = asyncio.ensure_future(log.purge("big", batch=100))
+        await asyncio.sleep(0)  # let the purge queue its first step
+        await log.append("other", NewEvent("x", 1))
+        assert not purge.done(), "the append did not wait for the whole purge"
+        await purge
+        assert log.commits - commits >= 10
+        with pytest.raises(StreamNotFound):
+            await log.info("big")
+        with pytest.raises(StreamNotFound):
+            await log.purge("big")
+
+
+async def test_a_stream_re_created_after_a_purge_starts_fresh(tmp_path: Path) -> None:
+    async with SQLiteEventLog(tmp_path / "again.db") as log:
+        first = await log.append("s", [NewEvent("x", i) for i in range(50)])
+        await log.purge("s", batch=7)
+        second = await log.append("s", NewEvent("y", 1))
+        assert second.epoch != first.epoch
+        page = await log.read("s")
+        assert [(e.id, e.type) for e in page.events] == [(1, "y")]
