@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
 from pathlib import Path
 
@@ -90,7 +89,7 @@ async def test_deleting_a_stream_and_reclaiming_shrinks_the_file(tmp_path: Path)
         with pytest.raises(StreamNotFound):
             await log.info("big")
     # The WAL is checkpointed on close: the database file itself is smaller.
-    assert os.path.getsize(path) < full / 4
+    assert path.stat().st_size < full / 4
 
 
 async def test_a_purge_goes_in_batches_and_lets_other_appends_through(tmp_path: Path) -> None:
