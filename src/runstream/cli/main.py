@@ -30,6 +30,10 @@ def _register() -> None:
     from runstream.cli.worker import worker
 
     cli.add_command(worker)
+    from runstream.cli.ops_cmds import gc, rm, status
+
+    for command in (rm, gc, status):
+        cli.add_command(command)
 
 
 _register()

@@ -31,6 +31,7 @@ from runstream.backends.engine import Engine, WorkerSpec
 from runstream.config import load_settings
 from runstream.errors import BackendError, ConfigError, RunstreamError
 from runstream.redact import mask_secrets
+from runstream.runs.gates import gates_from_settings
 from runstream.runs.tasks import TaskRegistry
 
 DEFAULT_CONCURRENCY = 4
@@ -107,7 +108,8 @@ def worker(
             )
         registry = TaskRegistry.from_config(settings.tasks)
         run_grace = settings.server.run_grace if grace is None else grace
-        spec = WorkerSpec(concurrency, run_grace, name=name, lease=lease)
+        gates = gates_from_settings(settings, registry)
+        spec = WorkerSpec(concurrency, run_grace, name=name, lease=lease, gates=gates)
     except RunstreamError as exc:
         raise click.ClickException(str(exc)) from exc
     logging.basicConfig(

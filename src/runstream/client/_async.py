@@ -372,6 +372,53 @@ class AsyncClient:
     async def cancel_run(self, run_id: str) -> Any:
         return await self._json("POST", f"/v1/runs/{run_id}/cancel", what=f"cancelling {run_id!r}")
 
+    async def delete_run(self, run_id: str, *, force: bool = False) -> dict[str, Any]:
+        """Delete a run that ended, with its stream; ``force`` cancels a live one first.
+
+        Returns ``{"deleted": run}``. Raises :class:`RunNotFound`, or
+        :class:`HTTPStatusError` (409) for a queued or running run without ``force``.
+        """
+        params = {"force": "1"} if force else None
+        result: dict[str, Any] = await self._json(
+            "DELETE", f"/v1/runs/{run_id}", what=f"deleting {run_id!r}", params=params
+        )
+        return result
+
+    async def delete_runs(
+        self,
+        *,
+        task: str | None = None,
+        status: str | None = None,
+        before: str | float | None = None,
+        all: bool = False,
+    ) -> dict[str, Any]:
+        """Delete the ended runs matching every filter given; ``{"deleted": [ids], "skipped": n}``.
+
+        ``before`` is unix seconds or an RFC 3339 time (creation). Without any
+        filter the server refuses unless ``all``.
+        """
+        params = {
+            k: str(v) for k, v in (("task", task), ("status", status), ("before", before)) if v
+        }
+        if all:
+            params["all"] = "1"
+        result: dict[str, Any] = await self._json(
+            "DELETE", "/v1/runs", what="deleting runs", params=params
+        )
+        return result
+
+    async def gc(self) -> dict[str, Any]:
+        """Apply the server's retention policy now; returns what it removed."""
+        result: dict[str, Any] = await self._json(
+            "POST", "/v1/gc", what="retention pass", idempotent=False
+        )
+        return result
+
+    async def status(self) -> dict[str, Any]:
+        """The server's store size, row counts, free disk, retention and gates."""
+        result: dict[str, Any] = await self._json("GET", "/v1/status", what="server status")
+        return result
+
     # -- following ---------------------------------------------------------------------
 
     def follow(

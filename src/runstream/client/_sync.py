@@ -249,6 +249,18 @@ class Client:
     def cancel_run(self, run_id: str) -> Any:
         return self._call(self._async.cancel_run(run_id))
 
+    def delete_run(self, run_id: str, *, force: bool = False) -> dict[str, Any]:
+        return self._call(self._async.delete_run(run_id, force=force))
+
+    def delete_runs(self, **filters: Any) -> dict[str, Any]:
+        return self._call(self._async.delete_runs(**filters))
+
+    def gc(self) -> dict[str, Any]:
+        return self._call(self._async.gc())
+
+    def status(self) -> dict[str, Any]:
+        return self._call(self._async.status())
+
     # -- following ---------------------------------------------------------------------
 
     def _stop_bridge(self, stop_event: threading.Event | None) -> tuple[Any, Any]:

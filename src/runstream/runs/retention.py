@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -45,13 +47,22 @@ from runstream.errors import (
     RunNotFound,
     RunstreamError,
     StreamNotFound,
+    ValidationError,
 )
 from runstream.runs.feed import RUN_FEED, is_final
 from runstream.runs.lifecycle import FINISHED, Lifecycle
 from runstream.runs.model import RUN_ID_RE, RunRecord
 from runstream.runs.store import MAX_LIST_LIMIT, RunStore
 
-__all__ = ["Retention", "RetentionPolicy", "RunRetention", "StreamRetention", "SweepResult"]
+__all__ = [
+    "Retention",
+    "RetentionPolicy",
+    "RunRetention",
+    "StreamRetention",
+    "SweepResult",
+    "expired_runs",
+    "parse_time",
+]
 
 log = logging.getLogger("runstream.runs")
 
@@ -168,6 +179,31 @@ class SweepResult:
             "errors": self.errors,
             "duration": round(self.duration, 6),
         }
+
+
+def parse_time(value: str | float, *, field: str = "before") -> float:
+    """Unix seconds from a number or an RFC 3339 time (``Z`` or an offset; none means UTC).
+
+    Raises :class:`ValidationError` naming ``field``.
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            try:
+                parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            except ValueError:
+                raise ValidationError(
+                    f"{field}={value!r}: give unix seconds or an RFC 3339 time", field=field
+                ) from None
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.UTC)
+            return parsed.timestamp()
+    if not math.isfinite(number):
+        raise ValidationError(f"{field} must be a finite time", field=field)
+    return number
 
 
 def expired_runs(records: list[RunRecord], policy: RetentionPolicy, now: float) -> list[RunRecord]:

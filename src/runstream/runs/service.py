@@ -26,6 +26,7 @@ queued runs at start and every ``rescan_interval`` seconds).
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import logging
 import os
@@ -56,7 +57,7 @@ from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
 from runstream.runs.scheduler import Job, Scheduler
-from runstream.runs.store import RunStore
+from runstream.runs.store import MAX_LIST_LIMIT, RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
 
 __all__ = [
@@ -289,6 +290,45 @@ class RunService:
             grace = self.registry.get(record.task).grace if record.task in self.registry else 0.0
             await self.wait_ended(run_id, timeout=grace + FORCE_DELETE_MARGIN)
         return await self.lifecycle.delete(run_id)
+
+    async def delete_matching(
+        self,
+        *,
+        task: str | None = None,
+        status: RunStatus | None = None,
+        before: float | None = None,
+    ) -> tuple[builtins.list[str], int]:
+        """Delete the ended runs matching every filter given (``before``: created earlier).
+
+        Returns the ids deleted and how many matching runs were skipped because
+        they have not ended. With no filter at all, every ended run goes: the
+        caller decides whether that was asked for.
+        """
+        now = time.time()
+        targets: builtins.list[str] = []
+        skipped = 0
+        cursor: str | None = None
+        while True:
+            page, cursor = await self.store.list(
+                status=status, task=task, limit=MAX_LIST_LIMIT, cursor=cursor
+            )
+            for record in page:
+                if before is not None and record.created_at >= before:
+                    continue
+                if record.status in FINISHED and is_final(record, now):
+                    targets.append(record.id)
+                else:
+                    skipped += 1
+            if cursor is None:
+                break
+        deleted: builtins.list[str] = []
+        for run_id in targets:
+            try:
+                await self.lifecycle.delete(run_id)
+            except (RunNotFound, IllegalTransition):
+                continue  # deleted or retried meanwhile
+            deleted.append(run_id)
+        return deleted, skipped
 
     async def wait_ended(self, run_id: str, *, timeout: float) -> RunRecord:  # noqa: ASYNC109
         """Return the run once it has ended (its stream's ``end``), within ``timeout`` seconds.

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
-import math
 import time
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
@@ -31,15 +29,11 @@ from runstream.backends import engine_for
 from runstream.backends.space import DiskProbe, SpaceGuard, free_disk
 from runstream.errors import (
     BackendError,
-    IllegalTransition,
-    RunNotFound,
     RunstreamError,
     ValidationError,
 )
-from runstream.runs.feed import is_final
-from runstream.runs.lifecycle import FINISHED, RunStatus, is_status
-from runstream.runs.retention import Retention, RetentionPolicy, SweepResult
-from runstream.runs.store import MAX_LIST_LIMIT
+from runstream.runs.lifecycle import RunStatus, is_status
+from runstream.runs.retention import Retention, RetentionPolicy, SweepResult, parse_time
 from runstream.server import schemas
 from runstream.server.auth import require_read, require_write
 from runstream.server.errors import error_response
@@ -55,25 +49,6 @@ _FORCE = "Cancel a queued or running run, wait for its end, then delete it."
 
 _STORE_KEYS = ("file_bytes", "used_memory", "free_pages")
 """Store statistics exported as bytes/pages gauges; every other one is a row count."""
-
-
-def _timestamp(value: str) -> float:
-    """``before=``: unix seconds or an RFC 3339 time; :class:`ValidationError` otherwise."""
-    try:
-        number = float(value)
-    except ValueError:
-        try:
-            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValidationError(
-                f"before={value!r}: give unix seconds or an RFC 3339 time", field="before"
-            ) from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=dt.UTC)
-        return parsed.timestamp()
-    if not math.isfinite(number):
-        raise ValidationError("before must be a finite time", field="before")
-    return number
 
 
 class OpsMetrics:
@@ -253,7 +228,7 @@ class OpsAPI:
             try:
                 if status is not None and not is_status(status):
                     raise ValidationError(f"unknown run status {status!r}", field="status")
-                cutoff = None if before is None else _timestamp(before)
+                cutoff = None if before is None else parse_time(before, field="before")
                 if task is None and status is None and cutoff is None and not all:
                     raise ValidationError(
                         "refusing to delete every ended run without a filter: give task=, "
@@ -303,30 +278,7 @@ class OpsAPI:
         self, task: str | None, status: RunStatus | None, before: float | None
     ) -> tuple[list[str], int]:
         service = self._service()
-        now = time.time()
-        targets: list[str] = []
-        skipped = 0
-        cursor: str | None = None
-        while True:
-            page, cursor = await service.list(
-                status=status, task=task, limit=MAX_LIST_LIMIT, cursor=cursor
-            )
-            for record in page:
-                if before is not None and record.created_at >= before:
-                    continue
-                if record.status in FINISHED and is_final(record, now):
-                    targets.append(record.id)
-                else:
-                    skipped += 1
-            if cursor is None:
-                break
-        deleted: list[str] = []
-        for run_id in targets:
-            try:
-                await service.lifecycle.delete(run_id)
-            except (RunNotFound, IllegalTransition):
-                continue
-            deleted.append(run_id)
+        deleted, skipped = await service.delete_matching(task=task, status=status, before=before)
         if deleted:
             if self.metrics is not None:
                 self.metrics.deleted.labels("runs").inc(len(deleted))
