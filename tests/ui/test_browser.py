@@ -336,3 +336,29 @@ async def test_token_never_appears_in_a_url_and_leaves_the_address_bar(
     leaked = [u for u in urls if token in u and u != opened]
     assert leaked == [], f"the page put the token in a URL: {leaked}"
     assert urls.count(opened) == 1
+
+
+async def test_delete_button_asks_first_then_deletes_the_run(serve_factory: Any, page: Any) -> None:
+    server = serve_factory(1)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        r = await http.post("/v1/runs", json={"task": "big", "params": {"n": 10}})
+        assert r.status_code == 201, r.text
+        run_id = r.json()["id"]
+        await page.goto(f"{server.url}/#/runs/{run_id}")
+        await wait_js(page, "window.__runstream.ended()")
+
+        await page.click("#btn-delete")
+        await page.locator("#delete-dialog[open]").wait_for(timeout=10_000)
+        assert run_id in await page.locator("#delete-title").inner_text()
+        await page.screenshot(path=str(ARTIFACTS / "run-delete-dialog.png"))
+        await page.click("#delete-keep")  # changing one's mind deletes nothing
+        await wait_js(page, "!document.getElementById('delete-dialog').open")
+        assert (await http.get(f"/v1/runs/{run_id}")).status_code == 200
+
+        await page.click("#btn-delete")
+        await page.click("#delete-confirm")
+        await wait_js(page, "location.hash === '#/'")
+        assert (await http.get(f"/v1/runs/{run_id}")).status_code == 404
+        assert (await http.get(f"/v1/streams/{run_id}")).status_code == 404
+    await page.locator("#runs-empty").wait_for(timeout=10_000)
+    assert await page.locator(f"tr[data-run='{run_id}']").count() == 0

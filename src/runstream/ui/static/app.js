@@ -163,7 +163,8 @@
       const shown = runs.filter((r) => !text || r.id.toLowerCase().includes(text) || r.task.toLowerCase().includes(text));
       $("runs-body").innerHTML = shown.map((r) =>
         `<tr data-run="${esc(r.id)}"><td class="mono"><a href="#/runs/${encodeURIComponent(r.id)}">${esc(r.id)}</a></td>` +
-        `<td>${esc(r.task)}</td><td><span class="badge s-${esc(r.status)}">${esc(r.status)}</span></td>` +
+        `<td>${esc(r.task)}</td><td><span class="badge s-${esc(r.status)}">${esc(r.status)}</span>` +
+        (r.waiting ? `<span class="waiting" title="waiting for resources">${esc(r.waiting)}</span>` : "") + `</td>` +
         `<td>${fmtTime(r.started_at || r.created_at)}</td><td>${fmtDuration(r)}</td>` +
         `<td>${r.exit_code === null || r.exit_code === undefined ? "" : r.exit_code}</td></tr>`).join("");
       $("runs-empty").hidden = runs.length > 0;
@@ -318,13 +319,43 @@
     catch (e) { $("btn-cancel").disabled = false; alert("cancel failed: " + e.message); }
   });
 
+  // ---------- delete (with a confirmation dialog) ----------
+  $("btn-delete").addEventListener("click", () => {
+    const live = !FINAL.has(view.status || "");
+    $("delete-title").textContent = `Delete run ${view.runId}?`;
+    $("delete-text").textContent = "The run and its whole log are removed. This cannot be undone." +
+      (live ? ` It is ${view.status}: it will be cancelled first.` : "");
+    $("delete-error").hidden = true;
+    $("delete-confirm").disabled = false;
+    $("delete-dialog").showModal();
+  });
+  $("delete-confirm").addEventListener("click", async () => {
+    $("delete-confirm").disabled = true;
+    const force = FINAL.has(view.status || "") ? "" : "?force=1";
+    try {
+      await api(`v1/runs/${encodeURIComponent(view.runId)}${force}`, { method: "DELETE" });
+      $("delete-dialog").close();
+      view.gen++; // stop following the run that no longer exists
+      location.hash = "#/";
+    } catch (e) {
+      $("delete-error").textContent = "delete failed: " + e.message;
+      $("delete-error").hidden = false;
+      $("delete-confirm").disabled = false;
+    }
+  });
+
   // ---------- run page: applying events ----------
+  let waitTimer = null;
   function setStatus(status) {
     if (!status) return;
     view.status = status;
     const b = $("run-status");
     b.textContent = status; b.className = "badge s-" + status;
     $("btn-cancel").disabled = FINAL.has(status);
+    // A queued run may be held by a resource gate: look at its record until it starts.
+    clearInterval(waitTimer);
+    if (status === "queued") waitTimer = setInterval(refreshRun, LIST_POLL_MS);
+    else $("run-waiting").hidden = true;
   }
   function apply(ev) {
     // Exactly-once view: the server resumes from our last id; anything at or below it is a repeat.
@@ -446,12 +477,15 @@
       const run = await api(`v1/runs/${encodeURIComponent(view.runId)}`);
       setStatus(run.status);
       $("run-meta").textContent = `${run.task} · attempt ${run.attempt || 1}` + (run.worker ? ` · ${run.worker}` : "");
+      $("run-waiting").textContent = run.waiting ? `waiting for resources: ${run.waiting}` : "";
+      $("run-waiting").hidden = !run.waiting;
       return true;
     } catch (e) { return false; }
   }
 
   async function showRun(id) {
     clearInterval(listTimer);
+    clearInterval(waitTimer);
     $("list-view").hidden = true; $("run-view").hidden = false;
     view.gen++;
     if (view.ws) { try { view.ws.close(); } catch (e) { /* already closed */ } }
@@ -470,7 +504,7 @@
   // ---------- router ----------
   function route() {
     const m = location.hash.match(/^#\/runs\/(.+)$/);
-    if (m) showRun(decodeURIComponent(m[1])); else { view.gen++; showList(); }
+    if (m) showRun(decodeURIComponent(m[1])); else { view.gen++; clearInterval(waitTimer); showList(); }
   }
   window.addEventListener("hashchange", route);
   route();
