@@ -151,12 +151,17 @@ async def test_a_running_run_is_refused_then_force_cancels_waits_and_deletes(ops
     assert r.json()["error"]["code"] == "illegal_transition"
     assert (await ops.client.get(f"/v1/runs/{run['id']}")).json()["status"] == "running"
 
-    async with open_sse(ops.client, f"/v1/runs/{run['id']}/events", after="now") as sse:
+    async with open_sse(ops.client, f"/v1/runs/{run['id']}/events") as sse:
+        first = await asyncio.wait_for(sse.next(), 30)
+        assert first is not None and first.event == "status"  # the follower is attached
         forced = await ops.client.delete(f"/v1/runs/{run['id']}", params={"force": "1"})
         assert forced.status_code == 200, forced.text
         assert forced.json()["deleted"]["status"] == "cancelled"
-        messages = await until_end(sse)  # the follower ends, it does not hang
-    assert ("end", {"status": "cancelled", "reason": messages[-1][1]["reason"]}) in messages
+        # The follower ends, it does not hang: with the end event if its feed read it
+        # before the stream was deleted, else as a deleted stream.
+        messages = await until_end(sse)
+    ends = [data for event, data in messages if event == "end"]
+    assert all(data["status"] == "cancelled" for data in ends)
     assert (await ops.client.get(f"/v1/runs/{run['id']}")).status_code == 404
 
 
