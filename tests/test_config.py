@@ -177,3 +177,32 @@ def test_repr_masks_the_backend_password() -> None:
     s = load_settings(env={"RUNSTREAM_BACKEND": "redis://user:hunter22@db:6379/0"})
     assert s.server.backend == "redis://user:hunter22@db:6379/0"
     assert "hunter22" not in repr(s) and "redis://user:***@db:6379/0" in repr(s)
+
+
+def test_retention_storage_and_gates_from_file_and_section_named_environment(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "runstream.toml"
+    config.write_text(
+        "[retention]\nmax_age = 86400\nmax_runs = 50\n"
+        "[storage]\nmin_free_disk = 0\n"
+        "[gates]\nmin_free_memory = 1073741824\nmax_load = 1.5\n"
+    )
+    env = {"RUNSTREAM_RETENTION_MAX_RUNS": "10", "RUNSTREAM_GATES_MIN_FREE_DISK": "5"}
+    settings = load_settings(config, env=env)
+    assert (settings.retention.max_age, settings.retention.max_runs) == (86400.0, 10)
+    assert settings.retention.stream_max_idle is None and settings.retention.interval == 300
+    assert settings.storage.min_free_disk == 0
+    assert settings.gates.min_free_memory == 2**30
+    assert (settings.gates.min_free_disk, settings.gates.max_load) == (5, 1.5)
+    assert Settings().storage.min_free_disk == 256 * 2**20
+
+
+@pytest.mark.parametrize(
+    "text", ["[retention]\nmax_age = -1\n", "[retention]\nkeep = 1\n", "[gates]\nmax_load = 0\n"]
+)
+def test_invalid_retention_and_gates_name_the_key(tmp_path: Path, text: str) -> None:
+    config = tmp_path / "runstream.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=r"retention|gates"):
+        load_settings(config, env={})

@@ -102,6 +102,7 @@ async def serving(
     retention: RetentionSettings | None = None,
     storage: StorageSettings | None = None,
     disk_probe: Callable[[str], int] | None = None,
+    retention_interval: float | None = None,
 ) -> AsyncIterator[Ops]:
     settings = make_settings(backend=backend, reconcile_interval=0.2, keepalive=1.0)
     settings = settings.evolve(
@@ -112,6 +113,8 @@ async def serving(
     ops_options: dict[str, Any] = {}
     if disk_probe is not None:
         ops_options["disk_probe"] = disk_probe
+    if retention_interval is not None:
+        ops_options["retention_interval"] = retention_interval
     app = build_app(settings, workers=2, shutdown_grace=2, ops_options=ops_options)
     live = await serve_in_task(app, settings)
     try:
@@ -237,6 +240,23 @@ async def test_readers_of_an_expired_stream_end_on_every_transport(
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4404
         page = await ops.client.get("/v1/streams/expiring/events", params={"after": 0})
         assert page.status_code == 404
+
+
+async def test_the_server_applies_retention_on_its_own(tmp_path: Path) -> None:
+    backend = f"sqlite:///{tmp_path / 'auto.db'}"
+    retention = RetentionSettings(max_runs=0)
+    async with serving(backend, "sqlite", retention=retention, retention_interval=0.1) as ops:
+        run = await ops.finished()
+        deadline = asyncio.get_running_loop().time() + 20
+        # Passes run every 0.1 s in the server; poll the API for their effect.
+        while (await ops.client.get(f"/v1/runs/{run['id']}")).status_code != 404:
+            assert asyncio.get_running_loop().time() < deadline, "retention never ran"
+            await asyncio.sleep(0.05)
+        status = (await ops.client.get("/v1/status")).json()
+        assert status["retention"]["passes"] >= 1
+        assert status["retention"]["max_runs"] == 0
+        metrics = (await ops.client.get("/metrics")).text
+        assert 'runstream_retention_deleted_total{kind="runs"} 1.0' in metrics
 
 
 # -- status and metrics ------------------------------------------------------------
