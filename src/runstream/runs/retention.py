@@ -264,8 +264,9 @@ class Retention:
             result = SweepResult()
             try:
                 now = self.clock()
-                await self._runs(now, result)
-                await self._streams(now, result)
+                records = await self._all_runs()
+                await self._runs(records, now, result)
+                await self._streams({r.id for r in records}, now, result)
                 await self._feed(result)
                 if result.runs or result.streams or result.orphans or result.feed_events:
                     result.pages_reclaimed = await self.log.reclaim_space()
@@ -288,10 +289,8 @@ class Retention:
             if cursor is None:
                 return records
 
-    async def _runs(self, now: float, result: SweepResult) -> None:
-        if self.policy.runs.empty and all(r.empty for r in self.policy.tasks.values()):
-            return
-        for record in expired_runs(await self._all_runs(), self.policy, now):
+    async def _runs(self, records: list[RunRecord], now: float, result: SweepResult) -> None:
+        for record in expired_runs(records, self.policy, now):
             try:
                 await self.lifecycle.delete(record.id)
                 result.runs += 1
@@ -301,7 +300,7 @@ class Retention:
                 result.errors += 1
                 log.warning("retention: could not delete run %s: %s", record.id, exc)
 
-    async def _streams(self, now: float, result: SweepResult) -> None:
+    async def _streams(self, known: set[str], now: float, result: SweepResult) -> None:
         rule = self.policy.streams
         start_after = ""
         while True:
@@ -314,7 +313,7 @@ class Retention:
                     continue
                 try:
                     if RUN_ID_RE.fullmatch(info.name):
-                        if await self._orphan(info):
+                        if info.name not in known and await self._orphan(info):
                             await self.log.delete(info.name)
                             result.orphans += 1
                     elif not rule.empty and await self._stream_expired(info, rule, now):
@@ -327,6 +326,8 @@ class Retention:
                     log.warning("retention: could not delete stream %r: %s", info.name, exc)
 
     async def _orphan(self, info: StreamInfo) -> bool:
+        """Whether a run stream not among the runs listed is an orphan: closed, and its
+        record really is gone (not a run created after the listing)."""
         if not info.closed:
             return False
         try:
