@@ -11,7 +11,7 @@
   task's limit does not hold up jobs of other tasks;
 * with a ``gate`` (see :mod:`runstream.runs.gates`), a job also waits while
   the gate gives a reason not to start it; ``on_wait`` hears each new reason
-  (``None`` once it may start), and the gate is asked again every
+  (the job itself clears what it recorded when it starts), and the gate is asked again every
   ``gate_interval`` seconds and whenever a slot frees up or :meth:`Scheduler.recheck`
   is called;
 * stopping is two steps: :meth:`Scheduler.stop_taking` (nothing new starts;
