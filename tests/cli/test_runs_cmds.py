@@ -85,3 +85,16 @@ def test_table_keeps_every_column_but_the_summary_on_narrow_terminals() -> None:
     with console.capture() as capture:
         console.print(run_details(run.to_json()))
     assert "queued" in capture.get()
+
+
+def test_show_says_why_a_queued_run_waits() -> None:
+    from rich.console import Console
+
+    extra = {"waiting": "free memory 1.0 GiB < 2.0 GiB"}
+    run = RunRecord(new_run_id(), "heavy", {}, "queued", time.time(), extra=extra)
+    console = Console(width=140, force_terminal=False)
+    with console.capture() as capture:
+        console.print(run_details(run.to_json()))
+    assert "for resources: free memory 1.0 GiB < 2.0 GiB" in capture.get()
+    started = RunRecord(new_run_id(), "heavy", {}, "running", time.time(), extra=extra)
+    assert "waiting" not in started.to_json()

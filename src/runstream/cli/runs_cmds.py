@@ -276,6 +276,8 @@ def run_details(run: Mapping[str, Any], stream: Mapping[str, Any] | None = None)
         ("task", str(run.get("task", ""))),
         ("status", Text(status, style=status_style(status))),
     ]
+    if run.get("waiting"):
+        rows.append(("waiting", f"for resources: {run['waiting']}"))
     if run.get("exit_code") is not None:
         rows.append(("exit code", str(run["exit_code"])))
     if run.get("error"):
