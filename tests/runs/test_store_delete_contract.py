@@ -106,3 +106,13 @@ async def test_set_extra_changes_nothing_in_another_status(run_store: RunStore) 
         await run_store.set_extra("run-missing", "waiting", "x")
     with pytest.raises(ValidationError):
         await run_store.set_extra(record.id, "waiting", float("nan"), expect=["running"])
+
+
+async def test_delete_many_removes_the_ended_runs_and_skips_the_rest(run_store: RunStore) -> None:
+    ended = [await run_in(run_store, s) for s in ("succeeded", "failed", "lost")]
+    live = [await run_in(run_store, s) for s in ("queued", "running")]
+    ids = [r.id for r in [*ended, *live]] + ["run-missing"]
+    removed = await run_store.delete_many(ids)
+    assert sorted(r.id for r in removed) == sorted(r.id for r in ended)
+    assert sorted(r.id for r in (await run_store.list())[0]) == sorted(r.id for r in live)
+    assert await run_store.delete_many([ended[0].id]) == []

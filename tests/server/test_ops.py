@@ -246,7 +246,7 @@ async def test_the_server_applies_retention_on_its_own(tmp_path: Path) -> None:
     backend = f"sqlite:///{tmp_path / 'auto.db'}"
     retention = RetentionSettings(max_runs=0)
     async with serving(backend, "sqlite", retention=retention, retention_interval=0.1) as ops:
-        run = await ops.finished()
+        run = await ops.run()  # it may be gone before a GET after its end: read nothing more
         deadline = asyncio.get_running_loop().time() + 20
         # Passes run every 0.1 s in the server; poll the API for their effect.
         while (await ops.client.get(f"/v1/runs/{run['id']}")).status_code != 404:

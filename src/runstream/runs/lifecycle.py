@@ -37,6 +37,7 @@ happened. The announcement never fails a move, strict or not.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -212,6 +213,10 @@ class RunRecords(Protocol):
 
     async def delete(self, run_id: str, *, expect: Iterable[RunStatus] = ...) -> RunRecord: ...
 
+    async def delete_many(
+        self, run_ids: Iterable[str], *, expect: Iterable[RunStatus] = ...
+    ) -> list[RunRecord]: ...
+
 
 class Lifecycle:
     """Moves runs of one store and writes the effects to one event log. Cheap; share or not."""
@@ -332,6 +337,30 @@ class Lifecycle:
         with contextlib.suppress(StreamNotFound):  # never created, or already gone
             await self.log.delete(run_id)
         return record
+
+    async def delete_many(self, run_ids: Iterable[str]) -> tuple[list[RunRecord], int]:
+        """Delete the runs among ``run_ids`` that ended, records then streams, as a batch.
+
+        Returns the records removed and how many of their streams could not be
+        deleted (orphans, removed by the next retention pass; logged). Runs that
+        do not exist or have not ended are skipped. The records go in one store
+        call and the streams are deleted concurrently, so an engine with group
+        commit (SQLite) writes the whole batch in a few transactions: appends to
+        other streams wait for one of them at most.
+        """
+        records = await self.store.delete_many(run_ids, expect=FINISHED)
+        results = await asyncio.gather(
+            *(self.log.delete(r.id) for r in records), return_exceptions=True
+        )
+        failed = 0
+        for record, outcome in zip(records, results, strict=True):
+            if isinstance(outcome, StreamNotFound) or not isinstance(outcome, BaseException):
+                continue
+            if not isinstance(outcome, RunstreamError):
+                raise outcome
+            failed += 1
+            log.warning("run %s deleted, but deleting its stream failed: %s", record.id, outcome)
+        return records, failed
 
     async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:
         await self.log.append(record.id, NewEvent("status", data))

@@ -43,7 +43,6 @@ from runstream.core.model import SYSTEM_PREFIX, StreamInfo
 from runstream.errors import (
     ConfigError,
     HistoryLost,
-    IllegalTransition,
     RunNotFound,
     RunstreamError,
     StreamNotFound,
@@ -67,6 +66,8 @@ __all__ = [
 log = logging.getLogger("runstream.runs")
 
 _STREAM_PAGE = 500
+DELETE_BATCH = 50
+"""Runs deleted together: one store call for their records, their streams concurrently."""
 _RUN_KEYS = ("max_age", "max_runs")
 
 
@@ -290,15 +291,18 @@ class Retention:
                 return records
 
     async def _runs(self, records: list[RunRecord], now: float, result: SweepResult) -> None:
-        for record in expired_runs(records, self.policy, now):
+        expired = [r.id for r in expired_runs(records, self.policy, now)]
+        for start in range(0, len(expired), DELETE_BATCH):
             try:
-                await self.lifecycle.delete(record.id)
-                result.runs += 1
-            except (RunNotFound, IllegalTransition):
-                pass  # deleted meanwhile, or retried (lost → queued)
+                removed, failed = await self.lifecycle.delete_many(
+                    expired[start : start + DELETE_BATCH]
+                )
             except RunstreamError as exc:
                 result.errors += 1
-                log.warning("retention: could not delete run %s: %s", record.id, exc)
+                log.warning("retention: could not delete a batch of runs: %s", exc)
+                continue
+            result.runs += len(removed)
+            result.errors += failed
 
     async def _streams(self, known: set[str], now: float, result: SweepResult) -> None:
         rule = self.policy.streams

@@ -56,6 +56,7 @@ from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
+from runstream.runs.retention import DELETE_BATCH
 from runstream.runs.scheduler import Job, Scheduler
 from runstream.runs.store import MAX_LIST_LIMIT, RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
@@ -322,12 +323,11 @@ class RunService:
             if cursor is None:
                 break
         deleted: builtins.list[str] = []
-        for run_id in targets:
-            try:
-                await self.lifecycle.delete(run_id)
-            except (RunNotFound, IllegalTransition):
-                continue  # deleted or retried meanwhile
-            deleted.append(run_id)
+        for start in range(0, len(targets), DELETE_BATCH):
+            removed, _failed = await self.lifecycle.delete_many(
+                targets[start : start + DELETE_BATCH]
+            )
+            deleted += [r.id for r in removed]
         return deleted, skipped
 
     async def wait_ended(self, run_id: str, *, timeout: float) -> RunRecord:  # noqa: ASYNC109

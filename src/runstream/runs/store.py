@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from runstream.errors import IllegalTransition, ValidationError
+from runstream.errors import IllegalTransition, RunNotFound, ValidationError
 from runstream.runs.lifecycle import FINISHED, RunStatus, check_transition, is_status
 from runstream.runs.model import RunRecord
 
@@ -322,6 +322,24 @@ class RunStore(ABC):
     @abstractmethod
     async def _delete(self, run_id: str, expect: frozenset[RunStatus]) -> RunRecord:
         """:meth:`delete` with its arguments checked: compare-status-and-remove, atomically."""
+
+    async def delete_many(
+        self, run_ids: Iterable[str], *, expect: Iterable[RunStatus] = DELETABLE
+    ) -> list[RunRecord]:
+        """Remove each run whose status is in ``expect``; return the records removed.
+
+        Runs that do not exist or are in another status are skipped. Each run is
+        decided atomically; engines that can do the whole batch in one write (SQLite)
+        do, so a retention pass costs one transaction per batch, not one per run.
+        """
+        allowed = frozenset(expect)
+        removed: list[RunRecord] = []
+        for run_id in run_ids:
+            try:
+                removed.append(await self.delete(run_id, expect=allowed))
+            except (RunNotFound, IllegalTransition):
+                continue
+        return removed
 
     async def set_extra(
         self, run_id: str, key: str, value: Any, *, expect: Iterable[RunStatus] = ("queued",)

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,6 +35,7 @@ from runstream.errors import (
 from runstream.runs.lifecycle import RunStatus, is_status
 from runstream.runs.model import RunRecord
 from runstream.runs.store import (
+    DELETABLE,
     JSON_FIELDS,
     RUN_FIELDS,
     RunStore,
@@ -288,6 +289,34 @@ class SQLiteRunStore(RunStore):
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
             conn.execute("COMMIT")
             return record
+
+        return await self._run(remove)
+
+    async def delete_many(
+        self, run_ids: Iterable[str], *, expect: Iterable[RunStatus] = DELETABLE
+    ) -> list[RunRecord]:
+        """See :meth:`RunStore.delete_many`: the whole batch in one write transaction."""
+        ids = list(run_ids)
+        allowed = frozenset(expect)
+        for status in allowed:
+            if not is_status(status):
+                raise ValidationError(f"unknown run status {status!r}", field="status")
+
+        def remove(conn: sqlite3.Connection) -> list[RunRecord]:
+            conn.execute("BEGIN IMMEDIATE")
+            removed: list[RunRecord] = []
+            for run_id in ids:
+                row = conn.execute(
+                    f"SELECT {_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                record = _from_row(row)
+                if record.status in allowed:
+                    conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+                    removed.append(record)
+            conn.execute("COMMIT")
+            return removed
 
         return await self._run(remove)
 
