@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from runstream.config import Settings
 from runstream.server.app import create_app
+from runstream.server.durable import DurableService, engine_store
 from runstream.server.runs import RunsAPI
 from runstream.server.ui import router as ui_router
 
@@ -25,6 +26,12 @@ def build_app(settings: Settings, **runs_options: Any) -> FastAPI:
     Raises :class:`~runstream.errors.ConfigError` for an invalid task declaration.
     """
     runs = RunsAPI.from_settings(settings, **runs_options)
-    app = create_app(settings, routers=[runs.router, ui_router], on_startup=[runs.startup])
+    durable = DurableService(engine_store)
+    app = create_app(
+        settings,
+        routers=[runs.router, durable.router(), ui_router],
+        on_startup=[runs.startup, durable.startup],
+    )
     app.state.runs = runs
+    app.state.durable = durable
     return app
