@@ -493,3 +493,57 @@ def next_cursor(now: float, client: str | None, jitter: int) -> str:
         if echoed >= interval:
             interval = echoed + max(1, int(jitter // CURSOR_INTERVAL))
     return str(interval)
+
+
+# -- storage form -----------------------------------------------------------------------
+
+
+def state_to_json(state: DsState) -> str:
+    """A stream's state as one JSON text (how engines without columns for it store it)."""
+    doc: dict[str, Any] = {
+        "name": state.name,
+        "uid": state.uid,
+        "content_type": state.content_type,
+        "created": state.created,
+        "ttl": state.ttl,
+        "expires_at": state.expires_at,
+        "touched": state.touched,
+        "base": state.base,
+        "tail": state.tail,
+        "closed": state.closed,
+        "closed_by": None
+        if state.closed_by is None
+        else [state.closed_by.id, state.closed_by.epoch, state.closed_by.seq],
+        "stream_seq": state.stream_seq,
+        "fork": None
+        if state.fork is None
+        else [state.fork.source, state.fork.position, state.fork.sub_offset],
+        "forks": state.forks,
+        "deleted": state.deleted,
+        "producers": {k: [v.epoch, v.last_seq] for k, v in state.producers.items()},
+    }
+    return json.dumps(doc, separators=(",", ":"))
+
+
+def state_from_json(text: str | bytes) -> DsState:
+    doc = json.loads(text)
+    closed_by = doc["closed_by"]
+    fork = doc["fork"]
+    return DsState(
+        name=doc["name"],
+        uid=doc["uid"],
+        content_type=doc["content_type"],
+        created=doc["created"],
+        ttl=doc["ttl"],
+        expires_at=doc["expires_at"],
+        touched=doc["touched"],
+        base=doc["base"],
+        tail=doc["tail"],
+        closed=doc["closed"],
+        closed_by=None if closed_by is None else ProducerClaim(*closed_by),
+        stream_seq=doc["stream_seq"],
+        fork=None if fork is None else Fork(*fork),
+        forks=doc["forks"],
+        deleted=doc["deleted"],
+        producers={k: ProducerState(*v) for k, v in doc["producers"].items()},
+    )

@@ -50,13 +50,13 @@ from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.sqlite.sql import (
     _INFO_COLUMNS,
     _INFO_MANY_CHUNK,
-    _SCHEMA,
     _SELECT_STREAM,
     _SYNCHRONOUS_VALUES,
     DECODE_CHUNK,
     DEFAULT_BUSY_TIMEOUT,
     MAX_EVENT_ID,
     MAX_GROUP_REQUESTS,
+    MIGRATIONS,
     POLL_CHUNK,
     POLL_INTERVAL,
     READER_THREADS,
@@ -285,8 +285,10 @@ class SQLiteEventLog(EventLog):
                         f"this runstream understands ({SCHEMA_VERSION}); upgrade runstream"
                     )
                 if version < SCHEMA_VERSION:
-                    for statement in _SCHEMA:
-                        conn.execute(statement)
+                    for step, statements in MIGRATIONS:
+                        if step > version:
+                            for statement in statements:
+                                conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 conn.execute("COMMIT")
             except BaseException:

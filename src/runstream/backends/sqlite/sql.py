@@ -19,8 +19,8 @@ from runstream.core.model import StreamInfo
 from runstream.errors import BackendError, BackendUnavailable, ConfigError
 from runstream.redact import mask_secrets
 
-SCHEMA_VERSION = 1
-"""Stored in ``PRAGMA user_version``; bump it and add a migration when the schema changes."""
+SCHEMA_VERSION = 3
+"""Stored in ``PRAGMA user_version``: the last step of :data:`MIGRATIONS`."""
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a connection waits for another process's lock before giving up."""
@@ -93,6 +93,38 @@ _SCHEMA = (
     ) WITHOUT ROWID
     """,
 )
+
+_DS_SCHEMA = (
+    # Durable Streams (/v1/stream/...): one record per stream, its state as JSON
+    # (runstream.core.durable.state_to_json); ``deadline`` is when it expires.
+    """
+    CREATE TABLE IF NOT EXISTS ds_streams (
+        dsid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        source INTEGER,
+        state TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        deadline REAL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS ds_streams_deadline ON ds_streams (deadline) "
+    "WHERE deadline IS NOT NULL",
+    # key = dsid << ID_BITS | position: one range scan per read, as for events.
+    """
+    CREATE TABLE IF NOT EXISTS ds_entries (
+        key INTEGER PRIMARY KEY,
+        data BLOB NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, _SCHEMA),
+    # Version 2 is another change's step (merged in order); 3 adds Durable Streams.
+    (3, _DS_SCHEMA),
+)
+"""Ordered steps ``(user_version, statements)``: a database at version ``v`` runs every
+step above ``v`` in order, in one transaction, then records the last one."""
 
 _INFO_COLUMNS = (
     "name, epoch, status, first_id, last_id, created_at, closed_at, close_status, close_reason"
