@@ -13,6 +13,7 @@ notifies after a write is durable; live readers register before they read.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -41,6 +42,28 @@ from runstream.core.durable import (
 from runstream.protocol.durable import check_position
 
 N = TypeVar("N")
+
+KEY_PREFIX = "\x00ds\x00"
+"""Notifier keys of DS streams (event stream names cannot hold NUL)."""
+
+
+class KeyedNotifier(Notifier):
+    """A view of another notifier with every key prefixed."""
+
+    def __init__(self, inner: Notifier, prefix: str) -> None:
+        super().__init__()
+        self._inner = inner
+        self._prefix = prefix
+
+    def watch(self, stream: str) -> asyncio.Future[None]:
+        return self._inner.watch(self._prefix + stream)
+
+    def unwatch(self, stream: str, fut: asyncio.Future[None]) -> None:
+        self._inner.unwatch(self._prefix + stream, fut)
+
+    def notify(self, stream: str) -> None:
+        self._inner.notify(self._prefix + stream)
+
 
 READ_MAX_BYTES = 1024 * 1024
 """Bytes one catch-up response carries at most (always at least one entry)."""
@@ -157,6 +180,10 @@ class DsRepo(ABC, Generic[N]):
     @abstractmethod
     def save(self, node: N, state: DsState, entries: list[bytes]) -> None:
         """Store ``state`` and append ``entries`` (positions after the old tail)."""
+
+    def touch(self, node: N, state: DsState) -> None:
+        """Store a renewed TTL (``touched``): a write that must wake nobody."""
+        self.save(node, state, [])
 
     @abstractmethod
     def drop(self, node: N) -> None:
@@ -314,7 +341,7 @@ def op_read(
     check_position(start, state.tail)
     if touch and state.ttl is not None:
         state = replace(state, touched=now)
-        repo.save(node, state, [])
+        repo.touch(node, state)
     entries = collect(repo, node, start, state.tail, max_bytes)
     return DsRead(state, start, start + len(entries), entries)
 

@@ -69,6 +69,9 @@ class _Repo(DsRepo[_Record]):
         node.entries += entries
         self.touched.add(state.name)
 
+    def touch(self, node: _Record, state: DsState) -> None:
+        node.state = state
+
     def drop(self, node: _Record) -> None:
         name = node.state.name
         if self.records.get(name) is node:

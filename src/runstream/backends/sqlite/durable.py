@@ -18,20 +18,21 @@ sharing the file notice at their next keepalive (SSE) or long-poll timeout.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from runstream.backends.base import EventLog, Notifier
+from runstream.backends.base import EventLog
 from runstream.backends.durable import (
+    KEY_PREFIX,
     READ_MAX_BYTES,
     DsRead,
     DsRepo,
     DsWrite,
     DurableStore,
+    KeyedNotifier,
     op_append,
     op_create,
     op_delete,
@@ -51,27 +52,6 @@ from runstream.core.durable import (
     state_to_json,
 )
 from runstream.errors import ConfigError
-
-KEY_PREFIX = "\x00ds\x00"
-"""Notifier keys of DS streams (event stream names cannot hold NUL)."""
-
-
-class KeyedNotifier(Notifier):
-    """A view of another notifier with every key prefixed."""
-
-    def __init__(self, inner: Notifier, prefix: str) -> None:
-        super().__init__()
-        self._inner = inner
-        self._prefix = prefix
-
-    def watch(self, stream: str) -> asyncio.Future[None]:
-        return self._inner.watch(self._prefix + stream)
-
-    def unwatch(self, stream: str, fut: asyncio.Future[None]) -> None:
-        self._inner.unwatch(self._prefix + stream, fut)
-
-    def notify(self, stream: str) -> None:
-        self._inner.notify(self._prefix + stream)
 
 
 @dataclass(eq=False, slots=True)
@@ -161,6 +141,14 @@ class _Repo(DsRepo[_Row]):
         node.state = state
         self.touched.add(state.name)
 
+    def touch(self, node: _Row, state: DsState) -> None:
+        self._check()
+        self.conn.execute(
+            "UPDATE ds_streams SET state = ?, deadline = ? WHERE dsid = ?",
+            (state_to_json(state), state.deadline(), node.dsid),
+        )
+        node.state = state
+
     def drop(self, node: _Row) -> None:
         self._check()
         base = node.dsid << ID_BITS
@@ -198,8 +186,10 @@ class SQLiteDurableStore(DurableStore):
             raise ConfigError("the SQLite Durable Streams store needs the SQLite event log")
         return cls(log)
 
-    async def _write(self, name: str, op: _WriteOp[T]) -> T:
-        """Run ``op`` on the writer (in its group transaction); wake readers of what changed."""
+    async def _write(self, name: str | None, op: _WriteOp[T]) -> T:
+        """Run ``op`` on the writer (in its group transaction); wake readers of what changed.
+
+        ``name`` ``None``: a write that wakes nobody (a TTL renewal)."""
         touched: set[str] = set()
 
         def run(conn: sqlite3.Connection) -> T:
@@ -210,7 +200,7 @@ class SQLiteDurableStore(DurableStore):
                 touched.update(repo.touched)
 
         try:
-            return await self.log._write(KEY_PREFIX + name, run)
+            return await self.log._write(KEY_PREFIX + (name or "\x00"), run)
         finally:
             for other in touched - {name}:
                 self.notifier.notify(other)
@@ -251,7 +241,7 @@ class SQLiteDurableStore(DurableStore):
             return await self._read(plain)
         except _NeedsWrite:
             return await self._write(
-                name, lambda repo: op_read(repo, name, position, now, max_bytes, touch=True)
+                None, lambda repo: op_read(repo, name, position, now, max_bytes, touch=True)
             )
 
     async def delete(self, name: str, now: float) -> None:
