@@ -53,15 +53,11 @@ def backend_url(engine: str, request: pytest.FixtureRequest, directory: Path) ->
 
 
 @pytest.fixture
-async def ds_server(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[ServeProcess]:
+async def ds_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ServeProcess]:
     """``runstream serve`` on ``request.param``'s engine, CORS open to :data:`CORS_ORIGIN`."""
     config = tmp_path / "runstream.toml"
     config.write_text(f'[server]\ncors_origins = ["{CORS_ORIGIN}"]\n')
-    server = ServeProcess(
-        backend_url(request.param, request, tmp_path), tmp_path, config=config
-    )
+    server = ServeProcess(backend_url(request.param, request, tmp_path), tmp_path, config=config)
     await server.start()
     try:
         yield server

@@ -44,8 +44,9 @@ async def run_suite(base_url: str, report: Path) -> tuple[dict[str, Any], str]:
     )
     output, _ = await proc.communicate()
     text = output.decode(errors="replace")
-    assert report.exists(), text[-3000:]
-    return json.loads(report.read_text()), text
+    raw = await asyncio.to_thread(lambda: report.read_text() if report.exists() else None)
+    assert raw is not None, text[-3000:]
+    return json.loads(raw), text
 
 
 def failures(result: dict[str, Any]) -> list[str]:

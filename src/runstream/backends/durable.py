@@ -17,7 +17,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Generic, Self, TypeVar
+from typing import Generic, Protocol, Self, TypeVar
 
 from runstream.backends.base import Notifier
 from runstream.core.durable import (
@@ -87,6 +87,16 @@ class DsRead:
 class DsWrite:
     outcome: Outcome
     state: DsState
+
+
+class DsReader(Protocol):
+    """What live and catch-up reads need: a DS store, or a view of event streams."""
+
+    notifier: Notifier
+
+    async def read(
+        self, name: str, position: int | None, now: float, max_bytes: int = READ_MAX_BYTES
+    ) -> DsRead: ...
 
 
 class DurableStore(ABC):

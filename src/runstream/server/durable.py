@@ -29,13 +29,16 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from runstream.backends import engine_for
-from runstream.backends.durable import DurableStore
+from runstream.backends.durable import DsReader, DurableStore
 from runstream.core.durable import (
     RESERVED_PREFIX,
     AppendRequest,
     CreateRequest,
+    DsConflict,
     DsError,
+    DsNotFound,
     DsReadOnly,
+    DsState,
     Outcome,
     ProducerClaim,
     format_expires_at,
@@ -48,6 +51,7 @@ from runstream.errors import PayloadTooLarge, RunstreamError
 from runstream.protocol.durable import format_offset, parse_live, parse_offset, parse_read_offset
 from runstream.server.auth import check_access
 from runstream.server.durable_live import catch_up, long_poll, sse
+from runstream.server.durable_native import NativeView
 from runstream.server.errors import error_response, runstream_error_response
 from runstream.server.metrics import ROUTE_KEY
 from runstream.server.runtime import Runtime
@@ -169,28 +173,50 @@ class _Endpoint:
         if method in ("PUT", "POST", "DELETE") and name.startswith(RESERVED_PREFIX):
             raise DsReadOnly(f"streams named {RESERVED_PREFIX}* are read-only")
         now = time.time()
-        if method == "PUT":
-            return await _create(request, store, runtime, name, now)
-        if method == "POST":
-            return await _append(request, store, runtime, name, now)
-        if method == "DELETE":
-            await store.delete(name, now)
-            return Response(status_code=204)
+        native = NativeView(runtime.backend)
+        try:
+            if method == "PUT":
+                return await _create(request, store, native, runtime, name, now)
+            if method == "POST":
+                return await _append(request, store, runtime, name, now)
+            if method == "DELETE":
+                await store.delete(name, now)
+                return Response(status_code=204)
+            if method == "HEAD":
+                return _head(await store.head(name, now))
+            return await _read(request, store, runtime, name)
+        except DsNotFound:
+            if not await _is_native(native, name, now):
+                raise
+        # An event stream (the native API's): readable here, written there.
+        if method != "GET" and method != "HEAD":
+            raise DsReadOnly(f"{name!r} is an event stream: write it with /v1/streams/")
         if method == "HEAD":
-            state = await store.head(name, now)
-            headers = {
-                "content-type": state.content_type,
-                "stream-next-offset": format_offset(state.tail),
-                "cache-control": "no-store",
-            }
-            if state.ttl is not None:
-                headers["stream-ttl"] = str(state.ttl)
-            elif state.expires_at is not None:
-                headers["stream-expires-at"] = format_expires_at(state.expires_at)
-            if state.closed:
-                headers["stream-closed"] = "true"
-            return Response(status_code=200, headers=headers)
-        return await _read(request, store, runtime, name)
+            return _head(await native.head(name, now))
+        return await _read(request, native, runtime, name)
+
+
+async def _is_native(native: NativeView, name: str, now: float) -> bool:
+    try:
+        await native.head(name, now)
+    except DsNotFound:
+        return False
+    return True
+
+
+def _head(state: DsState) -> Response:
+    headers = {
+        "content-type": state.content_type,
+        "stream-next-offset": format_offset(state.tail),
+        "cache-control": "no-store",
+    }
+    if state.ttl is not None:
+        headers["stream-ttl"] = str(state.ttl)
+    elif state.expires_at is not None:
+        headers["stream-expires-at"] = format_expires_at(state.expires_at)
+    if state.closed:
+        headers["stream-closed"] = "true"
+    return Response(status_code=200, headers=headers)
 
 
 def _error(exc: DsError) -> Response:
@@ -216,7 +242,12 @@ async def _body(request: Request, limit: int) -> bytes:
 
 
 async def _create(
-    request: Request, store: DurableStore, runtime: Runtime, name: str, now: float
+    request: Request,
+    store: DurableStore,
+    native: NativeView,
+    runtime: Runtime,
+    name: str,
+    now: float,
 ) -> Response:
     h = request.headers
     ttl = h.get("stream-ttl")
@@ -244,6 +275,8 @@ async def _create(
     )
     if sub is not None and source is None:
         raise DsError("Stream-Fork-Sub-Offset needs Stream-Forked-From")
+    if await _is_native(native, name, now):
+        raise DsConflict(f"{name!r} is an event stream (read it here, write it with /v1/streams/)")
     state, created = await store.create(name, req, now)
     headers = {
         "content-type": state.content_type,
@@ -295,7 +328,7 @@ def _producer_headers(claim: ProducerClaim, current: object) -> dict[str, str]:
     return {"producer-epoch": str(epoch), "producer-seq": str(last)}
 
 
-async def _read(request: Request, store: DurableStore, runtime: Runtime, name: str) -> Response:
+async def _read(request: Request, store: DsReader, runtime: Runtime, name: str) -> Response:
     query = request.query_params
     start = parse_read_offset(query.getlist("offset"))
     live = parse_live(query.getlist("live"))

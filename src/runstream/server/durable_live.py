@@ -17,7 +17,7 @@ from typing import Final, Literal
 
 from starlette.responses import Response, StreamingResponse
 
-from runstream.backends.durable import DsRead, DurableStore
+from runstream.backends.durable import DsRead, DsReader
 from runstream.core.durable import DsError, is_json, is_text, next_cursor
 from runstream.protocol.durable import (
     SSE_KEEPALIVE,
@@ -52,7 +52,7 @@ def _read_headers(read: DsRead) -> dict[str, str]:
 
 
 async def catch_up(
-    store: DurableStore, name: str, start: ReadFrom | None, if_none_match: str | None
+    store: DsReader, name: str, start: ReadFrom | None, if_none_match: str | None
 ) -> Response:
     now = time.time()
     if start is not None and start.now:
@@ -80,7 +80,7 @@ async def _wait(fut: asyncio.Future[None], stop: asyncio.Event, seconds: float) 
 
 
 async def long_poll(
-    store: DurableStore, runtime: Runtime, name: str, start: ReadFrom, cursor: str | None
+    store: DsReader, runtime: Runtime, name: str, start: ReadFrom, cursor: str | None
 ) -> Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + runtime.settings.server.ds_long_poll
@@ -111,7 +111,7 @@ Mode = Literal["json", "text", "base64"]
 
 
 async def sse(
-    store: DurableStore, runtime: Runtime, name: str, start: ReadFrom, cursor: str | None
+    store: DsReader, runtime: Runtime, name: str, start: ReadFrom, cursor: str | None
 ) -> Response:
     # The first read answers 404/410/400 as a status, before the stream starts.
     first = await store.read(name, None if start.now else start.position, time.time())
@@ -128,7 +128,7 @@ async def sse(
 
 
 async def _events(
-    store: DurableStore,
+    store: DsReader,
     runtime: Runtime,
     name: str,
     first: DsRead,
