@@ -8,16 +8,21 @@ the registry through ``package-lock.json`` here; ``npm ci`` runs when
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.chaos.harness import ServeProcess
+from tests.chaos.harness import PY, ServeProcess, _spawn
 
 NPM_DIR = Path(__file__).parent
 ENGINES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
@@ -63,3 +68,32 @@ async def ds_server(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class WorkerServe(ServeProcess):
+    """``runstream serve`` that also runs tasks (``--workers``), restartable after ``kill -9``."""
+
+    workers: int = 1
+
+    async def start(self) -> float:
+        args = [PY, "-m", "runstream.cli.main", "serve", "--backend", self.backend]
+        args += ["--port", str(self.port), "--workers", str(self.workers)]
+        if self.config is not None:
+            args += ["--config", str(self.config)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RUNSTREAM_")}
+        env.update(RUNSTREAM_LOG_LEVEL="warning", PYTHONUNBUFFERED="1")
+        self.starts += 1
+        log = (self.directory / f"serve-{self.starts}.log").open("wb")
+        started = time.monotonic()
+        proc = await asyncio.to_thread(_spawn, args, log, env, self.directory)
+        self.proc = proc
+        log.close()
+        async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
+            while True:  # a child process's readiness: nothing to await but its port
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/readyz")).status_code == 200:
+                        return time.monotonic() - started
+                assert proc.poll() is None, self.log_text()
+                assert time.monotonic() < started + 45, "server did not start in 45 s"
+                await asyncio.sleep(0.05)
