@@ -6,17 +6,19 @@ Keys (``P`` the log's prefix; ``{name}`` the hash tag)::
     P:ds:{name}:e    list of entries (binary strings); index = position - base - 1
     P:ds:deadlines   sorted set: name -> expiry time, for the sweep
 
-Each operation of :mod:`runstream.backends.durable` runs in a worker thread
-against what it reads from Redis, buffering its writes; one Lua script then
-applies them **only if every state it read is unchanged** (a compare-and-set
-over the exact JSON texts) and publishes the wake-ups, else the operation runs
-again on fresh state. So a producer's epoch/seq check, the ``Stream-Seq`` check,
-the entries and the close commit together or not at all (§5.2.1), on any number
-of servers. Wake-ups go through the log's pub/sub channel under keys no event
-stream can have, so readers on every server wake on any server's write.
+**Appends** are one Lua script (:mod:`.durable_lua`): the closed check, the content type,
+the idempotent producer's epoch fencing and sequence, ``Stream-Seq``, the entries, the new
+state and the wake-up, atomically in one round trip (§5.2.1).
 
-Forks span keys of several streams: on Redis Cluster such operations need the
-streams in one slot (a limitation; plain Redis has none).
+**Everything else** (create, fork, delete, expiry, reads, and appends the script hands
+back) runs the engine-neutral operations of :mod:`runstream.backends.durable` in a worker
+thread against what it reads from Redis, buffering its writes; one Lua script then applies
+them only if every state it read is unchanged (a compare-and-set over the exact JSON
+texts), else the operation runs again on fresh state. Wake-ups go through the log's
+pub/sub channel under keys no event stream can have, so readers on every server wake on
+any server's write.
+
+Forks span keys of several streams, so DS streams are not served on Redis Cluster.
 """
 
 from __future__ import annotations
@@ -47,16 +49,24 @@ from runstream.backends.durable import (
     op_read,
     op_sweep,
 )
+from runstream.backends.redis import durable_lua
 from runstream.backends.redis.errors import translated
 from runstream.backends.redis.log import RedisEventLog, parse_url
 from runstream.core.durable import (
     AppendRequest,
     CreateRequest,
+    DsConflict,
+    DsError,
+    DsStaleEpoch,
     DsState,
+    Outcome,
+    ProducerClaim,
+    entries_for,
+    media_type,
     state_from_json,
     state_to_json,
 )
-from runstream.errors import BackendError, ConfigError
+from runstream.errors import BackendError, ConfigError, ValidationError
 
 T = TypeVar("T")
 MAX_TRIES = 50
@@ -96,6 +106,45 @@ for _, o in ipairs(plan.ops) do
 end
 return 1
 """
+
+
+def _fast_entries(req: AppendRequest) -> list[bytes] | None:
+    """The entries of a well-formed append for the script; ``None``: the general path decides."""
+    if not req.body:
+        return [] if req.close else None
+    if req.content_type is None:
+        return None
+    try:
+        return entries_for(req.content_type, req.body, allow_empty=False)
+    except (DsError, ValidationError):
+        return None
+
+
+def _refusal(kind: str, reply: list[Any], claim: ProducerClaim | None) -> DsError:
+    """The error of one of the script's refusals (the same as decide_append's)."""
+    if kind == "closed":
+        tail = int(reply[1])
+        return DsConflict("the stream is closed", {"Stream-Closed": "true"}, tail=tail)
+    if kind == "stale":
+        assert claim is not None
+        current = int(reply[1])
+        return DsStaleEpoch(
+            f"producer epoch {claim.epoch} is stale (current {current})",
+            {"Producer-Epoch": str(current)},
+        )
+    if kind == "gap":
+        expected, received = int(reply[1]), int(reply[2])
+        return DsConflict(
+            f"producer sequence gap: expected {expected}, received {received}",
+            {"Producer-Expected-Seq": str(expected), "Producer-Received-Seq": str(received)},
+        )
+    if kind == "badepoch":
+        return DsError("a new producer epoch must start at Producer-Seq 0")
+    if kind == "ctype":
+        return DsConflict(f"Content-Type does not match the stream's {reply[1]!r}")
+    if kind == "seq":
+        return DsConflict(f"Stream-Seq is not above the last one ({str(reply[1])[:40]!r})")
+    return DsError(f"unexpected reply from the append script: {kind[:40]!r}")
 
 
 def _bytes(value: object) -> bytes:
@@ -259,6 +308,7 @@ class RedisDurableStore(DurableStore):
             max_connections=options.max_connections,
         )
         self._script = self._client.register_script(COMMIT)
+        self._append_lua = log._redis.register_script(durable_lua.APPEND)
         self._prefix = options.prefix
         self._channel = f"{options.prefix}:wake"
         self._threads = ThreadPoolExecutor(max_workers=8, thread_name_prefix="ds-redis")
@@ -296,7 +346,46 @@ class RedisDurableStore(DurableStore):
         return await self._do(lambda repo: op_create(repo, name, req, now, uid))
 
     async def append(self, name: str, req: AppendRequest, now: float) -> DsWrite:
+        entries = _fast_entries(req)
+        if entries is not None:
+            write = await self._append_script_path(name, req, entries, now)
+            if write is not None:
+                return write
         return await self._do(lambda repo: op_append(repo, name, req, now))
+
+    async def _append_script_path(
+        self, name: str, req: AppendRequest, entries: list[bytes], now: float
+    ) -> DsWrite | None:
+        """One round trip (:data:`durable_lua.APPEND`); ``None``: take the general path."""
+        claim = req.producer
+        base = f"{self._prefix}:ds:{{{name}}}"
+        args: list[bytes | str] = [
+            repr(now),
+            media_type(req.content_type) if entries and req.content_type else "",
+            "1" if req.close else "0",
+            claim.id if claim is not None else "",
+            str(claim.epoch) if claim is not None else "0",
+            str(claim.seq) if claim is not None else "0",
+            req.stream_seq or "",
+            self._channel,
+            KEY_PREFIX + name,
+            name,
+            *entries,
+        ]
+        async with self.log._op("durable streams append"):
+            reply = await self._append_lua(
+                keys=[f"{base}:s", f"{base}:e", f"{self._prefix}:ds:deadlines"], args=args
+            )
+        kind = str(reply[0])
+        if kind == "slow":
+            return None
+        if kind in ("ok", "closeonly", "dup"):
+            state = state_from_json(str(reply[1]).encode("utf-8", "surrogateescape"))
+            if kind == "dup":
+                return DsWrite(Outcome.DUPLICATE, state)
+            self.notifier.notify(name)
+            return DsWrite(Outcome.APPENDED if kind == "ok" else Outcome.CLOSED, state)
+        raise _refusal(kind, reply, claim)
 
     async def head(self, name: str, now: float) -> DsState:
         return await self._do(lambda repo: op_head(repo, name, now))
