@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,27 @@ async def test_streams_survive_reopening_on_durable_engines(
             read = await again.read("d", 0, 0.0)
             assert read.entries == [b'{"a":1},{"b":2}', b"3"]
             assert read.state.producers["w"].epoch == 2
+
+
+async def test_sqlite_readers_wake_on_another_process_s_write(tmp_path: Path) -> None:
+    """Two logs on one file stand for two processes: B's commits are foreign to A."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    engine = engine_for(url)
+    opener = engine.open_durable
+    assert opener is not None
+    async with (
+        engine.open_log(url) as log_a,
+        engine.open_log(url) as log_b,
+        opener(url, log_a) as a,
+        opener(url, log_b) as b,
+    ):
+        await b.create("x", CreateRequest(TEXT), 0.0)
+        for i in range(3):  # every write, not only the first one A's poller sees
+            woken = a.notifier.watch("x")
+            try:
+                assert (await a.read("x", i, 0.0)).entries == []  # a reader would wait now
+                await b.append("x", AppendRequest(TEXT, b"%d" % i), 0.0)
+                await asyncio.wait_for(woken, 5)  # the commit probe, not a keepalive
+            finally:
+                a.notifier.unwatch("x", woken)
+        assert (await a.read("x", 0, 0.0)).entries == [b"0", b"1", b"2"]

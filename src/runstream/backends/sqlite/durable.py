@@ -11,9 +11,9 @@ rewritten with each append: a few hundred bytes per append on top of the entry.
 
 Reads run on the log's reader threads; a read that must write (renewing a TTL,
 expiring a stream) goes through the writer instead. Wake-ups use the log's
-notifier under keys no event stream can have, so the writer's post-commit
-notification wakes DS readers in this process. Readers in *another* process
-sharing the file notice at their next keepalive (SSE) or long-poll timeout.
+notifier under keys no event stream can have (``KEY_PREFIX``), so the writer's
+post-commit notification wakes DS readers in this process, and the log's commit
+probe (``PRAGMA data_version``) wakes them on another process's commit.
 """
 
 from __future__ import annotations
