@@ -29,9 +29,10 @@ def build_app(settings: Settings, **runs_options: Any) -> FastAPI:
     durable = DurableService(engine_store)
     app = create_app(
         settings,
-        routers=[runs.router, durable.router(), ui_router],
+        routers=[runs.router, ui_router],
         on_startup=[runs.startup, durable.startup],
     )
+    durable.install(app)
     app.state.runs = runs
     app.state.durable = durable
     return app

@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final
 
-from fastapi import APIRouter
+from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -99,19 +99,20 @@ class DurableService:
             except RunstreamError as exc:
                 log.warning("durable streams: expiry sweep failed: %s", exc)
 
-    def router(self) -> APIRouter:
-        """A router holding the one bare route (``app.include_router`` keeps it bare)."""
-        router = APIRouter()
-        router.routes.append(
-            Route(
-                DS_PATH,
-                endpoint=_Endpoint(self),
-                methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"],
-                include_in_schema=False,
-                name="durable_streams",
-            )
+    def route(self) -> Route:
+        """The one bare route; put it first in the app's router (see :func:`install`)."""
+        return Route(
+            DS_PATH,
+            endpoint=_Endpoint(self),
+            methods=["GET", "HEAD", "PUT", "POST", "DELETE", "OPTIONS"],
+            include_in_schema=False,
+            name="durable_streams",
         )
-        return router
+
+    def install(self, app: FastAPI) -> None:
+        """Match ``/v1/stream/...`` before every routed handler (as the events fast path is):
+        walking FastAPI's route list costs an append a fifth of its time."""
+        app.router.routes.insert(0, self.route())
 
 
 def engine_store(runtime: Runtime) -> DurableStore | None:
