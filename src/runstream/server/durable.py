@@ -41,6 +41,7 @@ from runstream.core.durable import (
     DsState,
     Outcome,
     ProducerClaim,
+    ProducerState,
     format_expires_at,
     parse_decimal,
     parse_expires_at,
@@ -323,10 +324,11 @@ async def _append(
     return Response(status_code=status, headers=headers)
 
 
-def _producer_headers(claim: ProducerClaim, current: object) -> dict[str, str]:
-    last = getattr(current, "last_seq", claim.seq)
-    epoch = getattr(current, "epoch", claim.epoch)
-    return {"producer-epoch": str(epoch), "producer-seq": str(last)}
+def _producer_headers(claim: ProducerClaim, current: ProducerState | None) -> dict[str, str]:
+    """The producer's epoch and highest accepted seq (a duplicate's answer names the latter)."""
+    if current is None:
+        return {"producer-epoch": str(claim.epoch), "producer-seq": str(claim.seq)}
+    return {"producer-epoch": str(current.epoch), "producer-seq": str(current.last_seq)}
 
 
 async def _read(request: Request, store: DsReader, runtime: Runtime, name: str) -> Response:
