@@ -98,6 +98,7 @@ def jobs_for(quick: bool) -> list[Job]:
             1800,
         ),
         Job("worker_failover", [script("worker_failover.py"), *q], 900),
+        Job("durable", [script("durable.py"), *q], 1200),
     ]
     sizes = FANOUT_QUICK if quick else FANOUT_FULL
     for n in sizes:
@@ -388,6 +389,38 @@ def table_codec(job: Job) -> Table:
         ("decode_1k_chunks_mb_per_s", "decode, 1 KiB chunks", "MB/s"),
     ):
         t.rows.append(Row(label, res.get(key), unit=unit))
+    return t
+
+
+def table_durable(job: Job) -> Table:
+    """runstream next to the Node reference Durable Streams server (bench/durable.py)."""
+    res = job.result or {}
+    servers = res.get("servers") or {}
+    t = Table("Durable Streams: runstream vs the Node reference server", command=job.command)
+    t.note = (
+        f"Reference: npm {dig(res, 'tools', 'reference')}; append load by autocannon "
+        f"{dig(res, 'tools', 'autocannon')} (32 connections, one message per POST). Pairs: "
+        "runstream memory vs reference memory, runstream SQLite (synchronous=full) vs reference "
+        "file-backed. Goal (issue 16): runstream ahead on each."
+    )
+    pairs = (
+        ("memory", "runstream-memory", "ref-memory"),
+        ("SQLite vs file", "runstream-sqlite", "ref-file"),
+    )
+    for label, ours, ref in pairs:
+        a, b = servers.get(ours) or {}, servers.get(ref) or {}
+        for figure, path, higher, unit in (
+            ("append", ("append", "requests_per_s"), True, "req/s"),
+            ("catch-up of 10,000 messages", ("catch_up_10k_ms",), False, "ms"),
+            ("SSE fan-out to 1,000 readers", ("fanout", "deliveries_per_s"), True, "deliveries/s"),
+            ("SSE fan-out p99", ("fanout", "latency_ms_p99"), False, "ms"),
+        ):
+            value, base = dig(a, *path), dig(b, *path)
+            ok = None
+            if isinstance(value, int | float) and isinstance(base, int | float) and base:
+                ok = value > base if higher else value < base
+            ratio = round(value / base, 3) if ok is not None else None
+            t.rows.append(Row(f"{label}: {figure}", value, base, ratio, "ahead", ok, unit))
     return t
 
 
@@ -771,6 +804,7 @@ def write_doc(
         ("capture", table_capture),
         ("worker_failover", table_failover),
         ("sse_codec", table_codec),
+        ("durable", table_durable),
     ]
     tables: list[Table] = []
     if any(is_fanout(j, stress=False) for j in jobs):

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from runstream.config import Settings
 from runstream.server.app import create_app
+from runstream.server.durable import DurableService, engine_store
 from runstream.server.ops import OpsAPI
 from runstream.server.runs import RunsAPI
 from runstream.server.ui import router as ui_router
@@ -31,11 +32,14 @@ def build_app(
     """
     runs = RunsAPI.from_settings(settings, **runs_options)
     ops = OpsAPI(runs, **(ops_options or {}))
+    durable = DurableService(engine_store)
     app = create_app(
         settings,
         routers=[runs.router, ops.router, ui_router],
-        on_startup=[runs.startup, ops.startup],
+        on_startup=[runs.startup, ops.startup, durable.startup],
     )
+    durable.install(app)
     app.state.runs = runs
     app.state.ops = ops
+    app.state.durable = durable
     return app

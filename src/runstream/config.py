@@ -145,6 +145,12 @@ class ServerSettings(_Section):
     cors_origins: Names = ()
     """Origins (``https://app.example.com``) whose pages may call the API; empty = CORS off.
     ``*`` (any origin) needs a token."""
+    ds_long_poll: Seconds = 10.0
+    """Durable Streams (``/v1/stream/...``): how long a ``live=long-poll`` read waits for data
+    before it answers 204."""
+    ds_sse_max: Seconds = 60.0
+    """Durable Streams: seconds after which a ``live=sse`` response ends (the protocol's
+    CDN-collapsing interval; clients reconnect from the last control event's offset)."""
 
     def __repr__(self) -> str:  # the backend URL may hold a password
         shown = {**self.__dict__, "backend": mask_secrets(self.backend)}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from runstream.backends.base import EventLog
+from runstream.backends.durable import DurableStore
 
 if TYPE_CHECKING:  # annotations only: the runs layer builds on the backends, not the reverse
     from runstream.runs.gates import Gates
@@ -110,3 +111,5 @@ class Engine:
     """Engines with a shared queue: a worker taking runs from it."""
     local_file: Callable[[str], Path | None] = no_file
     """The file a URL keeps its data in, for engines that keep one (``None`` otherwise)."""
+    open_durable: Callable[[str, EventLog], DurableStore] | None = None
+    """Create (not start) the Durable Streams store on the same URL (beside ``log``)."""

@@ -64,7 +64,7 @@ __all__ = [
 JSON: Final = "application/json"
 STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
-CORS_METHODS: Final = ("GET", "HEAD", "POST", "DELETE")
+CORS_METHODS: Final = ("GET", "HEAD", "POST", "PUT", "DELETE")
 """Methods a listed origin may use (the API's)."""
 CORS_REQUEST_HEADERS: Final = frozenset(
     {
@@ -77,10 +77,37 @@ CORS_REQUEST_HEADERS: Final = frozenset(
         "last-event-id",
         "producer-id",
         "producer-seq",
+        # Durable Streams (/v1/stream/...)
+        "if-none-match",
+        "producer-epoch",
+        "stream-closed",
+        "stream-expires-at",
+        "stream-fork-offset",
+        "stream-fork-sub-offset",
+        "stream-forked-from",
+        "stream-seq",
+        "stream-ttl",
     }
 )
 """Request headers a listed origin may send (lower case)."""
-CORS_EXPOSE_HEADERS: Final = ("Retry-After", "WWW-Authenticate")
+CORS_EXPOSE_HEADERS: Final = (
+    "Retry-After",
+    "WWW-Authenticate",
+    # Durable Streams responses
+    "ETag",
+    "Location",
+    "Producer-Epoch",
+    "Producer-Expected-Seq",
+    "Producer-Received-Seq",
+    "Producer-Seq",
+    "Stream-Closed",
+    "Stream-Cursor",
+    "Stream-Expires-At",
+    "Stream-Next-Offset",
+    "Stream-SSE-Data-Encoding",
+    "Stream-TTL",
+    "Stream-Up-To-Date",
+)
 """Response headers a page on a listed origin may read (besides the CORS-safelisted ones)."""
 CORS_MAX_AGE: Final = 600
 """Seconds a browser may cache a preflight answer."""
@@ -130,6 +157,7 @@ BODY_RULES: Final[tuple[BodyRule, ...]] = (
     BodyRule(_POST, re.compile(r"^/v1/runs$")),
     # A route with other content types (the Durable Streams endpoint takes any type on
     # its own paths) adds its rule here, before the default.
+    BodyRule(STATE_CHANGING, re.compile(r"^/v1/stream/"), media_types=None),  # Durable Streams
     BodyRule(STATE_CHANGING, re.compile(r""), body_optional=True),  # JSON, or no body
 )
 """The first rule whose method and path match a state-changing request applies."""

@@ -5,11 +5,13 @@ Runs execute in the server's local pool.
 
 from __future__ import annotations
 
+from runstream.backends.base import EventLog
 from runstream.backends.engine import Engine
+from runstream.backends.memory.durable import MemoryDurableStore
 from runstream.backends.memory.log import MemoryEventLog
 from runstream.backends.memory.runstore import MemoryRunStore
 
-__all__ = ["ENGINE", "MemoryEventLog", "MemoryRunStore"]
+__all__ = ["ENGINE", "MemoryDurableStore", "MemoryEventLog", "MemoryRunStore"]
 
 
 def _open_log(url: str) -> MemoryEventLog:
@@ -20,4 +22,13 @@ def _open_run_store(url: str) -> MemoryRunStore:
     return MemoryRunStore()
 
 
-ENGINE = Engine(name="memory", open_log=_open_log, open_run_store=_open_run_store)
+def _open_durable(url: str, log: EventLog) -> MemoryDurableStore:
+    return MemoryDurableStore()
+
+
+ENGINE = Engine(
+    name="memory",
+    open_log=_open_log,
+    open_run_store=_open_run_store,
+    open_durable=_open_durable,
+)

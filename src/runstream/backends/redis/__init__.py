@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from runstream.backends.engine import Engine
 from runstream.backends.redis.dispatch import new_worker, start_dispatch
+from runstream.backends.redis.durable import RedisDurableStore
 from runstream.backends.redis.log import RedisEventLog, RedisOptions, parse_url
 from runstream.backends.redis.runstore import RedisRunStore
 
@@ -21,4 +22,5 @@ ENGINE = Engine(
     open_run_store=RedisRunStore.from_url,
     start_dispatch=start_dispatch,
     new_worker=new_worker,
+    open_durable=RedisDurableStore.for_log,
 )

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from runstream.backends.engine import Engine
+from runstream.backends.sqlite.durable import SQLiteDurableStore
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.backends.sqlite.runstore import SQLiteRunStore
 
-__all__ = ["ENGINE", "SQLiteEventLog", "SQLiteRunStore"]
+__all__ = ["ENGINE", "SQLiteDurableStore", "SQLiteEventLog", "SQLiteRunStore"]
 
 
 def _local_file(url: str) -> Path:
@@ -24,4 +25,5 @@ ENGINE = Engine(
     open_log=SQLiteEventLog.from_url,
     open_run_store=SQLiteRunStore.from_url,
     local_file=_local_file,
+    open_durable=SQLiteDurableStore.for_log,
 )

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from runstream.backends.base import EventLog, events_from_rows
+from runstream.backends.durable import KEY_PREFIX
 from runstream.backends.sqlite.migrate import migrate
 from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.sql import (
@@ -745,8 +746,16 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         if conn is None:  # closing
             return []
         current: dict[str, tuple[str, str, int, int] | None] = dict.fromkeys(watched)
+        # Durable Streams readers watch prefixed keys (backends/durable.KEY_PREFIX).
+        ds = [w[len(KEY_PREFIX) :] for w in watched if w.startswith(KEY_PREFIX)]
         conn.execute("BEGIN")
         try:
+            for chunk in _chunks(ds, POLL_CHUNK):
+                marks = ",".join("?" * len(chunk))
+                for name, state in conn.execute(
+                    f"SELECT name, state FROM ds_streams WHERE name IN ({marks})", chunk
+                ):
+                    current[KEY_PREFIX + name] = ("ds", state, 0, 0)
             for chunk in _chunks(watched, POLL_CHUNK):
                 marks = ",".join("?" * len(chunk))
                 for name, epoch, status, first_id, last_id in conn.execute(

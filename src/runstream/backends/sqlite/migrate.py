@@ -17,7 +17,7 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
-from runstream.backends.sqlite.sql import _SCHEMA, SCHEMA_VERSION
+from runstream.backends.sqlite.sql import _DS_SCHEMA, _SCHEMA, SCHEMA_VERSION
 from runstream.errors import BackendError
 
 __all__ = ["STEPS", "Step", "migrate"]
@@ -43,6 +43,7 @@ STEPS: tuple[Step, ...] = (
         ("PRAGMA auto_vacuum = INCREMENTAL",),
         vacuum=True,
     ),
+    Step(3, "Durable Streams: ds_streams and ds_entries", _DS_SCHEMA),
 )
 
 assert [s.version for s in STEPS] == list(range(1, len(STEPS) + 1)), "steps are numbered 1..n"

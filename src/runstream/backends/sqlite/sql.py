@@ -19,7 +19,7 @@ from runstream.core.model import StreamInfo
 from runstream.errors import BackendError, BackendUnavailable, ConfigError
 from runstream.redact import mask_secrets
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Stored in ``PRAGMA user_version``: the last step of :data:`.migrate.STEPS`."""
 
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -101,6 +101,30 @@ _SCHEMA = (
         last_id INTEGER NOT NULL,
         PRIMARY KEY (sid, producer)
     ) WITHOUT ROWID
+    """,
+)
+
+_DS_SCHEMA = (
+    # Durable Streams (/v1/stream/...): one record per stream, its state as JSON
+    # (runstream.core.durable.state_to_json); ``deadline`` is when it expires.
+    """
+    CREATE TABLE IF NOT EXISTS ds_streams (
+        dsid INTEGER PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        source INTEGER,
+        state TEXT NOT NULL,
+        deleted INTEGER NOT NULL DEFAULT 0,
+        deadline REAL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS ds_streams_deadline ON ds_streams (deadline) "
+    "WHERE deadline IS NOT NULL",
+    # key = dsid << ID_BITS | position: one range scan per read, as for events.
+    """
+    CREATE TABLE IF NOT EXISTS ds_entries (
+        key INTEGER PRIMARY KEY,
+        data BLOB NOT NULL
+    )
     """,
 )
 
