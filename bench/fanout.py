@@ -427,12 +427,18 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+COMPARE_SRC: list[str] = []
+"""``--compare-src``: another runstream source tree (say, the base commit's) run as
+``runstream_base`` in the same run, with the same load."""
+
+
 def start_server(
     kind: str, redis_url: str, backend: str = "redis"
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    if kind == "runstream":
+    src = COMPARE_SRC[0] if kind == "runstream_base" else str(ROOT / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    if kind.startswith("runstream"):
         env.update(
             {
                 "RUNSTREAM_LOG_LEVEL": "warning",
@@ -784,6 +790,11 @@ def main() -> None:
         default="redis",
         help="'redis' (the same redis-server as the baseline) or a backend URL",
     )
+    parser.add_argument(
+        "--compare-src",
+        help="another runstream src/ directory (the base commit's, say) measured as"
+        " runstream_base in the same run",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -821,8 +832,21 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg(),
                 },
             }
+            if args.compare_src:
+                COMPARE_SRC.append(args.compare_src)
+                results["runstream_base"] = run_one("runstream_base", redis_url, args)
+                print(json.dumps({"runstream_base": results["runstream_base"]}), file=sys.stderr)
             results["runstream"] = run_one("runstream", redis_url, args)
             print(json.dumps({"runstream": results["runstream"]}), file=sys.stderr)
+            if args.compare_src:
+                base, new = results["runstream_base"], results["runstream"]
+                results["comparison_with_base"] = {
+                    "cpu_ms_per_1k_deliveries": [
+                        base["server_cpu_ms_per_1k_deliveries"],
+                        new["server_cpu_ms_per_1k_deliveries"],
+                    ],
+                    "p99_ms": [base["latency_ms"]["p99"], new["latency_ms"]["p99"]],
+                }
             if not args.skip_baseline:
                 results["baseline"] = run_one("baseline", redis_url, args)
                 rs, bl = results["runstream"], results["baseline"]

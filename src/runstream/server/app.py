@@ -66,6 +66,7 @@ def create_app(
         subscribers=lambda: float(hub.subscriber_count),
         unreadable=lambda: float(log_backend.unreadable_events),
     )
+    hub.on_written = metrics.delivered["sse"].inc
     runtime = Runtime(settings, log_backend, hub, metrics, owns_backend=owns)
 
     @contextlib.asynccontextmanager

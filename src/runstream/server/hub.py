@@ -254,8 +254,11 @@ class _Feed:
         else:
             assert frame.event is not None
             self.position.delivered(frame.event.id, frame.event.type, frame.epoch)
+        written = 0
         for sub in tuple(self.live):
-            sub._offer(frame)
+            written += sub._offer(frame)
+        if written and self.hub.on_written is not None:
+            self.hub.on_written(written)
         self._wake()
 
     def _finish(self, reason: EndReason) -> None:
@@ -317,6 +320,10 @@ class Subscription:
         self._buf: list[Frame] = []
         self._buf_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        self.direct: Callable[[Frame], bool] | None = None
+        """Set by a transport whose socket the feed may write a live frame to itself:
+        called only while the transport waits in :meth:`get` with nothing buffered;
+        returns False (the frame is then buffered as usual) when the socket is busy."""
         self._closed = False
         self._absent: tuple[_Feed, int] | None = None
         """While waiting: the feed and its change count when the stream was found absent."""
@@ -340,9 +347,10 @@ class Subscription:
 
     # -- called by the feed ---------------------------------------------------
 
-    def _offer(self, frame: Frame) -> None:
+    def _offer(self, frame: Frame) -> bool:
+        """Take a live frame; True if it was written to the client directly."""
         if self.end_reason is not None:
-            return
+            return False
         if frame.reset is not None:
             reset = self.position.reset(frame.reset)
             if reset is not frame.reset:
@@ -352,22 +360,32 @@ class Subscription:
             assert event is not None
             verdict = self._advance(event.id, event.type, frame.epoch)
             if verdict == "duplicate":
-                return  # already read from the log during catch-up
+                return False  # already read from the log during catch-up
             if verdict != "deliver" and verdict != "end":
                 self._lost_step(verdict, event.id)
-                return
+                return False
+        direct = self.direct
+        if direct is not None and not self._buf:
+            # The transport is idle in get() (its waiter pending, nothing buffered): the
+            # frame goes to the socket now, no task wakes. A busy socket buffers instead.
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and direct(frame):
+                if frame.is_end:
+                    self._end("end")
+                return True
         self._buf.append(frame)
         self._buf_bytes += frame.size
         limits = self.hub.limits
         if len(self._buf) > limits.buffer:
             self.cut_slow(f"more than {limits.buffer} events buffered")
-            return
+            return False
         if self._buf_bytes > limits.buffer_bytes and len(self._buf) > 1:
             self.cut_slow(f"more than {limits.buffer_bytes} bytes buffered")
-            return
+            return False
         if frame.is_end:
             self._end("end")
         self._wake()
+        return False
 
     def _lost_step(self, verdict: str, id: int) -> None:
         """A frame the position cannot take (a gap, another epoch): never expected from a
@@ -595,6 +613,9 @@ class Hub:
         self.backend = backend
         self.limits = limits or HubLimits()
         self.on_slow = on_slow
+        self.on_written: Callable[[int], None] | None = None
+        """Called with the number of clients a feed wrote a frame to directly
+        (:attr:`Subscription.direct`), once per frame: those deliveries' metric."""
         self.end_checks: list[EndCheck] = []
         self._feeds: dict[str, _Feed] = {}
         self._counts: dict[str, int] = {}
