@@ -31,6 +31,7 @@ protocol: ``PUT`` creates the stream, each ``POST`` appends the JSON body).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -82,8 +83,21 @@ def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
         raise SystemExit("redis-server is needed for the redis target")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp), "--save", ""]
-        + ["--appendonly", "no", "--daemonize", "no"],
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(tmp),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -139,22 +153,35 @@ def _tree_cpu(pid: int) -> float:
     except OSError:
         children = []
     for child in children:
-        try:
+        with contextlib.suppress(OSError):
             total += _tree_cpu(int(child))
-        except OSError:
-            pass
     return total
 
 
-def autocannon(port: int, path: str, connections: int, duration: float) -> tuple[dict[str, Any], float]:
+def autocannon(
+    port: int, path: str, connections: int, duration: float
+) -> tuple[dict[str, Any], float]:
     """Run autocannon; returns its JSON result and its CPU seconds."""
     binary = BENCH / "node_modules" / ".bin" / "autocannon"
     if not binary.exists():
         raise SystemExit("run `npm ci` in bench/ first (autocannon)")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
-        [str(binary), "-j", "-c", str(connections), "-d", str(duration), "-m", "POST"]
-        + ["-H", "content-type=application/json", "-b", BODY, f"http://127.0.0.1:{port}{path}"],
+        [
+            str(binary),
+            "-j",
+            "-c",
+            str(connections),
+            "-d",
+            str(duration),
+            "-m",
+            "POST",
+            "-H",
+            "content-type=application/json",
+            "-b",
+            BODY,
+            f"http://127.0.0.1:{port}{path}",
+        ],
         check=True,
         capture_output=True,
         text=True,
