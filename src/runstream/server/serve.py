@@ -160,6 +160,7 @@ def serve(settings: Settings, app: FastAPI | None = None) -> None:
     settings.check_bind()
     app = app or create_app(settings)
     server = make_server(app, settings, settle=True)
-    # uvicorn's run picks its event loop ("auto": uvloop when installed, as with
-    # uvicorn[standard]); its transports' writes cost a fraction of asyncio's.
-    server.run()
+    # asyncio's own loop, not uvicorn's "auto" choice (uvloop): the runner needs
+    # asyncio.SubprocessTransport, and uvloop measured no faster on appends
+    # (docs/benchmarks.md).
+    asyncio.run(server.serve())
