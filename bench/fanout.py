@@ -427,6 +427,8 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+PROCESSES = [1]
+"""``--processes``: runstream serve's processes (this tree only)."""
 COMPARE_SRC: list[str] = []
 """``--compare-src``: another runstream source tree (say, the base commit's) run as
 ``runstream_base`` in the same run, with the same load."""
@@ -458,6 +460,8 @@ def start_server(
             "--port",
             str(port),
         ]
+        if kind == "runstream":  # a base tree may predate --processes (one process)
+            cmd += ["--processes", str(PROCESSES[0])]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
     # Server logs go to a file: a pipe nobody reads would block the server once full.
@@ -563,9 +567,19 @@ async def _publish(
 
 
 def _cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants (``serve --processes N``'s children)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += _cpu_s(child)
+    return total
 
 
 async def _resume_once(port: int, stream: str, expect: int) -> float:
@@ -795,6 +809,9 @@ def main() -> None:
         help="another runstream src/ directory (the base commit's, say) measured as"
         " runstream_base in the same run",
     )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="runstream serve --processes (this tree)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -832,6 +849,7 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg(),
                 },
             }
+            PROCESSES[0] = args.processes
             if args.compare_src:
                 COMPARE_SRC.append(args.compare_src)
                 results["runstream_base"] = run_one("runstream_base", redis_url, args)

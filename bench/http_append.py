@@ -125,7 +125,7 @@ def start_target(
     env = {**os.environ, "PYTHONPATH": str(src), "RUNSTREAM_LOG_LEVEL": "warning"}
     cmd = [sys.executable, "-m", "runstream.cli.main", "serve", "--backend", backend]
     cmd += ["--port", str(port)]
-    if processes != 1:
+    if src == ROOT / "src":  # this tree (a base tree may predate --processes: one process)
         cmd += ["--processes", str(processes)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     wait_port(port, proc)
