@@ -427,7 +427,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
-PROCESSES = [1]
+PROCESSES = [1, 2]
 """``--processes``: runstream serve's processes (this tree only)."""
 COMPARE_SRC: list[str] = []
 """``--compare-src``: another runstream source tree (say, the base commit's) run as
@@ -462,6 +462,8 @@ def start_server(
         ]
         if kind == "runstream":  # a base tree may predate --processes (one process)
             cmd += ["--processes", str(PROCESSES[0])]
+        elif kind == "runstream_multi":
+            cmd += ["--processes", str(PROCESSES[1])]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
     # Server logs go to a file: a pipe nobody reads would block the server once full.
@@ -812,6 +814,12 @@ def main() -> None:
     parser.add_argument(
         "--processes", type=int, default=1, help="runstream serve --processes (this tree)"
     )
+    parser.add_argument(
+        "--compare-processes",
+        type=int,
+        default=0,
+        help="also measure this tree with that many processes (runstream_multi), same run",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -850,6 +858,10 @@ def main() -> None:
                 },
             }
             PROCESSES[0] = args.processes
+            if args.compare_processes:
+                PROCESSES[1] = args.compare_processes
+                results["runstream_multi"] = run_one("runstream_multi", redis_url, args)
+                print(json.dumps({"runstream_multi": results["runstream_multi"]}), file=sys.stderr)
             if args.compare_src:
                 COMPARE_SRC.append(args.compare_src)
                 results["runstream_base"] = run_one("runstream_base", redis_url, args)

@@ -49,7 +49,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 BODY = json.dumps({"type": "stdout", "data": {"line": "x" * 100}}, separators=(",", ":"))
-TARGETS = ("memory", "sqlite", "redis", "node")
+TARGETS = ("memory", "sqlite", "redis", "node", "granian_memory")
+DEFAULT_TARGETS = ("memory", "sqlite", "redis", "node")
 
 
 def free_port() -> int:
@@ -119,10 +120,20 @@ def start_target(
         return proc, port, path
     backend = {
         "memory": "memory://",
+        "granian_memory": "memory://",
         "sqlite": f"sqlite:///{tmp}/append-{uuid.uuid4().hex[:6]}.db",
         "redis": f"redis://127.0.0.1:{redis_port}/0?prefix=b{uuid.uuid4().hex[:6]}",
     }[name]
     env = {**os.environ, "PYTHONPATH": str(src), "RUNSTREAM_LOG_LEVEL": "warning"}
+    if name.startswith("granian_"):
+        # The same app under granian (bench/granian_app.py): the HTTP server's share.
+        env.update({"RUNSTREAM_BACKEND": backend, "PYTHONPATH": f"{src}:{ROOT}"})
+        cmd = [str(Path(sys.executable).with_name("granian")), "--interface", "asgi"]
+        cmd += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        cmd += ["--log-level", "warning", "--factory", "bench.granian_app:app"]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+        wait_port(port, proc)
+        return proc, port, "/v1/streams/bench/events"
     cmd = [sys.executable, "-m", "runstream.cli.main", "serve", "--backend", backend]
     cmd += ["--port", str(port)]
     if src == ROOT / "src":  # this tree (a base tree may predate --processes: one process)
@@ -232,7 +243,7 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    targets = args.only or list(TARGETS)
+    targets = args.only or list(DEFAULT_TARGETS)
     report: dict[str, Any] = {
         "bench": "http_append",
         "config": {
@@ -254,7 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if args.compare_src:
                 trees.append(("base_", Path(args.compare_src)))
             for name in targets:
-                for prefix, src in trees if name != "node" else trees[:1]:
+                for prefix, src in trees if name in DEFAULT_TARGETS[:3] else trees[:1]:
                     key = prefix + name
                     report["targets"][key] = measure(name, tmp, redis, args, src)
                     print(json.dumps({key: report["targets"][key]}), file=sys.stderr)
