@@ -137,3 +137,36 @@ def processes_rows(job: _Job, row: Any) -> list[Any]:
             "cores",
         ),
     ]
+
+
+DECISIONS = """\
+## Decisions for the append path (issue 17)
+
+Measured on this machine while deciding (same-run comparisons; the figures above are the
+regenerated ones):
+
+- **HTTP server: uvicorn + httptools stays.** The same app under granian 2.8.7 (one worker,
+  `bench/granian_app.py`, `http_append.py --only granian_memory`) answered 8,141 POSTs/s at
+  128 µs server CPU each, uvicorn 4,791/s at 151 µs, the Node reference 10,578/s at 61 µs (one
+  run). Granian's Rust I/O thread overlaps the Python thread, hence more requests per second for
+  a little less CPU each. But the fan-out's direct socket writes (this issue's largest win), the
+  connection guard (header timeout, connection cap, abort of stuck clients) and the prompt
+  shutdown all work on asyncio transports, which granian does not expose; switching would trade
+  them for about 1.7× on small appends. Revisit if appends dominate and a granian build exposes
+  its connection for writes.
+- **Event loop: asyncio's.** uvloop (uvicorn's "auto") measured no faster on appends (5,212 vs
+  5,280 POSTs/s, 157 vs 161 µs, same run) and its subprocess transport is not an
+  `asyncio.SubprocessTransport`, which the runs executor needs.
+- **JSON: the standard library.** Per append the JSON work is about 10 µs: the body's decode
+  with the input rules 2.2 µs (`json.loads` 2.8 µs for the raw decode), the data's encode 3.1 µs,
+  the answer's 4.6 µs; msgspec 0.22 does the three in about 0.8 µs. That is at most 6 % of an
+  append's 150–200 µs, for a new dependency and a second implementation of the input rules
+  (lone surrogates, depth) to keep in step: not taken.
+- **Where an append's time goes** (py-spy, memory://, 32 connections, before the front path):
+  uvicorn's protocol and the event loop about a third (parsing, `transport.write`'s `send`
+  syscall alone 16 %), FastAPI/Starlette layers about 15 % (now skipped by `FrontPath`),
+  runstream's own work (body read, validation, the engine call, the answer) about 28 %, of which
+  the memory engine's append is 7 %. The remaining cost is the price of a Python ASGI request:
+  the 2× / 1.5× goals against a Node server that spends 60 µs per request are not reachable in
+  one Python process. `serve --processes N` is the way to more appends per machine.
+"""

@@ -866,6 +866,8 @@ def write_doc(
         lines += ["![append throughput per backend vs the raw engine](img/bench-append.png)", ""]
     for t in tables:
         lines += render_table(t)
+    if hot.rows:
+        lines += [hot_tables.DECISIONS]
     DOC.write_text("\n".join(lines).rstrip() + "\n")
 
 

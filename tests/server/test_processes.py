@@ -200,3 +200,28 @@ def test_memory_refuses_more_than_one_process(tmp_path: Path) -> None:
     )
     assert out.returncode != 0
     assert "memory:// keeps streams inside one process" in out.stderr
+
+
+async def test_connections_on_the_shared_port_are_not_delayed_by_nagle() -> None:
+    """Answers on kept-alive connections go out at once (TCP_NODELAY on accepted sockets)."""
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Grab(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            conn = transport.get_extra_info("socket")
+            accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    from runstream.server.processes import reuse_port_socket
+
+    sock = reuse_port_socket("127.0.0.1", 0)
+    server = await asyncio.get_running_loop().create_server(Grab, sock=sock)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        assert await asyncio.wait_for(accepted, 10)
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+    finally:
+        server.close()
+        await server.wait_closed()
