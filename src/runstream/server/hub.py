@@ -53,11 +53,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal, cast
 
 from runstream.backends.base import EventLog
-from runstream.config import LimitSettings, ServerSettings, Settings
 from runstream.core.model import Reset, ResetReason, StreamInfo
 from runstream.errors import (
     HistoryLost,
@@ -69,12 +67,12 @@ from runstream.errors import (
 from runstream.protocol.cursor import Position
 from runstream.protocol.position import ReaderPosition
 from runstream.server.frames import Frame
+from runstream.server.hublimits import HubLimits
 
 __all__ = ["EndCheck", "EndReason", "Frame", "Hub", "HubLimits", "Subscription"]
 
 log = logging.getLogger("runstream.server.hub")
 
-_LIMITS, _SERVER = LimitSettings(), ServerSettings()
 
 EndCheck = Callable[[str, StreamInfo | None], Awaitable[str | None]]
 """Extra lifecycle check run by the reconciler: given a stream and its state
@@ -94,33 +92,6 @@ EndReason = Literal[
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-@dataclass(frozen=True, slots=True)
-class HubLimits:
-    """The hub's share of the settings (defaults: the settings' defaults)."""
-
-    buffer: int = _LIMITS.subscriber_buffer
-    buffer_bytes: int = _LIMITS.subscriber_buffer_bytes
-    page: int = _LIMITS.max_page_limit
-    """Events per log read while a subscriber catches up."""
-    page_bytes: int = _LIMITS.max_page_bytes
-    per_stream: int = _LIMITS.max_subscribers_per_stream
-    total: int = _LIMITS.max_subscribers
-    reconcile_interval: float = _SERVER.reconcile_interval
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HubLimits:
-        lim, server = settings.limits, settings.server
-        return cls(
-            buffer=lim.subscriber_buffer,
-            buffer_bytes=lim.subscriber_buffer_bytes,
-            page=lim.max_page_limit,
-            page_bytes=lim.max_page_bytes,
-            per_stream=lim.max_subscribers_per_stream,
-            total=lim.max_subscribers,
-            reconcile_interval=server.reconcile_interval,
-        )
 
 
 class _Feed:
