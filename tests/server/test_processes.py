@@ -93,7 +93,7 @@ def serve_processes(tmp_path: Path) -> Iterator[object]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.returncode == 0, f"serve exited with {proc.returncode}"
+        assert proc.returncode in (0, -signal.SIGKILL), f"serve exited with {proc.returncode}"
 
 
 async def _subscriber(port: int, stream: str, n: int, opened: asyncio.Event) -> list[int]:
@@ -225,3 +225,22 @@ async def test_connections_on_the_shared_port_are_not_delayed_by_nagle() -> None
     finally:
         server.close()
         await server.wait_closed()
+
+
+def test_children_die_with_a_killed_parent(serve_processes: object, tmp_path: Path) -> None:
+    pid, port = serve_processes(f"sqlite:///{tmp_path / 'rs.db'}", "--processes", "2")  # type: ignore[operator]
+    kids = children(pid)
+    os.kill(pid, signal.SIGKILL)  # a crash: no signal is passed on
+    deadline = time.monotonic() + 20
+    while any(Path(f"/proc/{k}").exists() and b"Z" not in _state(k) for k in kids):
+        assert time.monotonic() < deadline, "server processes outlived their parent"
+        time.sleep(0.05)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def _state(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return b"Z"

@@ -6,7 +6,9 @@ spreads new connections over them (by the connection's address hash). The
 parent only reserves the port (a bound, never listening socket: it resolves
 port 0 and holds the address while children restart), starts the children
 (``spawn``: nothing of the parent's state is shared), forwards ``SIGTERM`` /
-``SIGINT`` and stops them all if one exits on its own.
+``SIGINT`` and stops them all if one exits on its own. A parent that is killed
+takes its children with it (``PR_SET_PDEATHSIG`` on Linux), as one crashed
+process would: nothing is left serving on the port.
 
 What makes that correct:
 
@@ -37,6 +39,8 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
@@ -87,10 +91,37 @@ def reuse_port_socket(host: str, port: int, *, listen: bool = True) -> socket.so
     return sock
 
 
-def _child(settings: Settings, index: int, build: AppBuilder) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this process at once if ``parent`` dies without stopping it (a crash, ``kill -9``).
+
+    A parent that stops normally passes its signal on; one that is killed leaves its
+    children serving on the port, orphaned, which a restarted server would join.
+    Linux: ``PR_SET_PDEATHSIG``. Elsewhere a daemon thread watches the parent's pid.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent:  # died before the call: nobody will signal us
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="runstream-parent-watch", daemon=True).start()
+
+
+def _child(settings: Settings, index: int, build: AppBuilder, parent: int) -> None:
     """One server process: the primary (index 0) keeps the configured workers."""
     from runstream.server.serve import make_server
 
+    _die_with_parent(parent)
     if index > 0:
         settings = settings.replace(workers=0)
     sock = reuse_port_socket(settings.server.host, settings.server.port)
@@ -112,7 +143,10 @@ def serve_processes(settings: Settings, count: int, build: AppBuilder) -> int:
     context = multiprocessing.get_context("spawn")
     children = [
         context.Process(
-            target=_child, args=(settings, i, build), name=f"runstream-serve-{i}", daemon=False
+            target=_child,
+            args=(settings, i, build, os.getpid()),
+            name=f"runstream-serve-{i}",
+            daemon=False,
         )
         for i in range(count)
     ]
