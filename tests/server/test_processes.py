@@ -48,12 +48,22 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def sockets_of(pid: int) -> int:
-    """Open TCP sockets of a process (its listening socket and connections)."""
-    count = 0
+def connections_of(pid: int, port: int) -> int:
+    """Established TCP connections of a process whose local port is ``port``."""
+    inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
-            count += os.readlink(fd).startswith("socket:")
+            link = os.readlink(fd)
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
     return count
 
 
@@ -125,8 +135,8 @@ async def fan_out_across_processes(port: int, pid: int) -> None:
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in opened)), 30)
     # The subscribers' connections are spread over both processes (kernel's choice by
     # address hash: with 16 connections, one process getting none is a 2**-15 chance).
-    counts = [sockets_of(child) for child in children(pid)]
-    assert min(counts) > 2, counts
+    counts = [connections_of(child, port) for child in children(pid)]
+    assert sum(counts) == subs and min(counts) > 0, counts
     # Every append on a fresh connection (which process takes it is the kernel's choice).
     for i in range(n):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
