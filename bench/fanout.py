@@ -369,7 +369,29 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _listeners(pid: int, port: int) -> int:
+    """Processes in ``pid``'s tree listening on ``port`` (``serve --processes N``: N)."""
+    pids = [pid]
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as fh:
+        pids += [int(c) for c in fh.read().split()]
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                    listening.add(f[9])
+    count = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            links = {os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
+            count += any(f"socket:[{inode}]" in links for inode in listening)
+    return count
+
+
+def _wait_http(
+    port: int, proc: subprocess.Popen[bytes], timeout: float = 30, listeners: int = 1
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -377,7 +399,9 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200 and (
+                listeners <= 1 or _listeners(proc.pid, port) >= listeners
+            ):
                 return
         except httpx.TransportError:
             pass
@@ -470,7 +494,10 @@ def start_server(
     with tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     proc.log_path = log.name  # type: ignore[attr-defined]
-    _wait_http(port, proc)
+    # With --processes N every process must listen before subscribers connect, or the
+    # kernel hands them all to the first one up.
+    wanted = {"runstream": PROCESSES[0], "runstream_multi": PROCESSES[1]}.get(kind, 1)
+    _wait_http(port, proc, listeners=wanted)
     return proc, port
 
 

@@ -140,6 +140,14 @@ def start_target(
         cmd += ["--processes", str(processes)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     wait_port(port, proc)
+    if src == ROOT / "src" and processes > 1:  # every process listening before the load
+        from fanout import _listeners
+
+        deadline = time.monotonic() + 30
+        while _listeners(proc.pid, port) < processes:
+            if time.monotonic() > deadline:
+                raise RuntimeError("not every server process listens")
+            time.sleep(0.05)
     return proc, port, "/v1/streams/bench/events"
 
 

@@ -48,8 +48,8 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def connections_of(pid: int, port: int) -> int:
-    """Established TCP connections of a process whose local port is ``port``."""
+def connections_of(pid: int, port: int, state: str = "01") -> int:
+    """TCP sockets of a process on local port ``port`` in ``state`` (01 established, 0A listen)."""
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
@@ -62,7 +62,7 @@ def connections_of(pid: int, port: int) -> int:
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
                 local_port = int(fields[1].rsplit(":", 1)[1], 16)
-                if local_port == port and fields[3] == "01" and fields[9] in inodes:
+                if local_port == port and fields[3] == state and fields[9] in inodes:
                     count += 1
     return count
 
@@ -87,7 +87,9 @@ def serve_processes(tmp_path: Path) -> Iterator[object]:
             assert proc.poll() is None, "the server exited"
             try:
                 healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).is_success
-                if healthy and len(children(proc.pid)) == 2:
+                kids = children(proc.pid)
+                # Ready when both processes listen (the first may answer before the second).
+                if healthy and len(kids) == 2 and all(connections_of(k, port, "0A") for k in kids):
                     break
             except httpx.TransportError:
                 pass
