@@ -229,7 +229,7 @@ class _Feed:
         for sub in tuple(self.live):
             written += sub._offer(frame)
         if written and self.hub.on_written is not None:
-            self.hub.on_written(written)
+            self.hub.on_written(frame, written)
         self._wake()
 
     def _finish(self, reason: EndReason) -> None:
@@ -584,9 +584,9 @@ class Hub:
         self.backend = backend
         self.limits = limits or HubLimits()
         self.on_slow = on_slow
-        self.on_written: Callable[[int], None] | None = None
-        """Called with the number of clients a feed wrote a frame to directly
-        (:attr:`Subscription.direct`), once per frame: those deliveries' metric."""
+        self.on_written: Callable[[Frame, int], None] | None = None
+        """Called with a frame and the number of clients a feed wrote it to directly
+        (:attr:`Subscription.direct`), once per frame: those deliveries' metrics."""
         self.end_checks: list[EndCheck] = []
         self._feeds: dict[str, _Feed] = {}
         self._counts: dict[str, int] = {}
