@@ -28,7 +28,7 @@ from runstream.config import Settings
 from runstream.server import service, streams
 from runstream.server.errors import install_error_handlers
 from runstream.server.fastpath import FrontPath, events_route
-from runstream.server.hub import Frame, Hub, HubLimits, Subscription
+from runstream.server.hub import Hub, HubLimits, Subscription
 from runstream.server.metrics import LatencyMiddleware, Metrics
 from runstream.server.runtime import Runtime
 from runstream.server.security import SecurityMiddleware, SecurityPolicy
@@ -83,8 +83,11 @@ def create_app(
     )
     sse_delivered, sse_resets = metrics.delivered["sse"], metrics.resets.labels("sse")
 
-    def on_written(frame: Frame, clients: int) -> None:
-        (sse_resets if frame.reset is not None else sse_delivered).inc(clients)
+    def on_written(events: int, resets: int) -> None:
+        if events:
+            sse_delivered.inc(events)
+        if resets:
+            sse_resets.inc(resets)
 
     hub.on_written = on_written
     runtime = Runtime(settings, log_backend, hub, metrics, owns_backend=owns)

@@ -198,9 +198,10 @@ class EventStreamResponse(Response):
 
 
 class _DirectSSE:
-    """Writes a live frame straight to an idle SSE client's socket (:attr:`Subscription.direct`).
+    """Writes live frames straight to an idle SSE client's socket (:attr:`Subscription.direct`).
 
-    The feed calls it only while the response waits in ``get()``, so it never
+    The feed calls it with the frames of one burst (one write), only while the
+    response waits in ``get()``, so it never
     interleaves with the response's own ASGI sends. A socket that has not
     taken everything written before (``get_write_buffer_size() > 0``: the
     client is slow or the kernel buffer full) refuses, and the frame is
@@ -215,11 +216,16 @@ class _DirectSSE:
         self.transport = target.transport
         self.chunked = target.chunked
 
-    def __call__(self, frame: Frame) -> bool:
+    def __call__(self, frames: list[Frame]) -> bool:
         transport = self.transport
         if transport.get_write_buffer_size() or transport.is_closing():
             return False
-        transport.write(frame.sse_chunk() if self.chunked else frame.sse())
+        if len(frames) == 1:  # the usual case: the frame's cached bytes, shared by all
+            frame = frames[0]
+            transport.write(frame.sse_chunk() if self.chunked else frame.sse())
+            return True
+        data = b"".join([f.sse() for f in frames])
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
         return True
 
 

@@ -1,14 +1,32 @@
-"""The hub's share of the settings: :class:`HubLimits` (re-exported by :mod:`.hub`)."""
+"""The hub's types: its share of the settings (:class:`HubLimits`), :data:`EndReason`,
+:data:`EndCheck` (all re-exported by :mod:`.hub`)."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from runstream.config import LimitSettings, ServerSettings, Settings
+from runstream.core.model import StreamInfo
 
-__all__ = ["HubLimits"]
+__all__ = ["EndCheck", "EndReason", "HubLimits"]
 
 _LIMITS, _SERVER = LimitSettings(), ServerSettings()
+
+EndCheck = Callable[[str, StreamInfo | None], Awaitable[str | None]]
+"""Extra lifecycle check run by the reconciler: given a stream and its state
+(``None`` if absent), return a reason to end every response on it, or ``None``."""
+
+EndReason = Literal[
+    "end",  # the end entry was delivered
+    "closed",  # the stream is closed and nothing more can come
+    "deleted",
+    "slow_consumer",
+    "shutdown",
+    "backend_error",
+    "cancelled",  # the transport went away
+]
 
 
 @dataclass(frozen=True, slots=True)
