@@ -604,7 +604,7 @@ def table_hot_paths(by_name: dict[str, Job]) -> Table:
         "`serve --processes 2` against one process at 500 events/s offered. Targets (issue 17): "
         "SQLite ≥ 1.5× and memory ≥ 2× the reference's rate, Redis ≥ 0.8× SQLite; ≤ 12 ms server "
         "CPU per 1,000 deliveries with p99 ≤ 100 ms; 2 processes ≥ 1.6× one's capacity. "
-        "docs/performance.md explains the results and the decisions."
+        "The decisions block at the end of this page explains the results and the choices."
     )
     errors = [f"{j.name}: {j.error}" for j in jobs if j.error]
     if errors:
