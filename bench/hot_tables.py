@@ -174,6 +174,6 @@ regenerated ones):
   the direct writes (the kernel delivering to the subscriber over loopback), about 15 % the Python
   around it (`_offer`, the writer, the position check), 7 % waiting in `epoll`, the rest the
   Redis reader and the publisher's POSTs. A delivery costs about one socket write: what is left
-  is the kernel's, and the per-1,000 figure moves with the machine's load (11–13 ms in the runs
-  made for this issue, 20–28 ms for the base tree in the same runs).
+  is the kernel's, and the per-1,000 figure moves with the machine's load (11–16 ms in the runs
+  made for this issue, 20–33 ms for the base tree in the same runs).
 """
