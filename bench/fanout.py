@@ -369,7 +369,29 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _listeners(pid: int, port: int) -> int:
+    """Processes in ``pid``'s tree listening on ``port`` (``serve --processes N``: N)."""
+    pids = [pid]
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{pid}/children") as fh:
+        pids += [int(c) for c in fh.read().split()]
+    listening = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in fh.readlines()[1:]:
+                f = line.split()
+                if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":
+                    listening.add(f[9])
+    count = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            links = {os.readlink(f"/proc/{p}/fd/{fd}") for fd in os.listdir(f"/proc/{p}/fd")}
+            count += any(f"socket:[{inode}]" in links for inode in listening)
+    return count
+
+
+def _wait_http(
+    port: int, proc: subprocess.Popen[bytes], timeout: float = 30, listeners: int = 1
+) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -377,7 +399,9 @@ def _wait_http(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) ->
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200 and (
+                listeners <= 1 or _listeners(proc.pid, port) >= listeners
+            ):
                 return
         except httpx.TransportError:
             pass
@@ -427,12 +451,20 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, f"redis://127.0.0.1:{port}/0"
 
 
+PROCESSES = [1, 2]
+"""``--processes``: runstream serve's processes (this tree only)."""
+COMPARE_SRC: list[str] = []
+"""``--compare-src``: another runstream source tree (say, the base commit's) run as
+``runstream_base`` in the same run, with the same load."""
+
+
 def start_server(
     kind: str, redis_url: str, backend: str = "redis"
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    if kind == "runstream":
+    src = COMPARE_SRC[0] if kind == "runstream_base" else str(ROOT / "src")
+    env = {**os.environ, "PYTHONPATH": src}
+    if kind.startswith("runstream"):
         env.update(
             {
                 "RUNSTREAM_LOG_LEVEL": "warning",
@@ -452,13 +484,20 @@ def start_server(
             "--port",
             str(port),
         ]
+        if kind == "runstream":  # a base tree may predate --processes (one process)
+            cmd += ["--processes", str(PROCESSES[0])]
+        elif kind == "runstream_multi":
+            cmd += ["--processes", str(PROCESSES[1])]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
     # Server logs go to a file: a pipe nobody reads would block the server once full.
     with tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     proc.log_path = log.name  # type: ignore[attr-defined]
-    _wait_http(port, proc)
+    # With --processes N every process must listen before subscribers connect, or the
+    # kernel hands them all to the first one up.
+    wanted = {"runstream": PROCESSES[0], "runstream_multi": PROCESSES[1]}.get(kind, 1)
+    _wait_http(port, proc, listeners=wanted)
     return proc, port
 
 
@@ -557,9 +596,19 @@ async def _publish(
 
 
 def _cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and its descendants (``serve --processes N``'s children)."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(c) for c in fh.read().split()]
+    except OSError:
+        children = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            total += _cpu_s(child)
+    return total
 
 
 async def _resume_once(port: int, stream: str, expect: int) -> float:
@@ -784,6 +833,20 @@ def main() -> None:
         default="redis",
         help="'redis' (the same redis-server as the baseline) or a backend URL",
     )
+    parser.add_argument(
+        "--compare-src",
+        help="another runstream src/ directory (the base commit's, say) measured as"
+        " runstream_base in the same run",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="runstream serve --processes (this tree)"
+    )
+    parser.add_argument(
+        "--compare-processes",
+        type=int,
+        default=0,
+        help="also measure this tree with that many processes (runstream_multi), same run",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -821,8 +884,26 @@ def main() -> None:
                     "load_average_at_start": os.getloadavg(),
                 },
             }
+            PROCESSES[0] = args.processes
+            if args.compare_processes:
+                PROCESSES[1] = args.compare_processes
+                results["runstream_multi"] = run_one("runstream_multi", redis_url, args)
+                print(json.dumps({"runstream_multi": results["runstream_multi"]}), file=sys.stderr)
+            if args.compare_src:
+                COMPARE_SRC.append(args.compare_src)
+                results["runstream_base"] = run_one("runstream_base", redis_url, args)
+                print(json.dumps({"runstream_base": results["runstream_base"]}), file=sys.stderr)
             results["runstream"] = run_one("runstream", redis_url, args)
             print(json.dumps({"runstream": results["runstream"]}), file=sys.stderr)
+            if args.compare_src:
+                base, new = results["runstream_base"], results["runstream"]
+                results["comparison_with_base"] = {
+                    "cpu_ms_per_1k_deliveries": [
+                        base["server_cpu_ms_per_1k_deliveries"],
+                        new["server_cpu_ms_per_1k_deliveries"],
+                    ],
+                    "p99_ms": [base["latency_ms"]["p99"], new["latency_ms"]["p99"]],
+                }
             if not args.skip_baseline:
                 results["baseline"] = run_one("baseline", redis_url, args)
                 rs, bl = results["runstream"], results["baseline"]

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hot_tables
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -77,9 +79,11 @@ class Job:
         )
 
 
-def jobs_for(quick: bool) -> list[Job]:
+def jobs_for(quick: bool, base_src: str | None = None) -> list[Job]:
     def script(name: str) -> str:
         return str(BENCH / name)
+
+    base = ["--compare-src", base_src] if base_src else []
 
     q = ["--quick"] if quick else []
     jobs = [
@@ -99,6 +103,11 @@ def jobs_for(quick: bool) -> list[Job]:
         ),
         Job("worker_failover", [script("worker_failover.py"), *q], 900),
         Job("durable", [script("durable.py"), *q], 1200),
+        Job(
+            "http_append",
+            [script("http_append.py"), *base, *(["--duration", "3"] if quick else [])],
+            900,
+        ),
     ]
     sizes = FANOUT_QUICK if quick else FANOUT_FULL
     for n in sizes:
@@ -107,6 +116,8 @@ def jobs_for(quick: bool) -> list[Job]:
             args += ["--duration", "3", "--warmup", "1"]
         if n != max(sizes):  # resume is measured once, in the largest run
             args.append("--no-resume")
+        else:  # the base tree's CPU per delivery, same run (issue 17)
+            args += base
         jobs.append(Job(f"fanout_{n}", args, 900))
     for n in () if quick else STRESS_FULL:
         args = [script("fanout.py"), "--subscribers", str(n), "--rate", str(STRESS_RATE)]
@@ -117,6 +128,10 @@ def jobs_for(quick: bool) -> list[Job]:
     if quick:
         args += ["--duration", "3", "--warmup", "1"]
     jobs.append(Job("fanout_streams", args, 900))
+    if not quick:  # serve --processes 2 against one process (issue 17)
+        args = [script("fanout.py"), "--subscribers", "1000", "--rate", str(STRESS_RATE)]
+        args += ["--no-resume", "--skip-baseline", "--compare-processes", "2"]
+        jobs.append(Job("processes_fanout", args, 900))
     return jobs
 
 
@@ -608,6 +623,35 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
     return t
 
 
+def table_hot_paths(by_name: dict[str, Job]) -> Table:
+    """Issue 17: HTTP appends vs the Node reference, fan-out CPU, --processes."""
+    t = Table("Hot paths: HTTP appends, fan-out CPU, processes (issue 17)")
+    jobs = [by_name[n] for n in ("http_append", "fanout_1000", "processes_fanout") if n in by_name]
+    t.command = "; ".join(j.command for j in jobs)
+    t.note = (
+        "One event per POST, 32 connections (autocannon 9.0.0, 8 s after a 2 s warm-up), to each "
+        "runstream backend and to the Durable Streams reference server `@durable-streams/server` "
+        "0.3.7 in memory, same run; `base_*` rows (with `--base-src`) are the commit before "
+        "issue 17's changes. Server CPU per request from /proc; the generator's share in cores. "
+        "Fan-out CPU per delivery at 1,000 subscribers × 20 events/s against the base tree; "
+        "`serve --processes 2` against one process at 500 events/s offered. Targets (issue 17): "
+        "SQLite ≥ 1.5× and memory ≥ 2× the reference's rate, Redis ≥ 0.8× SQLite; ≤ 12 ms server "
+        "CPU per 1,000 deliveries with p99 ≤ 100 ms; 2 processes ≥ 1.6× one's capacity. "
+        "The decisions block at the end of this page explains the results and the choices."
+    )
+    errors = [f"{j.name}: {j.error}" for j in jobs if j.error]
+    if errors:
+        t.error = "; ".join(errors)
+    if "http_append" in by_name and by_name["http_append"].result:
+        t.rows += hot_tables.http_append_rows(by_name["http_append"], Row)
+    fan = by_name.get("fanout_1000")
+    if fan is not None and fan.result and fan.result.get("runstream_base"):
+        t.rows += hot_tables.fanout_cpu_rows(fan.result, Row)
+    if "processes_fanout" in by_name and by_name["processes_fanout"].result:
+        t.rows += hot_tables.processes_rows(by_name["processes_fanout"], Row)
+    return t
+
+
 # -- plots -----------------------------------------------------------------------------
 
 
@@ -824,6 +868,9 @@ def write_doc(
         if job.error:
             t.error = job.error
         tables.append(t)
+    hot = table_hot_paths(by_name)
+    if hot.rows or hot.error:
+        tables.insert(0, hot)
     verdicts = [r.ok for t in tables for r in t.rows if r.ok is not None]
     flags = "".join([" --quick" if quick else "", *(f" --only {o}" for o in only)])
     failed_benches = [j.name for j in jobs if j.error]
@@ -853,6 +900,8 @@ def write_doc(
         lines += ["![append throughput per backend vs the raw engine](img/bench-append.png)", ""]
     for t in tables:
         lines += render_table(t)
+    if hot.rows:
+        lines += [hot_tables.DECISIONS]
     DOC.write_text("\n".join(lines).rstrip() + "\n")
 
 
@@ -861,6 +910,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="every bench at its quick size")
     parser.add_argument("--only", action="append", default=[], help="run only these (prefix match)")
     parser.add_argument("--no-doc", action="store_true", help="print the results, write nothing")
+    parser.add_argument(
+        "--base-src",
+        help="the src/ of an earlier checkout: measured too by the fan-out (1,000) and HTTP "
+        "append benches, same run",
+    )
     parser.add_argument(
         "--render-only",
         action="store_true",
@@ -871,7 +925,7 @@ def main() -> None:
     info = machine()
     jobs = [
         j
-        for j in jobs_for(args.quick)
+        for j in jobs_for(args.quick, args.base_src)
         if not args.only or any(j.name.startswith(o) for o in args.only)
     ]
     RAW.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,9 @@ class ServerSettings(_Section):
     backend: str = DEFAULT_BACKEND_URL
     workers: Annotated[Annotated[int, Field(ge=0)] | None, BeforeValidator(_optional)] = None
     """In-process worker count for the runs layer (``None`` = its default, 0 = API only)."""
+    processes: int = Field(0, ge=0)
+    """Server processes sharing the port (``runstream serve --processes``); 0 = one per CPU
+    core (1 on ``memory://``, whose streams live in one process)."""
     retry_ms: int = Field(2000, ge=0)
     """The SSE ``retry:`` field: how long a browser waits before reconnecting."""
     keepalive: Seconds = 15.0

@@ -13,7 +13,7 @@ import pytest
 from runstream.client._sync import Client
 from runstream.client.handlers import Context
 from runstream.core.model import Event
-from runstream.errors import StreamNotFound
+from runstream.errors import StreamNotFound, UsageError
 from runstream.server.serve import Server
 
 from .conftest import LiveServer, start_server, stop_server
@@ -130,3 +130,26 @@ def test_sync_token_refresh_is_a_plain_function() -> None:
 
     requests = asyncio.run(scenario())
     assert len(requests) == 2 and b"Bearer fresh" in requests[1]
+
+
+def test_the_sync_publisher_batches_from_several_threads(server_url: str) -> None:
+    with Client(server_url) as client:
+        with client.publisher("sync", linger=0.005, max_events=50) as pub:
+
+            def produce(k: int) -> None:
+                for i in range(200):
+                    pub.publish("line", {"k": k, "i": i})
+
+            threads = [threading.Thread(target=produce, args=(k,)) for k in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        page = client.read("sync", limit=1000)
+        assert pub.batches < 600 // 10
+        with pytest.raises(UsageError):
+            pub.publish("line", "late")
+    got = [e.data for e in page.events]
+    assert len(got) == 600
+    for k in range(3):  # each thread's events in its order
+        assert [d["i"] for d in got if d["k"] == k] == list(range(200))

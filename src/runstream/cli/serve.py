@@ -26,30 +26,48 @@ from runstream.redact import mask_secrets
     default=None,
     help="In-process workers for runs (0 = API only).",
 )
+@click.option(
+    "--processes",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Server processes sharing the port (default: one per CPU core; 1 on memory://).",
+)
 def serve(
     config_path: str | None,
     backend: str | None,
     host: str | None,
     port: int | None,
     workers: int | None,
+    processes: int | None,
 ) -> None:
     """Serve the HTTP API: streams, SSE/WebSocket/long-poll, /metrics, /openapi.json."""
     from runstream.app import build_app
+    from runstream.server.processes import resolve_processes, serve_processes
     from runstream.server.serve import serve as run_server
 
     try:
         settings = load_settings(
-            config_path, backend=backend, host=host, port=port, workers=workers
+            config_path,
+            backend=backend,
+            host=host,
+            port=port,
+            workers=workers,
+            processes=processes,
         )
         settings.check_bind()
+        count = resolve_processes(settings)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(
         f"runstream serving {mask_secrets(settings.server.backend)} on "
-        f"http://{settings.server.host}:{settings.server.port}",
+        f"http://{settings.server.host}:{settings.server.port}"
+        + (f" with {count} processes" if count > 1 else ""),
         err=True,
     )
     try:
+        if count > 1:
+            build_app(settings)  # configuration errors show here, not once per process
+            raise SystemExit(serve_processes(settings, count, build_app))
         run_server(settings, build_app(settings))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -22,10 +22,12 @@ from runstream.client.follow import Follower, FollowOptions
 from runstream.client.handlers import Context
 from runstream.client.metrics import Metrics, export_prometheus
 from runstream.client.policy import RetryPolicy
+from runstream.client.publisher import AsyncPublisher, SyncPublisher
 from runstream.client.watchdog import Watchdog, watchdog
 
 __all__ = [
     "AsyncClient",
+    "AsyncPublisher",
     "CheckpointStore",
     "Client",
     "Context",
@@ -37,6 +39,7 @@ __all__ = [
     "RetryPolicy",
     "SQLiteCheckpointStore",
     "SyncFollower",
+    "SyncPublisher",
     "Watchdog",
     "export_prometheus",
     "watchdog",

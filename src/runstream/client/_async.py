@@ -39,6 +39,7 @@ from runstream.client.handlers import (
 )
 from runstream.client.metrics import Metrics
 from runstream.client.policy import GiveUp, ReconnectState, RetryPolicy
+from runstream.client.publisher import DEFAULT_LINGER, DEFAULT_MAX_EVENTS, AsyncPublisher
 from runstream.client.runs import (
     DEFAULT_MAX_RUNS,
     RUNS_FEED,
@@ -263,6 +264,14 @@ class AsyncClient:
             last_id=int(obj["last_id"]),
             duplicate=bool(obj.get("duplicate", False)),
         )
+
+    def publisher(
+        self, stream: str, *, linger: float = DEFAULT_LINGER, max_events: int = DEFAULT_MAX_EVENTS
+    ) -> AsyncPublisher:
+        """A batching publisher for ``stream`` (see :mod:`runstream.client.publisher`):
+        ``await pub.publish(type, data)`` queues, batches go out after ``linger`` seconds or
+        at ``max_events``, each one :meth:`publish_many` with its own producer seq."""
+        return AsyncPublisher(self, stream, linger=linger, max_events=max_events)
 
     def producer_id(self, stream: str) -> str:
         """The producer id this client uses for ``stream`` (created on first publish)."""

@@ -22,6 +22,7 @@ from runstream.client.follow import Follower, FollowOptions, Item
 from runstream.client.handlers import EventHandler, KeyFn, ResetHandler, Where
 from runstream.client.metrics import Metrics
 from runstream.client.policy import RetryPolicy
+from runstream.client.publisher import DEFAULT_LINGER, DEFAULT_MAX_EVENTS, SyncPublisher
 from runstream.client.runs import RUNS_FEED, RUNS_FEED_PATH
 from runstream.core.model import JSON, AppendResult, Event, NewEvent, Page, StreamInfo
 from runstream.errors import UsageError
@@ -197,6 +198,13 @@ class Client:
         self, stream: str, events: Iterable[NewEvent | Mapping[str, Any] | tuple[str, Any]]
     ) -> AppendResult:
         return self._call(self._async.publish_many(stream, list(events)))
+
+    def publisher(
+        self, stream: str, *, linger: float = DEFAULT_LINGER, max_events: int = DEFAULT_MAX_EVENTS
+    ) -> SyncPublisher:
+        """A batching publisher for ``stream``: ``pub.publish(type, data)`` queues without
+        waiting; ``with client.publisher(stream) as pub:`` flushes at the end."""
+        return SyncPublisher(self, stream, linger=linger, max_events=max_events)
 
     def close_stream(
         self, stream: str, status: str | None = None, reason: str | None = None

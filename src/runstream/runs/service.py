@@ -51,7 +51,7 @@ from runstream.runs.executor import (
     execute_run,
     new_worker_id,
 )
-from runstream.runs.feed import is_final
+from runstream.runs.feed import RUN_FEED, is_final
 from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
@@ -81,6 +81,9 @@ DEFAULT_SHUTDOWN_GRACE = RUN_GRACE
 
 DEFAULT_RESCAN_INTERVAL = 5.0
 """Seconds between scans for queued runs that other processes created."""
+
+RESCAN_COALESCE = 0.02
+"""Seconds a pool woken by the runs feed waits before scanning, so a burst scans once."""
 
 FORCE_DELETE_MARGIN = 15.0
 """Seconds beyond its task's grace that a forced delete waits for a cancelled run to end."""
@@ -567,13 +570,24 @@ class LocalWorkerPool:
         self.scheduler.submit(job)
 
     async def _rescan(self) -> None:
-        """Queue runs that other processes created, every ``rescan_interval`` seconds."""
-        while True:
-            await asyncio.sleep(self.rescan_interval)
-            try:
-                await self._scan_queued()
-            except RunstreamError as exc:
-                log.warning("scan for queued runs failed: %s", exc)
+        """Queue runs that other processes created: when the runs feed moves (a run created
+        elsewhere is announced there; the engine wakes watchers across processes), at least
+        every ``rescan_interval`` seconds."""
+        notifier = self.log.notifier
+        moved = notifier.watch(RUN_FEED)
+        try:
+            while True:
+                await asyncio.wait((moved,), timeout=self.rescan_interval)
+                if moved.done():
+                    await asyncio.sleep(RESCAN_COALESCE)  # one scan for a burst of creations
+                notifier.unwatch(RUN_FEED, moved)
+                moved = notifier.watch(RUN_FEED)  # armed before the scan: none is missed
+                try:
+                    await self._scan_queued()
+                except RunstreamError as exc:
+                    log.warning("scan for queued runs failed: %s", exc)
+        finally:
+            notifier.unwatch(RUN_FEED, moved)
 
     async def _execute(self, job: Job, task: TaskSpec) -> None:
         run_id = job.key

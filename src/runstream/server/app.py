@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from fastapi import APIRouter, FastAPI
+from starlette.types import Receive, Scope, Send
 
 from runstream._version import __version__
 from runstream.backends import open_backend
@@ -26,7 +27,7 @@ from runstream.backends.base import EventLog
 from runstream.config import Settings
 from runstream.server import service, streams
 from runstream.server.errors import install_error_handlers
-from runstream.server.fastpath import events_route
+from runstream.server.fastpath import FrontPath, events_route
 from runstream.server.hub import Hub, HubLimits, Subscription
 from runstream.server.metrics import LatencyMiddleware, Metrics
 from runstream.server.runtime import Runtime
@@ -34,6 +35,20 @@ from runstream.server.security import SecurityMiddleware, SecurityPolicy
 
 StartupHook = Callable[[Runtime], Awaitable[Callable[[], Awaitable[None]] | None]]
 """Called once the backend is started; may return a coroutine function run at shutdown."""
+
+
+class RunstreamApp(FastAPI):
+    """The FastAPI app, handing the events endpoint to its :class:`FrontPath` first."""
+
+    front: FrontPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        front = self.front
+        if front is not None and front.match(scope):
+            scope["app"] = self
+            await front(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -66,6 +81,15 @@ def create_app(
         subscribers=lambda: float(hub.subscriber_count),
         unreadable=lambda: float(log_backend.unreadable_events),
     )
+    sse_delivered, sse_resets = metrics.delivered["sse"], metrics.resets.labels("sse")
+
+    def on_written(events: int, resets: int) -> None:
+        if events:
+            sse_delivered.inc(events)
+        if resets:
+            sse_resets.inc(resets)
+
+    hub.on_written = on_written
     runtime = Runtime(settings, log_backend, hub, metrics, owns_backend=owns)
 
     @contextlib.asynccontextmanager
@@ -87,7 +111,7 @@ def create_app(
             if owns:
                 await log_backend.aclose()
 
-    app = FastAPI(
+    app = RunstreamApp(
         title="runstream",
         version=__version__,
         description="Durable event streams over SSE, WebSocket and JSON long-poll.",
@@ -106,5 +130,8 @@ def create_app(
     app.add_middleware(LatencyMiddleware, metrics=metrics)
     # Outermost (added last): Host, CORS, content types and Origin are checked before the
     # fast path or any route sees a request.
-    app.add_middleware(SecurityMiddleware, policy=SecurityPolicy.from_settings(settings))
+    policy = SecurityPolicy.from_settings(settings)
+    app.add_middleware(SecurityMiddleware, policy=policy)
+    if fast_path:
+        app.front = FrontPath(runtime, policy, metrics)
     return app

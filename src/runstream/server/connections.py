@@ -33,6 +33,11 @@ protocols (passed as ``http=`` / ``ws=``; nothing is patched):
   closed: a close first waits for the queued bytes to be taken. Every
   request's ASGI scope carries ``extensions["runstream.transport"]["abort"]``,
   a callable that drops the connection at once (see :func:`abort_handle`).
+* **Direct writes.** HTTP scopes also carry ``...["direct"]``: once the
+  response's head is sent, it tells a streaming response the connection's
+  transport and whether its body is chunked (:func:`direct_target`), so a
+  fan-out can write an event's bytes to the socket itself instead of one ASGI
+  ``send`` per client and event.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Final, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from starlette.types import Receive, Scope, Send
@@ -81,6 +87,48 @@ def abort_handle(scope: Scope) -> Callable[[], None] | None:
     extension = (scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
     abort = extension.get("abort") if isinstance(extension, dict) else None
     return cast(Callable[[], None], abort) if callable(abort) else None
+
+
+class DirectTarget(NamedTuple):
+    """Where a response's body bytes can be written directly, and how they are framed."""
+
+    transport: asyncio.Transport
+    chunked: bool
+    """True: each write must be one HTTP/1.1 chunk (``<hex size>\\r\\n<data>\\r\\n``)."""
+
+
+def direct_target(scope: Scope) -> DirectTarget | None:
+    """The transport a response to ``scope`` may write its body to, once its head is sent.
+
+    ``None`` outside the guarded server, for a ``HEAD`` request, before the
+    head is sent, after the response completed or once the client left.
+    Writes must be whole body parts (whole chunks when ``chunked``), never
+    interleaved with an ASGI ``send`` in progress; the final ASGI message
+    (``more_body=False``) still ends the response.
+    """
+    extension = (scope.get("extensions") or {}).get(TRANSPORT_EXTENSION)
+    find = extension.get("direct") if isinstance(extension, dict) else None
+    if not callable(find) or scope.get("method") != "GET":
+        return None
+    return cast(DirectTarget | None, find())
+
+
+def _cycle_target(cycle: Any) -> DirectTarget | None:
+    """uvicorn's request cycle (httptools or h11) as a :class:`DirectTarget`."""
+    if not cycle.response_started or cycle.response_complete or cycle.disconnected:
+        return None
+    transport = cycle.transport
+    if transport.is_closing():
+        return None
+    chunked = getattr(cycle, "chunked_encoding", None)  # httptools: decided at the head
+    if chunked is None:
+        conn = getattr(cycle, "conn", None)  # h11: chunked unless the peer speaks HTTP/1.0
+        if conn is None or conn.their_http_version is None:
+            return None
+        # A response without Content-Length (a stream) is chunked for an HTTP/1.1 peer,
+        # delimited by the connection's close for HTTP/1.0 (h11's framing rule).
+        chunked = conn.their_http_version >= b"1.1"
+    return DirectTarget(transport, bool(chunked))
 
 
 def connection_limits(configured: int | None) -> tuple[int, int, int]:
@@ -397,11 +445,16 @@ class ConnectionGuard:
             )
 
 
-def _mark(scope: Any, abort: Callable[[], None]) -> None:
+def _mark(
+    scope: Any, abort: Callable[[], None], direct: Callable[[], DirectTarget | None] | None = None
+) -> None:
     extensions = scope.get("extensions")
     if extensions is None:
         extensions = scope["extensions"] = {}
-    extensions[TRANSPORT_EXTENSION] = {"abort": abort}
+    mark: dict[str, Any] = {"abort": abort}
+    if direct is not None:
+        mark["direct"] = direct
+    extensions[TRANSPORT_EXTENSION] = mark
 
 
 class _GuardedHTTP(_HTTPBase):
@@ -451,9 +504,9 @@ class _GuardedHTTP(_HTTPBase):
             return False
         # A request's headers are complete: it is being answered.
         abort = self.transport.abort
-        _mark(cycle.scope, abort)
+        _mark(cycle.scope, abort, partial(_cycle_target, cycle))
         for queued, _ in getattr(self, "pipeline", ()):  # httptools' pipelined requests
-            _mark(queued.scope, abort)
+            _mark(queued.scope, abort, partial(_cycle_target, queued))
         self.guard.busy(self)
         return True
 

@@ -32,13 +32,14 @@ def _encode(value: object) -> str:
 class Frame:
     """One item for clients: an event or a reset, in an epoch. Encodings are cached."""
 
-    __slots__ = ("_sse", "_ws", "epoch", "event", "reset", "size")
+    __slots__ = ("_chunk", "_sse", "_ws", "epoch", "event", "reset", "size")
 
     def __init__(self, epoch: str, event: Event | None = None, reset: Reset | None = None) -> None:
         self.epoch = epoch
         self.event = event
         self.reset = reset
         self._sse: bytes | None = None
+        self._chunk: bytes | None = None
         self._ws: str | None = None
         self.size = 0
         """What the frame weighs against byte limits: its event's :func:`event_size` (resets: 0;
@@ -83,6 +84,14 @@ class Frame:
                     id=format_sse_id(self.epoch, self.reset.after),
                 )
         return self._sse
+
+    def sse_chunk(self) -> bytes:
+        """:meth:`sse` as one HTTP/1.1 chunk (``<hex size>\\r\\n<sse>\\r\\n``), for a
+        response written straight to its socket. Cached like the encoding."""
+        if self._chunk is None:
+            data = self.sse()
+            self._chunk = b"%x\r\n%b\r\n" % (len(data), data)
+        return self._chunk
 
     def ws(self) -> str:
         """The WebSocket message: the event's JSON with its ``"epoch"`` (``{"id", "type",

@@ -52,12 +52,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Literal, cast
+from collections.abc import Callable
+from typing import cast
 
 from runstream.backends.base import EventLog
-from runstream.config import LimitSettings, ServerSettings, Settings
 from runstream.core.model import Reset, ResetReason, StreamInfo
 from runstream.errors import (
     HistoryLost,
@@ -69,58 +67,16 @@ from runstream.errors import (
 from runstream.protocol.cursor import Position
 from runstream.protocol.position import ReaderPosition
 from runstream.server.frames import Frame
+from runstream.server.hubtypes import EndCheck, EndReason, HubLimits
 
 __all__ = ["EndCheck", "EndReason", "Frame", "Hub", "HubLimits", "Subscription"]
 
 log = logging.getLogger("runstream.server.hub")
 
-_LIMITS, _SERVER = LimitSettings(), ServerSettings()
-
-EndCheck = Callable[[str, StreamInfo | None], Awaitable[str | None]]
-"""Extra lifecycle check run by the reconciler: given a stream and its state
-(``None`` if absent), return a reason to end every response on it, or ``None``."""
-
-EndReason = Literal[
-    "end",  # the end entry was delivered
-    "closed",  # the stream is closed and nothing more can come
-    "deleted",
-    "slow_consumer",
-    "shutdown",
-    "backend_error",
-    "cancelled",  # the transport went away
-]
-
 
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-@dataclass(frozen=True, slots=True)
-class HubLimits:
-    """The hub's share of the settings (defaults: the settings' defaults)."""
-
-    buffer: int = _LIMITS.subscriber_buffer
-    buffer_bytes: int = _LIMITS.subscriber_buffer_bytes
-    page: int = _LIMITS.max_page_limit
-    """Events per log read while a subscriber catches up."""
-    page_bytes: int = _LIMITS.max_page_bytes
-    per_stream: int = _LIMITS.max_subscribers_per_stream
-    total: int = _LIMITS.max_subscribers
-    reconcile_interval: float = _SERVER.reconcile_interval
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> HubLimits:
-        lim, server = settings.limits, settings.server
-        return cls(
-            buffer=lim.subscriber_buffer,
-            buffer_bytes=lim.subscriber_buffer_bytes,
-            page=lim.max_page_limit,
-            page_bytes=lim.max_page_bytes,
-            per_stream=lim.max_subscribers_per_stream,
-            total=lim.max_subscribers,
-            reconcile_interval=server.reconcile_interval,
-        )
 
 
 class _Feed:
@@ -147,6 +103,8 @@ class _Feed:
         self.changes = 0
         self.closed_since: int | None = None
         self._waiters: list[asyncio.Future[None]] = []
+        self._direct: list[Subscription] = []
+        """Subscribers with frames to write directly at the end of this loop tick."""
         self.task: asyncio.Task[None] = asyncio.get_running_loop().create_task(
             self._run(), name=f"runstream-feed:{stream}"
         )
@@ -258,6 +216,26 @@ class _Feed:
             sub._offer(frame)
         self._wake()
 
+    def queue_direct(self, sub: Subscription) -> None:
+        """Write ``sub``'s direct frames once this loop tick's deliveries are done.
+
+        The frames of one read (a burst) are delivered in one tick: each idle
+        subscriber then gets them in one socket write, not one write per event.
+        """
+        if not self._direct:
+            asyncio.get_running_loop().call_soon(self._flush_direct)
+        self._direct.append(sub)
+
+    def _flush_direct(self) -> None:
+        subs, self._direct = self._direct, []
+        events = resets = 0
+        for sub in subs:
+            e, r = sub._flush_direct()
+            events += e
+            resets += r
+        if (events or resets) and self.hub.on_written is not None:
+            self.hub.on_written(events, resets)
+
     def _finish(self, reason: EndReason) -> None:
         self.done = self.ready = True
         self.hub._feed_done(self)
@@ -317,6 +295,11 @@ class Subscription:
         self._buf: list[Frame] = []
         self._buf_bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        self.direct: Callable[[list[Frame]], bool] | None = None
+        """Set by a transport whose socket the feed may write live frames to itself:
+        called only while the transport waits in :meth:`get` with nothing buffered;
+        returns False (the frames are then buffered as usual) when the socket is busy."""
+        self._direct_frames: list[Frame] = []
         self._closed = False
         self._absent: tuple[_Feed, int] | None = None
         """While waiting: the feed and its change count when the stream was found absent."""
@@ -356,6 +339,20 @@ class Subscription:
             if verdict != "deliver" and verdict != "end":
                 self._lost_step(verdict, event.id)
                 return
+        if self.direct is not None and not self._buf:
+            # The transport is idle in get() (its waiter pending, nothing buffered): the
+            # frame goes to the socket at the end of this tick with the rest of the
+            # burst, and no task wakes (see _flush_direct).
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                if not self._direct_frames:
+                    self._feed.queue_direct(self)
+                self._direct_frames.append(frame)
+                return
+        self._buffer(frame)
+
+    def _buffer(self, frame: Frame) -> None:
+        """Hand ``frame`` to the transport's task (it is woken), within the buffer limits."""
         self._buf.append(frame)
         self._buf_bytes += frame.size
         limits = self.hub.limits
@@ -368,6 +365,24 @@ class Subscription:
         if frame.is_end:
             self._end("end")
         self._wake()
+
+    def _flush_direct(self) -> tuple[int, int]:
+        """Write this tick's frames in one socket write; (events, resets) written. Buffered
+        for the transport's task instead if it left get() or the socket is busy."""
+        frames, self._direct_frames = self._direct_frames, []
+        if not frames or self.end_reason is not None:
+            return 0, 0
+        direct, waiter = self.direct, self._waiter
+        idle = waiter is not None and not waiter.done() and not self._buf
+        if direct is not None and idle and direct(frames):
+            if frames[-1].is_end:
+                self._end("end")
+            resets = sum(1 for f in frames if f.reset is not None)
+            return len(frames) - resets, resets
+        for frame in frames:
+            if self.end_reason is None:
+                self._buffer(frame)
+        return 0, 0
 
     def _lost_step(self, verdict: str, id: int) -> None:
         """A frame the position cannot take (a gap, another epoch): never expected from a
@@ -408,6 +423,9 @@ class Subscription:
         if self.end_reason is not None:
             return
         self.end_reason = reason
+        if self._direct_frames:  # not written yet: the transport's task sends them last
+            self._buf.extend(self._direct_frames)
+            self._direct_frames = []
         self._feed.live.discard(self)
         self.live = False
         if not self.ended.done():
@@ -595,6 +613,9 @@ class Hub:
         self.backend = backend
         self.limits = limits or HubLimits()
         self.on_slow = on_slow
+        self.on_written: Callable[[int, int], None] | None = None
+        """Called with the events and resets feeds wrote directly to clients
+        (:attr:`Subscription.direct`), once per burst: those deliveries' metrics."""
         self.end_checks: list[EndCheck] = []
         self._feeds: dict[str, _Feed] = {}
         self._counts: dict[str, int] = {}

@@ -160,4 +160,7 @@ def serve(settings: Settings, app: FastAPI | None = None) -> None:
     settings.check_bind()
     app = app or create_app(settings)
     server = make_server(app, settings, settle=True)
+    # asyncio's own loop, not uvicorn's "auto" choice (uvloop): the runner needs
+    # asyncio.SubprocessTransport, and uvloop measured no faster on appends
+    # (docs/benchmarks.md).
     asyncio.run(server.serve())

@@ -40,7 +40,7 @@ from runstream.errors import HistoryLost, RunstreamError, StreamNotFound, Valida
 from runstream.protocol.cursor import WAIT_FOR_CREATE, Position, parse_position
 from runstream.protocol.sse import encode_comment, encode_retry
 from runstream.server.auth import ws_subprotocol
-from runstream.server.connections import abort_handle
+from runstream.server.connections import DirectTarget, abort_handle, direct_target
 from runstream.server.errors import error_response
 from runstream.server.frames import Frame
 from runstream.server.hub import Subscription
@@ -145,7 +145,7 @@ class EventStreamResponse(Response):
         watch = SendWatchdog(runtime.settings.limits.send_timeout)
         try:
             await run_guarded(
-                self._pump(send, watch),
+                self._pump(scope, send, watch),
                 sub,
                 lambda: _wait_disconnect(receive),
                 runtime.settings.server.shutdown_grace,
@@ -158,7 +158,7 @@ class EventStreamResponse(Response):
             sub.close()
             metrics.disconnects.labels("sse", reason or "client_left").inc()
 
-    async def _pump(self, send: Send, watch: SendWatchdog) -> None:
+    async def _pump(self, scope: Scope, send: Send, watch: SendWatchdog) -> None:
         sub, runtime = self.sub, self.runtime
         keepalive = runtime.settings.server.keepalive
         page_bytes = runtime.settings.limits.max_page_bytes
@@ -174,6 +174,9 @@ class EventStreamResponse(Response):
             )
         )
         await timed(send(_body(encode_retry(runtime.settings.server.retry_ms))))
+        target = direct_target(scope)
+        if target is not None:
+            sub.direct = _DirectSSE(target)
         while True:
             frames = await sub.get(idle=keepalive)
             if frames is None:
@@ -192,6 +195,38 @@ class EventStreamResponse(Response):
                     await timed(send(_body(chunk)))
             _count_frames(runtime, "sse", frames)
         await timed(send({"type": "http.response.body", "body": b"", "more_body": False}))
+
+
+class _DirectSSE:
+    """Writes live frames straight to an idle SSE client's socket (:attr:`Subscription.direct`).
+
+    The feed calls it with the frames of one burst (one write), only while the
+    response waits in ``get()``, so it never
+    interleaves with the response's own ASGI sends. A socket that has not
+    taken everything written before (``get_write_buffer_size() > 0``: the
+    client is slow or the kernel buffer full) refuses, and the frame is
+    buffered for the response's task, which coalesces what accumulated into
+    one timed send: that is where the send timeout, byte limits and
+    backpressure apply, exactly as before. An idle client pays no latency.
+    """
+
+    __slots__ = ("chunked", "transport")
+
+    def __init__(self, target: DirectTarget) -> None:
+        self.transport = target.transport
+        self.chunked = target.chunked
+
+    def __call__(self, frames: list[Frame]) -> bool:
+        transport = self.transport
+        if transport.get_write_buffer_size() or transport.is_closing():
+            return False
+        if len(frames) == 1:  # the usual case: the frame's cached bytes, shared by all
+            frame = frames[0]
+            transport.write(frame.sse_chunk() if self.chunked else frame.sse())
+            return True
+        data = b"".join([f.sse() for f in frames])
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
+        return True
 
 
 def _sse_writes(frames: list[Frame], page_bytes: int) -> Iterator[bytes]:

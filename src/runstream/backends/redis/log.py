@@ -46,6 +46,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 
 from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.redis import lua
+from runstream.backends.redis.batch import AppendBatcher
 from runstream.backends.redis.errors import translated
 from runstream.backends.redis.pubsub import (
     LISTEN_HEALTH_SECONDS,
@@ -254,6 +255,12 @@ class RedisEventLog(EventLog):
         self._delete_script = self._redis.register_script(lua.DELETE)
         self._trim_script = self._redis.register_script(lua.TRIM)
         self._read_script = self._redis.register_script(lua.READ)
+        self._appends: AppendBatcher | None = (
+            None
+            if isinstance(self._redis, RedisCluster)
+            else AppendBatcher(self._redis, self._append_script, self._op)
+        )
+        """Concurrent appends in one pipelined round trip (not on Cluster: see .batch)."""
         self._wakeups: Subscription | None = None
         self._listening = asyncio.Event()
         """Set while the wake-up channel is subscribed (see :mod:`.redis_pubsub`)."""
@@ -442,8 +449,11 @@ class RedisEventLog(EventLog):
             header.encode("utf-8", "surrogateescape"),
             fields.encode("utf-8", "surrogateescape"),
         ]
-        async with self._op("append"):
-            reply = await self._append_script(keys=self.keys(stream), args=args)
+        if self._appends is not None:
+            reply = await self._appends.run(self.keys(stream), args)
+        else:
+            async with self._op("append"):
+                reply = await self._append_script(keys=self.keys(stream), args=args)
         kind = reply[0]
         if kind == "closed":
             raise StreamClosed(stream)
