@@ -48,6 +48,15 @@ send time. Figures:
 * ``resume_10k_ms`` — one client reconnecting with 10,000 missed events: time
   from request to the last of them received (median of 5; skip with
   ``--no-resume``).
+
+``--server-cpus 0`` pins the servers to those CPUs and everything else (this
+process, the publisher, the generator, redis-server) to the others: with more
+events offered than one server core can deliver, the server is the bottleneck
+and the generator visibly is not (its CPU share stays below its cores). That is
+how ``--compare-processes 2`` is measured on a machine with too few cores for
+two server processes *and* a generator: both processes share the pinned core,
+so the ratio is the efficiency of running N processes (what N processes on N
+free cores would deliver is N times that ratio).
 """
 
 from __future__ import annotations
@@ -453,6 +462,8 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 PROCESSES = [1, 2]
 """``--processes``: runstream serve's processes (this tree only)."""
+SERVER_CPUS: list[str] = []
+"""``--server-cpus``: the CPU list the servers are pinned to (``taskset -c``), if any."""
 COMPARE_SRC: list[str] = []
 """``--compare-src``: another runstream source tree (say, the base commit's) run as
 ``runstream_base`` in the same run, with the same load."""
@@ -490,6 +501,8 @@ def start_server(
             cmd += ["--processes", str(PROCESSES[1])]
     else:
         cmd = [sys.executable, __file__, "--serve-baseline", str(port), "--redis", redis_url]
+    if SERVER_CPUS:
+        cmd = ["taskset", "-c", SERVER_CPUS[0], *cmd]
     # Server logs go to a file: a pipe nobody reads would block the server once full.
     with tempfile.NamedTemporaryFile(prefix=f"fanout-{kind}-", suffix=".log", delete=False) as log:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -593,6 +606,15 @@ async def _publish(
     for p in posters:
         p.close()
     return in_window, cpu, failures[0]
+
+
+def _cpu_list(text: str) -> set[int]:
+    """CPUs of a taskset-style list: ``0``, ``0,2``, ``0-3``."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        low, _, high = part.partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
 
 
 def _cpu_s(pid: int) -> float:
@@ -847,6 +869,10 @@ def main() -> None:
         default=0,
         help="also measure this tree with that many processes (runstream_multi), same run",
     )
+    parser.add_argument(
+        "--server-cpus",
+        help="pin the servers to these CPUs (taskset list, e.g. '0') and the rest to the others",
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", nargs=5, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--serve-baseline", type=int, help=argparse.SUPPRESS)
@@ -864,6 +890,13 @@ def main() -> None:
         parser.error("--streams must be between 1 and --subscribers")
     if args.sample_every <= 0:
         args.sample_every = max(1, args.subscribers // 100)
+    if args.server_cpus:
+        pinned = _cpu_list(args.server_cpus)
+        others = os.sched_getaffinity(0) - pinned
+        if not pinned or not others:
+            parser.error("--server-cpus must leave at least one CPU for the rest")
+        SERVER_CPUS.append(args.server_cpus)
+        os.sched_setaffinity(0, others)  # inherited by redis-server and the workers
     with tempfile.TemporaryDirectory() as tmp:
         redis_proc, redis_url = start_redis(Path(tmp))
         try:
@@ -877,6 +910,8 @@ def main() -> None:
                     "duration_s": args.duration,
                     "warmup_s": args.warmup,
                     "load_generator_procs": args.procs,
+                    "server_cpus": args.server_cpus,
+                    "other_cpus": sorted(os.sched_getaffinity(0)) if args.server_cpus else None,
                 },
                 "machine": {
                     "cpus": os.cpu_count(),

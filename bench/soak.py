@@ -86,6 +86,19 @@ def percentiles(samples: list[float]) -> dict[str, Any]:
     }
 
 
+def by_minute(probe: Probe) -> list[dict[str, Any]]:
+    """p50/p99/max of every append (passes or not) per minute of the soak: flat when
+    cleanup does not make appends slower as the store fills and is emptied."""
+    minutes: dict[int, list[float]] = {}
+    for t, elapsed, _busy in probe.series:
+        minutes.setdefault(int(t // 60), []).append(elapsed)
+    out = []
+    for minute, samples in sorted(minutes.items()):
+        row = percentiles(samples)
+        out.append({"minute": minute, **{k: row[k] for k in ("n", "p50_ms", "p99_ms", "max_ms")}})
+    return out
+
+
 async def store_size(log: EventLog) -> tuple[float, dict[str, float]]:
     stats = await log.storage_stats()
     return stats.get("file_bytes", stats.get("used_memory", 0.0)), stats
@@ -226,6 +239,7 @@ async def soak(args: Any) -> dict[str, Any]:
         "append_latency": {
             "during_passes": percentiles(probe.during),
             "outside_passes": percentiles(probe.outside),
+            "all_by_minute": by_minute(probe),
         },
         "passes": {
             "count": len(passes),
