@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -106,6 +108,36 @@ async def test_a_purge_goes_in_batches_and_lets_other_appends_through(tmp_path: 
             await log.info("big")
         with pytest.raises(StreamNotFound):
             await log.purge("big")
+
+
+async def test_bulk_requests_commit_one_by_one_after_the_writes_queued_with_them(
+    tmp_path: Path,
+) -> None:
+    """Deletion steps are bulk requests: a write queued behind several of them is
+    committed in the next transaction, and each step in a transaction of its own."""
+    async with SQLiteEventLog(tmp_path / "order.db") as log:
+        started, gate = threading.Event(), threading.Event()
+        order: list[str] = []
+
+        def hold(conn: sqlite3.Connection) -> None:
+            started.set()
+            gate.wait(10)
+            order.append("hold")
+
+        def note(name: str) -> Callable[[sqlite3.Connection], None]:
+            return lambda conn: order.append(name)
+
+        held = asyncio.ensure_future(log._write("h", hold))
+        assert await asyncio.to_thread(started.wait, 10)
+        writes = [asyncio.ensure_future(log._write(n, note(n), bulk=True)) for n in "abc"]
+        writes.append(asyncio.ensure_future(log._write("w", note("write"))))
+        await asyncio.sleep(0)  # each queues its request
+        assert log._queue.qsize() == 4
+        commits = log.commits
+        gate.set()
+        await asyncio.gather(held, *writes)
+        assert order == ["hold", "write", "a", "b", "c"]
+        assert log.commits - commits == 5
 
 
 async def test_a_stream_re_created_after_a_purge_starts_fresh(tmp_path: Path) -> None:

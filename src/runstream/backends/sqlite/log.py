@@ -8,7 +8,9 @@ Layout of the work:
   request, so one failing request does not undo the others), commits once and
   only then resolves the callers' futures and wakes local followers. A burst of
   concurrent appends therefore costs one fsync, not one each (group commit).
-  An append is acknowledged only after its commit returned, so it survives a
+  Bulk requests (purge and reclaim steps) never join a group: each has its own
+  transaction after the group queued before it, so an append waits for one step
+  of a deletion at most. An append is acknowledged only after its commit returned, so it survives a
   ``kill -9`` of the process (the WAL is in the OS page cache; with the default
   ``synchronous=full`` it is also on disk).
 * **Encoded appends** (:meth:`~runstream.backends.base.EventLog.append_encoded`,
@@ -40,6 +42,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -113,6 +116,7 @@ class _Request(Generic[T]):
     stream: str
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
+    bulk: bool = False
 
 
 class _Wake:
@@ -379,10 +383,14 @@ class SQLiteEventLog(SpaceMixin, EventLog):
 
     # -- writer thread -------------------------------------------------------
 
-    async def _write(self, stream: str, op: Callable[[sqlite3.Connection], T]) -> T:
+    async def _write(
+        self, stream: str, op: Callable[[sqlite3.Connection], T], *, bulk: bool = False
+    ) -> T:
         """Queue ``op`` for the writer; return its result once its transaction committed.
 
-        If the caller is cancelled while waiting, the write may still be committed.
+        A ``bulk`` op (a step of a large deletion) gets a transaction of its own, after
+        the writes queued with it. If the caller is cancelled while waiting, the write
+        may still be committed.
         """
         await self._ensure_running()
         loop = asyncio.get_running_loop()
@@ -390,7 +398,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         with self._queue_lock:
             if self._state != "running":
                 raise BackendError(f"sqlite backend {self.path!r} is closed")
-            self._queue.put(_Request(op, stream, loop, fut))
+            self._queue.put(_Request(op, stream, loop, fut, bulk))
         return await fut
 
     def _writer_main(
@@ -399,21 +407,30 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         requests: queue.SimpleQueue[_QueueItem],
         loop: asyncio.AbstractEventLoop,
     ) -> None:
+        bulk: deque[_Request[Any]] = deque()  # waiting for a transaction of their own
         try:
             stopping = False
             while not stopping:
                 try:
                     # While someone follows, wake up regularly to look for other
                     # processes' commits even when this one writes nothing.
-                    first = requests.get(timeout=self.poll_interval if self._watching else None)
+                    if bulk:
+                        first = requests.get_nowait()
+                    else:
+                        first = requests.get(timeout=self.poll_interval if self._watching else None)
                 except queue.Empty:
                     first = _WAKE
                 if first is None:
                     break
-                batch: list[_Request[Any]] = [first] if isinstance(first, _Request) else []
+                batch: list[_Request[Any]] = []
                 # Everything that queued up while the previous commit was syncing
                 # goes into this transaction: that is the group commit.
-                while len(batch) < MAX_GROUP_REQUESTS:
+                item: _QueueItem = first
+                while True:
+                    if isinstance(item, _Request):
+                        (bulk if item.bulk else batch).append(item)
+                        if len(batch) >= MAX_GROUP_REQUESTS:
+                            break
                     try:
                         item = requests.get_nowait()
                     except queue.Empty:
@@ -421,14 +438,19 @@ class SQLiteEventLog(SpaceMixin, EventLog):
                     if item is None:
                         stopping = True
                         break
-                    if isinstance(item, _Request):
-                        batch.append(item)
                 if batch:
                     self._run_group(conn, batch)
+                if bulk:  # one bulk step per group: it neither waits forever nor holds many
+                    self._run_group(conn, [bulk.popleft()])
                 if self._watching:
                     self._probe_foreign_commits(conn, loop)
+            while bulk:
+                self._run_group(conn, [bulk.popleft()])
         finally:
             leftovers: list[_Outcome] = []
+            for request in bulk:
+                error = BackendError(f"sqlite backend {self.path!r} is closed")
+                leftovers.append(_Outcome(request, error=error))
             while True:
                 try:
                     item = requests.get_nowait()

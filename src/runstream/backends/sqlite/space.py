@@ -4,7 +4,9 @@ A mixin of :class:`~runstream.backends.sqlite.log.SQLiteEventLog` (kept apart so
 log module stays about appends and reads). Every write here is a request on the log's
 writer thread like an append, and each is small: a stream is deleted
 :data:`~.sql.PURGE_BATCH` events per transaction, free pages are returned
-:data:`~.sql.RECLAIM_STEP` at a time, so an append waits for one step at most.
+:data:`~.sql.RECLAIM_STEP` at a time, and each step is a *bulk* request (a
+transaction of its own after the appends queued with it), so an append waits for
+one step at most.
 """
 
 from __future__ import annotations
@@ -68,7 +70,9 @@ class SpaceMixin:
     if TYPE_CHECKING:  # provided by SQLiteEventLog
         path: str
 
-        async def _write(self, stream: str, op: Callable[[sqlite3.Connection], T]) -> T: ...
+        async def _write(
+            self, stream: str, op: Callable[[sqlite3.Connection], T], *, bulk: bool = False
+        ) -> T: ...
 
         async def _reader(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
 
@@ -82,7 +86,9 @@ class SpaceMixin:
         first = True
         while True:
             try:
-                done = await self._write(stream, lambda conn: op_purge_step(conn, stream, batch))
+                done = await self._write(
+                    stream, lambda conn: op_purge_step(conn, stream, batch), bulk=True
+                )
             except StreamNotFound:
                 if first:
                     raise
@@ -103,7 +109,9 @@ class SpaceMixin:
         left = await self._write(_RECLAIM_STREAM, lambda conn: op_reclaim(conn, 0))
         while left > 0 and (max_steps is None or steps < max_steps):
             before = left
-            left = await self._write(_RECLAIM_STREAM, lambda conn: op_reclaim(conn, step))
+            left = await self._write(
+                _RECLAIM_STREAM, lambda conn: op_reclaim(conn, step), bulk=True
+            )
             steps += 1
             if left >= before:
                 break  # auto_vacuum is off for this file (e.g. another tool rebuilt it)
