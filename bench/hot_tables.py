@@ -101,23 +101,32 @@ def fanout_cpu_rows(result: dict[str, Any], row: Any) -> list[Any]:
     ]
 
 
-def processes_rows(job: _Job, row: Any) -> list[Any]:
-    """Fan-out capacity of ``serve --processes 2`` against one process, same run."""
+def processes_rows(job: _Job, row: Any, *, pinned: bool = False) -> list[Any]:
+    """Fan-out capacity of ``serve --processes 2`` against one process, same run.
+
+    ``pinned``: both servers on one CPU and the generator on the other (``--server-cpus``),
+    so the ratio is the efficiency of two processes sharing a core; two free cores would
+    give about twice it, which is what the issue's 1.6× is checked against.
+    """
     res = job.result or {}
     one, two = res.get("runstream") or {}, res.get("runstream_multi") or {}
     d1, d2 = one.get("deliveries_per_s"), two.get("deliveries_per_s")
     r = round(d2 / d1, 2) if d1 and d2 else None
-    return [
-        row(
-            "1000 subscribers, 500 events/s offered: deliveries/s, 2 processes vs 1",
-            d2,
-            d1,
-            r,
+    where = "servers pinned to 1 CPU" if pinned else "unpinned"
+    label, target, need = (
+        (f"{where}: deliveries/s, 2 processes vs 1 (× 2 cores = projected ratio)", "≥ 0.8", 0.8)
+        if pinned
+        else (
+            f"1000 subscribers, 500 events/s offered, {where}: deliveries/s, 2 processes vs 1",
             "≥ 1.6×",
-            r >= 1.6 if r is not None else None,
-        ),
+            1.6,
+        )
+    )
+    capacity = row(label, d2, d1, r, target, r >= need if r is not None else None)
+    return [
+        capacity,
         row(
-            "p50 / p99 latency, 2 processes vs 1",
+            f"{where}: p50 / p99 latency, 2 processes vs 1",
             f"{_fmt(_dig(two, 'latency_ms', 'p50'))} / {_fmt(_dig(two, 'latency_ms', 'p99'))}",
             f"{_fmt(_dig(one, 'latency_ms', 'p50'))} / {_fmt(_dig(one, 'latency_ms', 'p99'))}",
             None,
@@ -126,7 +135,16 @@ def processes_rows(job: _Job, row: Any) -> list[Any]:
             "ms",
         ),
         row(
-            "CPU share of server / load generator, 2 processes vs 1",
+            f"{where}: server CPU per 1,000 deliveries, 2 processes vs 1",
+            two.get("server_cpu_ms_per_1k_deliveries"),
+            one.get("server_cpu_ms_per_1k_deliveries"),
+            None,
+            "",
+            None,
+            "ms",
+        ),
+        row(
+            f"{where}: CPU share of server / load generator, 2 processes vs 1",
             f"{_fmt(two.get('server_cpu_share_in_window'))} / "
             f"{_fmt(two.get('load_generator_cpu_share_in_window'))}",
             f"{_fmt(one.get('server_cpu_share_in_window'))} / "

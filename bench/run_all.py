@@ -132,6 +132,9 @@ def jobs_for(quick: bool, base_src: str | None = None) -> list[Job]:
         args = [script("fanout.py"), "--subscribers", "1000", "--rate", str(STRESS_RATE)]
         args += ["--no-resume", "--skip-baseline", "--compare-processes", "2"]
         jobs.append(Job("processes_fanout", args, 900))
+        # The same with the servers pinned to CPU 0 and the generator to the rest, so the
+        # server is the bottleneck: the ratio is the efficiency of 2 processes on one core.
+        jobs.append(Job("processes_pinned", [*args, "--server-cpus", "0"], 900))
     return jobs
 
 
@@ -626,7 +629,8 @@ def table_fanout(jobs: Sequence[Job]) -> Table:
 def table_hot_paths(by_name: dict[str, Job]) -> Table:
     """Issue 17: HTTP appends vs the Node reference, fan-out CPU, --processes."""
     t = Table("Hot paths: HTTP appends, fan-out CPU, processes (issue 17)")
-    jobs = [by_name[n] for n in ("http_append", "fanout_1000", "processes_fanout") if n in by_name]
+    names = ("http_append", "fanout_1000", "processes_fanout", "processes_pinned")
+    jobs = [by_name[n] for n in names if n in by_name]
     t.command = "; ".join(j.command for j in jobs)
     t.note = (
         "One event per POST, 32 connections (autocannon 9.0.0, 8 s after a 2 s warm-up), to each "
@@ -634,7 +638,10 @@ def table_hot_paths(by_name: dict[str, Job]) -> Table:
         "0.3.7 in memory, same run; `base_*` rows (with `--base-src`) are the commit before "
         "issue 17's changes. Server CPU per request from /proc; the generator's share in cores. "
         "Fan-out CPU per delivery at 1,000 subscribers × 20 events/s against the base tree; "
-        "`serve --processes 2` against one process at 500 events/s offered. Targets (issue 17): "
+        "`serve --processes 2` against one process at 500 events/s offered, free and with the "
+        "servers pinned to one CPU (the generator on the other, so the server is the bottleneck: "
+        "the ratio is the efficiency of 2 processes, and N free cores give about N times it). "
+        "Targets (issue 17): "
         "SQLite ≥ 1.5× and memory ≥ 2× the reference's rate, Redis ≥ 0.8× SQLite; ≤ 12 ms server "
         "CPU per 1,000 deliveries with p99 ≤ 100 ms; 2 processes ≥ 1.6× one's capacity. "
         "The decisions block at the end of this page explains the results and the choices."
@@ -649,6 +656,8 @@ def table_hot_paths(by_name: dict[str, Job]) -> Table:
         t.rows += hot_tables.fanout_cpu_rows(fan.result, Row)
     if "processes_fanout" in by_name and by_name["processes_fanout"].result:
         t.rows += hot_tables.processes_rows(by_name["processes_fanout"], Row)
+    if "processes_pinned" in by_name and by_name["processes_pinned"].result:
+        t.rows += hot_tables.processes_rows(by_name["processes_pinned"], Row, pinned=True)
     return t
 
 
