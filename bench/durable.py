@@ -63,7 +63,10 @@ def free_port() -> int:
 
 def npm_ready() -> None:
     if not (NPM_DIR / "node_modules" / "autocannon").is_dir():
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=NPM_DIR, check=True)
+        # npm's report to stderr: stdout carries this bench's JSON only.
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"], cwd=NPM_DIR, check=True, stdout=sys.stderr
+        )
 
 
 @contextlib.contextmanager
