@@ -69,10 +69,10 @@ _STREAM_PAGE = 500
 DELETE_BATCH = 10
 """Runs deleted together: one store call for their records, their streams concurrently.
 
-Small on purpose: on SQLite the batch's stream deletions share the group transaction
-that an append queued meanwhile waits for (soak bench, 180 s A/B: with 50, appends
-during passes p50 2.8 ms / max 10.8 ms against 1.4 / 80 outside; with 10, 1.5 / 4.1
-against 1.5 / 5.2)."""
+Small on purpose: an append made during a pass waits behind the batch's writes
+(soak bench, 180 s A/B before SQLite's deletion steps became bulk writes: with 50,
+appends during passes p50 2.8 ms / max 10.8 ms against 1.4 / 80 outside; with 10,
+1.5 / 4.1 against 1.5 / 5.2)."""
 _RUN_KEYS = ("max_age", "max_runs")
 
 

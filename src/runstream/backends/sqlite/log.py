@@ -9,9 +9,9 @@ Layout of the work:
   only then resolves the callers' futures and wakes local followers. A burst of
   concurrent appends therefore costs one fsync, not one each (group commit).
   Bulk requests (purge and reclaim steps) never join a group: each has its own
-  transaction after the group queued before it, so an append waits for one step
-  of a deletion at most. An append is acknowledged only after its commit returned, so it survives a
-  ``kill -9`` of the process (the WAL is in the OS page cache; with the default
+  transaction after the group queued with it, so an append waits for one step of
+  a deletion at most. An append is acknowledged only after its commit returned,
+  so it survives a ``kill -9`` of the process (the WAL is in the OS page cache; with the default
   ``synchronous=full`` it is also on disk).
 * **Encoded appends** (:meth:`~runstream.backends.base.EventLog.append_encoded`,
   how a command's output arrives) insert each run of events with one
@@ -447,19 +447,16 @@ class SQLiteEventLog(SpaceMixin, EventLog):
             while bulk:
                 self._run_group(conn, [bulk.popleft()])
         finally:
-            leftovers: list[_Outcome] = []
-            for request in bulk:
-                error = BackendError(f"sqlite backend {self.path!r} is closed")
-                leftovers.append(_Outcome(request, error=error))
+            leftovers: list[_Request[Any]] = list(bulk)
             while True:
                 try:
                     item = requests.get_nowait()
                 except queue.Empty:
                     break
                 if isinstance(item, _Request):
-                    error = BackendError(f"sqlite backend {self.path!r} is closed")
-                    leftovers.append(_Outcome(item, error=error))
-            self._deliver_outcomes(leftovers)
+                    leftovers.append(item)
+            closed = f"sqlite backend {self.path!r} is closed"
+            self._deliver_outcomes([_Outcome(r, error=BackendError(closed)) for r in leftovers])
             conn.close()
 
     def _probe_foreign_commits(
