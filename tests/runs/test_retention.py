@@ -18,6 +18,7 @@ import pytest
 from runstream.backends import EventLog, open_backend, open_run_store
 from runstream.core.model import NewEvent
 from runstream.errors import IllegalTransition, RunNotFound, StreamNotFound
+from runstream.runs import retention
 from runstream.runs.feed import RUN_FEED
 from runstream.runs.lifecycle import Lifecycle
 from runstream.runs.model import RunRecord, new_run_id
@@ -157,6 +158,23 @@ async def test_max_runs_keeps_the_newest_ended_runs_of_each_task(engine: Engine)
     assert [await engine.exists(r.id) for r in a] == [False, False, True, True]
     assert [await engine.exists(r.id) for r in b] == [True, True]
     assert await engine.exists(a_running.id)
+
+
+async def test_runs_listed_over_several_pages_are_counted_newest_first(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pass lists runs a small page at a time (the event loop runs between pages);
+    # max_runs must still count each task's ended runs across the pages, newest first.
+    monkeypatch.setattr(retention, "RUN_PAGE", 2)
+    runs = [await engine.run("a") for _ in range(5)]
+    running = await engine.run("a", end=None)
+    policy = RetentionPolicy(runs=RunRetention(max_runs=2))
+
+    result = await engine.retention(policy, later=0).sweep()
+
+    assert result.runs == 3
+    assert [await engine.exists(r.id) for r in runs] == [False, False, False, True, True]
+    assert await engine.exists(running.id)
 
 
 async def test_a_task_override_replaces_the_global_rule_for_its_runs(engine: Engine) -> None:

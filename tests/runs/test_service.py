@@ -20,6 +20,7 @@ from runstream.backends import open_backend, open_run_store
 from runstream.backends.base import EventLog
 from runstream.core.model import END_TYPE, Event
 from runstream.errors import InvalidParams, RunNotFound, TaskNotFound
+from runstream.runs import service as service_module
 from runstream.runs.context import RunContext
 from runstream.runs.executor import new_worker_id
 from runstream.runs.model import RunRecord
@@ -116,6 +117,27 @@ async def test_cancel_of_a_queued_run_ends_it_at_once(env: Env) -> None:
     assert (info.closed, info.close_status) == (True, "cancelled")
     assert await statuses(env.log, record.id) == ["queued", "cancelled"]
     assert (await env.service.cancel(record.id)).status == "cancelled"  # idempotent
+
+
+async def test_bulk_deletion_lists_every_page_and_skips_runs_not_ended(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Runs are listed a small page at a time; matches on every page go, the queued one stays.
+    monkeypatch.setattr(service_module, "RUN_PAGE", 2)
+    env.registry.command("t", ["true"])
+    env.registry.command("other", ["true"])
+    ended = [(await env.service.cancel((await env.service.create("t")).id)).id for _ in range(5)]
+    queued = await env.service.create("t")
+    elsewhere = await env.service.cancel((await env.service.create("other")).id)
+
+    deleted, skipped = await env.service.delete_matching(task="t")
+
+    assert (sorted(deleted), skipped) == (sorted(ended), 1)
+    assert [r.id for r in (await env.service.list(task="t"))[0]] == [queued.id]
+    assert (await env.service.get(elsewhere.id)).status == "cancelled"
+    for run_id in ended:
+        with pytest.raises(RunNotFound):
+            await env.service.get(run_id)
 
 
 # -- the pool ---------------------------------------------------------------------------

@@ -56,9 +56,9 @@ from runstream.runs.gates import Gates, WaitNotes
 from runstream.runs.lifecycle import FINISHED, TERMINAL, Lifecycle, RunStatus
 from runstream.runs.metrics import RunMetrics
 from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
-from runstream.runs.retention import DELETE_BATCH
+from runstream.runs.retention import DELETE_BATCH, RUN_PAGE
 from runstream.runs.scheduler import Job, Scheduler
-from runstream.runs.store import MAX_LIST_LIMIT, RunStore
+from runstream.runs.store import RunStore
 from runstream.runs.tasks import TaskRegistry, TaskSpec
 
 __all__ = [
@@ -314,7 +314,7 @@ class RunService:
         cursor: str | None = None
         while True:
             page, cursor = await self.store.list(
-                status=status, task=task, limit=MAX_LIST_LIMIT, cursor=cursor
+                status=status, task=task, limit=RUN_PAGE, cursor=cursor
             )
             for record in page:
                 if before is not None and record.created_at >= before:
