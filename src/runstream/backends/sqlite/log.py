@@ -21,6 +21,8 @@ Layout of the work:
   the event loop thread is busy (splitting the next output) each of those
   hand-offs can wait up to a whole switch interval. Without ``json_each``
   (SQLite built without JSON), rows are inserted one by one.
+* **Checkpoints** (copying the WAL into the file) run on a thread of their own
+  (:class:`~.helpers.Checkpointer`), never inside the writer's commits.
 * **Readers** use their own connections from a small thread pool. The file is in
   WAL mode, so readers never block the writer and each read is one snapshot.
 * **Other processes** may share the file (a CLI run next to a server). Their
@@ -45,12 +47,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.durable import KEY_PREFIX
+from runstream.backends.sqlite.helpers import Checkpointer, ReaderPool
 from runstream.backends.sqlite.migrate import migrate
 from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.sql import (
@@ -58,6 +61,7 @@ from runstream.backends.sqlite.sql import (
     _INFO_MANY_CHUNK,
     _SELECT_STREAM,
     _SYNCHRONOUS_VALUES,
+    CHECKPOINT_INTERVAL,
     DECODE_CHUNK,
     DEFAULT_BUSY_TIMEOUT,
     JOURNAL_SIZE_LIMIT,
@@ -135,37 +139,6 @@ class _Outcome:
     error: BaseException | None = None
 
 
-@dataclass(slots=True)
-class _ReaderPool:
-    """Read connections handed to pool threads one at a time."""
-
-    open_conn: Callable[[], sqlite3.Connection]
-    free: queue.SimpleQueue[sqlite3.Connection] = field(default_factory=queue.SimpleQueue)
-    all: list[sqlite3.Connection] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        try:
-            conn = self.free.get_nowait()
-        except queue.Empty:
-            conn = self.open_conn()
-            with self.lock:
-                self.all.append(conn)
-        try:
-            return fn(conn)
-        finally:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            self.free.put(conn)
-
-    def close(self) -> None:
-        with self.lock:
-            conns, self.all = self.all, []
-        for conn in conns:
-            conn.close()
-
-
 class SQLiteEventLog(SpaceMixin, EventLog):
     """Streams stored in one SQLite file (WAL mode), shareable by processes on one machine.
 
@@ -188,17 +161,22 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
         poll_interval: float = POLL_INTERVAL,
         readers: int = READER_THREADS,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
     ) -> None:
         super().__init__()
         if synchronous not in _SYNCHRONOUS_VALUES:
             raise ConfigError(f"sqlite synchronous must be one of {', '.join(_SYNCHRONOUS_VALUES)}")
-        if busy_timeout < 0 or poll_interval <= 0 or readers < 1:
-            raise ConfigError("sqlite busy_timeout >= 0, poll_interval > 0 and readers >= 1")
+        if busy_timeout < 0 or poll_interval <= 0 or readers < 1 or checkpoint_interval <= 0:
+            raise ConfigError(
+                "sqlite busy_timeout >= 0, poll_interval > 0, readers >= 1"
+                " and checkpoint_interval > 0"
+            )
         self.path = os.fspath(path)
         self.synchronous: Synchronous = synchronous
         self.busy_timeout = busy_timeout
         self.poll_interval = poll_interval
         self.readers = readers
+        self.checkpoint_interval = checkpoint_interval
         self.commits = 0
         self.json_each = False
         """Whether this SQLite has ``json_each`` (checked by :meth:`start`): encoded
@@ -209,7 +187,9 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         self._queue_lock = threading.Lock()
         self._writer: threading.Thread | None = None
         self._writer_conn: sqlite3.Connection | None = None
-        self._pool: _ReaderPool | None = None
+        self._pool: ReaderPool | None = None
+        self.checkpointer: Checkpointer | None = None
+        """Copies the WAL into the file off the writer thread (see :mod:`.helpers`)."""
         self._read_executor: ThreadPoolExecutor | None = None
         self._poll_executor: ThreadPoolExecutor | None = None
         self._poll_conn: sqlite3.Connection | None = None
@@ -255,8 +235,10 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         )
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            if writer:
+            if writer:  # the writer's and the checkpointer's
                 conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+                # Without a limit, the WAL file keeps the size of its largest burst.
+                conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
         except BaseException:
             conn.close()
             raise
@@ -282,8 +264,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
                     f"sqlite database {self.path!r} could not switch to WAL mode (got {mode!r})"
                 )
             migrate(conn, self.path)
-            # Without a limit, the WAL file keeps the size of its largest burst.
-            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")  # the checkpointer's job
             self.json_each = _has_json_each(conn)
         except sqlite3.Error as exc:
             conn.close()
@@ -307,9 +288,20 @@ class SQLiteEventLog(SpaceMixin, EventLog):
             conn = await asyncio.to_thread(self._open_and_migrate)
             try:
                 self._poll_conn = await asyncio.to_thread(self._connect)
+                checkpoint_conn = await asyncio.to_thread(self._connect, writer=True)
             except sqlite3.Error as exc:
                 conn.close()
+                if self._poll_conn is not None:
+                    self._poll_conn.close()
+                    self._poll_conn = None
                 raise self._error(exc) from exc
+            self.checkpointer = Checkpointer(
+                checkpoint_conn,
+                lambda: self.commits,
+                interval=self.checkpoint_interval,
+                name=f"runstream-sqlite-checkpoint:{self.path}",
+            )
+            self.checkpointer.start()
             self._writer_conn = conn
             self._queue = queue.SimpleQueue()
             self._writer = threading.Thread(
@@ -319,7 +311,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
                 daemon=True,
             )
             self._writer.start()
-            self._pool = _ReaderPool(self._connect)
+            self._pool = ReaderPool(self._connect)
             self._read_executor = ThreadPoolExecutor(
                 self.readers, thread_name_prefix="runstream-sqlite-read"
             )
@@ -352,13 +344,16 @@ class SQLiteEventLog(SpaceMixin, EventLog):
                 self._poll_task = None
             writer, pool = self._writer, self._pool
             read_executor, poll_executor = self._read_executor, self._poll_executor
-            poll_conn = self._poll_conn
+            poll_conn, checkpointer = self._poll_conn, self.checkpointer
             self._writer = self._pool = self._writer_conn = self._poll_conn = None
+            self.checkpointer = None
             self._read_executor = self._poll_executor = None
 
             def shutdown() -> None:
                 if writer is not None:
                     writer.join()
+                if checkpointer is not None:
+                    checkpointer.close()
                 for executor in (read_executor, poll_executor):
                     if executor is not None:
                         executor.shutdown(wait=True)

@@ -39,6 +39,11 @@ step of 256 pages took 6-7 ms while deletions filled the WAL; steps of 64 took 0
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a connection waits for another process's lock before giving up."""
 
+CHECKPOINT_INTERVAL = 0.5
+"""Seconds between the checkpointer's passive checkpoints (when something was committed).
+
+The WAL holds at most about this long's worth of writes beyond what readers pin."""
+
 POLL_INTERVAL = 0.025
 """Seconds between checks for commits made by other processes (while followers wait)."""
 

@@ -1,0 +1,118 @@
+"""The SQLite log's checkpointer: the WAL is copied into the file off the writer thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from runstream.backends.sqlite.helpers import Checkpointer
+from runstream.backends.sqlite.log import SQLiteEventLog
+from runstream.core.model import NewEvent
+from runstream.errors import ConfigError
+
+LINE = "y" * 50_000
+
+
+async def checkpointed(log: SQLiteEventLog, within: float = 20.0) -> None:
+    """Wait until a checkpoint that started after the last commit has finished."""
+    deadline = time.monotonic() + within
+    while log.checkpointer is None or log.checkpointer.covered < log.commits:
+        if time.monotonic() > deadline:
+            raise AssertionError("no checkpoint covered the last commit")
+        await asyncio.sleep(0.005)  # the checkpointer is a thread; its counter is polled
+
+
+def wal_bytes(db: Path) -> int:
+    return Path(f"{db}-wal").stat().st_size
+
+
+def events_in_file_alone(db: Path, tmp_path: Path) -> int:
+    """Events found in a copy of the database file without its WAL (0 if not even the
+    schema was copied into it yet)."""
+    copy = tmp_path / "copy.db"
+    shutil.copyfile(db, copy)
+    conn = sqlite3.connect(copy)
+    try:
+        tables = conn.execute("SELECT name FROM sqlite_master WHERE name = 'events'").fetchall()
+        if not tables:
+            return 0
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    finally:
+        conn.close()
+
+
+async def test_commits_reach_the_database_file_by_the_checkpointer(tmp_path: Path) -> None:
+    db = tmp_path / "c.db"
+    async with SQLiteEventLog(db, checkpoint_interval=0.01) as log:
+        for i in range(30):
+            await log.append("s", NewEvent("x", i))
+        await checkpointed(log)
+        assert log.checkpointer is not None and log.checkpointer.checkpoints >= 1
+        assert events_in_file_alone(db, tmp_path) == 30
+
+
+async def test_the_writer_never_checkpoints_inside_a_commit(tmp_path: Path) -> None:
+    # SQLite's own checkpoint would run after a commit that pushes the WAL past
+    # 1,000 pages (4 MiB here), on the writer thread, holding the appends queued
+    # behind it. With the checkpointer asleep, ~6 MiB stay in the WAL only.
+    db = tmp_path / "w.db"
+    async with SQLiteEventLog(db, checkpoint_interval=3600) as log:
+        for _ in range(130):
+            await log.append("s", NewEvent("x", LINE))
+        assert wal_bytes(db) > 6_000_000
+        assert events_in_file_alone(db, tmp_path) == 0
+
+
+async def test_the_wal_starts_over_once_checkpointed_instead_of_growing(tmp_path: Path) -> None:
+    db = tmp_path / "g.db"
+    async with SQLiteEventLog(db, checkpoint_interval=0.01) as log:
+        for _ in range(40):  # ~2 MiB
+            await log.append("s", NewEvent("x", LINE))
+        await checkpointed(log)
+        first = wal_bytes(db)
+        for _ in range(40):
+            await log.append("s", NewEvent("x", LINE))
+        # The second half overwrote the first half's frames rather than following them.
+        assert wal_bytes(db) < first * 1.5
+        await checkpointed(log)
+        assert events_in_file_alone(db, tmp_path) == 80
+
+
+async def test_close_stops_the_checkpointer_thread(tmp_path: Path) -> None:
+    log = SQLiteEventLog(tmp_path / "t.db", checkpoint_interval=0.01)
+    async with log:
+        await log.append("s", NewEvent("x", 1))
+        assert any(t.name.startswith("runstream-sqlite-checkpoint") for t in threading.enumerate())
+    assert log.checkpointer is None
+    assert not any(t.name.startswith("runstream-sqlite-checkpoint") for t in threading.enumerate())
+
+
+def test_a_checkpoint_interval_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="checkpoint_interval"):
+        SQLiteEventLog(tmp_path / "x.db", checkpoint_interval=0)
+
+
+def test_a_failing_checkpoint_is_logged_once_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)
+    broken.close()  # every statement now fails with sqlite3.ProgrammingError
+    commits = 3
+    checkpointer = Checkpointer(broken, lambda: commits, interval=0.5, name="test-checkpoint")
+    with caplog.at_level(logging.WARNING, logger="runstream.backends"):
+        checkpointer.run_once()
+        checkpointer.run_once()
+        assert (checkpointer.failures, checkpointer.covered) == (2, 0)
+        assert len(caplog.records) == 1 and "checkpoint failed" in caplog.records[0].message
+        checkpointer.conn = sqlite3.connect(tmp_path / "f.db", check_same_thread=False)
+        checkpointer.run_once()
+    assert (checkpointer.checkpoints, checkpointer.covered) == (1, 3)
+    assert "works again after 2 failures" in caplog.records[-1].message
+    checkpointer.close()  # never started: closes the connection only
