@@ -1,4 +1,5 @@
-"""The SQLite log's checkpointer: the WAL is copied into the file off the writer thread."""
+"""The SQLite log's helpers: the checkpointer (the WAL is copied into the file off the
+writer thread) and the write lock the log and the run store share."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from runstream.backends.sqlite.helpers import Checkpointer
+from runstream.backends.sqlite.helpers import Checkpointer, write_lock
 from runstream.backends.sqlite.log import SQLiteEventLog
+from runstream.backends.sqlite.runstore import SQLiteRunStore
 from runstream.core.model import NewEvent
 from runstream.errors import ConfigError
+from runstream.runs.model import RunRecord, new_run_id
 
 LINE = "y" * 50_000
 
@@ -116,3 +119,40 @@ def test_a_failing_checkpoint_is_logged_once_and_retried(
     assert (checkpointer.checkpoints, checkpointer.covered) == (1, 3)
     assert "works again after 2 failures" in caplog.records[-1].message
     checkpointer.close()  # never started: closes the connection only
+
+
+# -- the in-process write lock ------------------------------------------------------------
+
+
+def test_every_writer_of_one_file_gets_the_same_lock(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "sub")
+    lock = write_lock(tmp_path / "sub" / "x.db")
+    assert write_lock(str(tmp_path / "link" / "x.db")) is lock
+    assert write_lock(tmp_path / "sub" / ".." / "sub" / "x.db") is lock
+    assert write_lock(tmp_path / "other.db") is not lock
+
+
+async def test_the_log_and_the_run_store_take_turns_on_the_write_lock(tmp_path: Path) -> None:
+    # Queued on the lock, not sleeping in SQLite's busy handler: both writes wait
+    # while it is held, and go through as soon as it is released.
+    db = tmp_path / "l.db"
+    store = SQLiteRunStore(db)
+    async with SQLiteEventLog(db) as log:
+        await store.start()
+        try:
+            record = RunRecord(new_run_id(), "t", {}, "queued", time.time())
+            lock = write_lock(db)
+            lock.acquire()
+            try:
+                append = asyncio.ensure_future(log.append("s", NewEvent("x", 1)))
+                create = asyncio.ensure_future(store.create(record))
+                await asyncio.sleep(0.05)  # a negative check: nothing to await
+                assert not append.done() and not create.done()
+            finally:
+                lock.release()
+            assert (await append).last_id == 1
+            await create
+            assert (await store.get(record.id)).status == "queued"
+        finally:
+            await store.aclose()

@@ -1,5 +1,12 @@
-"""The SQLite log's helpers next to its writer thread: read connections and checkpoints.
+"""The SQLite log's helpers next to its writer thread: read connections, checkpoints
+and the in-process write lock.
 
+* :func:`write_lock` is the lock every writer of one file in this process (the log's
+  writer thread, the run store's thread) holds around its write transactions. Without
+  it, the second one to ``BEGIN IMMEDIATE`` gets ``SQLITE_BUSY`` and sleeps in SQLite's
+  busy handler (1 ms, then 2, then 5 ...) however soon the first commits: an append
+  behind a run store transaction of 1.5 ms waited 3 ms or more. Across processes the
+  busy handler still decides.
 * :class:`ReaderPool` hands read connections to pool threads, one thread at a time.
 * :class:`Checkpointer` copies the WAL into the database file on a thread of its own.
   SQLite's automatic checkpoint runs inside a commit, on the writer thread, after
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -25,11 +33,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-__all__ = ["Checkpointer", "ReaderPool"]
+__all__ = ["Checkpointer", "ReaderPool", "write_lock"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("runstream.backends")
+
+_write_locks: dict[str, threading.Lock] = {}
+_write_locks_guard = threading.Lock()
+
+
+def write_lock(path: str | os.PathLike[str]) -> threading.Lock:
+    """The lock this process's writers of the SQLite file ``path`` share (see module doc)."""
+    key = os.path.realpath(path)
+    with _write_locks_guard:
+        return _write_locks.setdefault(key, threading.Lock())
 
 
 @dataclass(slots=True)

@@ -53,7 +53,7 @@ from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.durable import KEY_PREFIX
-from runstream.backends.sqlite.helpers import Checkpointer, ReaderPool
+from runstream.backends.sqlite.helpers import Checkpointer, ReaderPool, write_lock
 from runstream.backends.sqlite.migrate import migrate
 from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.sql import (
@@ -177,6 +177,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         self.poll_interval = poll_interval
         self.readers = readers
         self.checkpoint_interval = checkpoint_interval
+        self._write_lock = write_lock(self.path)
         self.commits = 0
         self.json_each = False
         """Whether this SQLite has ``json_each`` (checked by :meth:`start`): encoded
@@ -479,17 +480,18 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         so the writer thread survives to serve the next group.
         """
         outcomes: list[_Outcome] = []
-        try:
-            failed = self._run_requests(conn, batch, outcomes)
-            if failed is None and conn.in_transaction:
-                conn.execute("COMMIT")
-                self.commits += 1
-        except Exception as exc:
-            failed = self._wrap(exc)
-        if failed is not None:
-            if conn.in_transaction:
+        with self._write_lock:  # shared with this process's run store (see .helpers)
+            try:
+                failed = self._run_requests(conn, batch, outcomes)
+                if failed is None and conn.in_transaction:
+                    conn.execute("COMMIT")
+                    self.commits += 1
+            except Exception as exc:
+                failed = self._wrap(exc)
+            if failed is not None and conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+        if failed is not None:
             for outcome in outcomes:
                 if outcome.error is None:
                     outcome.error = failed

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runstream.backends.sqlite.helpers import write_lock
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.errors import (
     BackendError,
@@ -117,6 +118,7 @@ class SQLiteRunStore(RunStore):
     def __init__(self, path: str | Path, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> None:
         self.path = str(path)
         self.busy_timeout = busy_timeout
+        self._write_lock = write_lock(self.path)
         self._conn: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._start_lock = asyncio.Lock()
@@ -202,7 +204,9 @@ class SQLiteRunStore(RunStore):
             # The close was the thread's last job: it is idle, nothing to wait for.
             executor.shutdown(wait=False)
 
-    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
+        """Run ``fn`` on the store's thread; a ``write`` holds this process's write lock
+        of the file (shared with the event log's writer, see :func:`.helpers.write_lock`)."""
         if self._conn is None:
             await self.start()
         conn, executor = self._conn, self._executor
@@ -211,6 +215,9 @@ class SQLiteRunStore(RunStore):
 
         def call() -> T:
             try:
+                if write:
+                    with self._write_lock:
+                        return fn(conn)
                 return fn(conn)
             except sqlite3.Error as exc:
                 if conn.in_transaction:
@@ -244,7 +251,7 @@ class SQLiteRunStore(RunStore):
             except sqlite3.IntegrityError:
                 raise ValidationError(f"run {record.id} already exists", field="id") from None
 
-        await self._run(insert)
+        await self._run(insert, write=True)
         return record
 
     async def get(self, run_id: str) -> RunRecord:
@@ -270,7 +277,7 @@ class SQLiteRunStore(RunStore):
             conn.execute("COMMIT")
             return updated
 
-        return await self._run(cas)
+        return await self._run(cas, write=True)
 
     async def stats(self) -> dict[str, float]:
         def count(conn: sqlite3.Connection) -> dict[str, float]:
@@ -290,7 +297,7 @@ class SQLiteRunStore(RunStore):
             conn.execute("COMMIT")
             return record
 
-        return await self._run(remove)
+        return await self._run(remove, write=True)
 
     async def delete_many(
         self, run_ids: Iterable[str], *, expect: Iterable[RunStatus] = DELETABLE
@@ -318,7 +325,7 @@ class SQLiteRunStore(RunStore):
             conn.execute("COMMIT")
             return removed
 
-        return await self._run(remove)
+        return await self._run(remove, write=True)
 
     async def _set_extra(
         self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
@@ -337,14 +344,14 @@ class SQLiteRunStore(RunStore):
             conn.execute("COMMIT")
             return self._select(conn, run_id)
 
-        return await self._run(update)
+        return await self._run(update, write=True)
 
     async def request_cancel(self, run_id: str) -> RunRecord:
         def mark(conn: sqlite3.Connection) -> RunRecord:
             conn.execute("UPDATE runs SET cancel_requested = 1 WHERE id = ?", (run_id,))
             return self._select(conn, run_id)
 
-        return await self._run(mark)
+        return await self._run(mark, write=True)
 
     async def list(
         self,
