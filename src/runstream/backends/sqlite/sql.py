@@ -33,8 +33,8 @@ RECLAIM_STEP = 64
 """Free pages returned to the file system per write transaction (``incremental_vacuum``).
 
 Small because an append queued behind a step waits for all of it: in the soak bench a
-step of 256 pages took 6-7 ms while deletions filled the WAL; steps of 64 took 0.3-0.8 ms
-(p50), 1.7 ms at most."""
+step of 256 pages took 6-7 ms; one of 64 takes 1.2 ms (p50, commit included), 2.9 ms at
+p99."""
 
 DEFAULT_BUSY_TIMEOUT = 5.0
 """Seconds a connection waits for another process's lock before giving up."""
