@@ -51,11 +51,12 @@ def children(pid: int) -> list[int]:
 def connections_of(pid: int, port: int, state: str = "01") -> int:
     """TCP sockets of a process on local port ``port`` in ``state`` (01 established, 0A listen)."""
     inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            link = os.readlink(fd)
-            if link.startswith("socket:["):
-                inodes.add(link[8:-1])
+    with contextlib.suppress(FileNotFoundError):  # a process that has gone has no sockets
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
@@ -69,22 +70,24 @@ def connections_of(pid: int, port: int, state: str = "01") -> int:
 
 @pytest.fixture
 def serve_processes(tmp_path: Path) -> Iterator[object]:
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
 
     def start(backend: str, *extra: str, config: Path | None = None) -> tuple[int, int]:
         port = free_port()
         env = cli_env({"RUNSTREAM_CONFIG": str(config)} if config else None)
-        proc = subprocess.Popen(
-            [*CLI, "serve", "--backend", backend, "--port", str(port), *extra],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        procs.append(proc)
+        log = tmp_path / f"serve-{port}.log"  # the servers' output, shown when one fails
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [*CLI, "serve", "--backend", backend, "--port", str(port), *extra],
+                cwd=tmp_path,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        procs.append((proc, log))
         deadline = time.monotonic() + 30
         while True:
-            assert proc.poll() is None, "the server exited"
+            assert proc.poll() is None, f"the server exited:\n{log.read_text()}"
             try:
                 healthy = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).is_success
                 kids = children(proc.pid)
@@ -93,19 +96,21 @@ def serve_processes(tmp_path: Path) -> Iterator[object]:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < deadline, "the server did not start"
+            assert time.monotonic() < deadline, f"the server did not start:\n{log.read_text()}"
             time.sleep(0.05)
         return proc.pid, port
 
     yield start
-    for proc in procs:
+    for proc, log in procs:
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        assert proc.returncode in (0, -signal.SIGKILL), f"serve exited with {proc.returncode}"
+        assert proc.returncode in (0, -signal.SIGKILL), (
+            f"serve exited with {proc.returncode}:\n{log.read_text()}"
+        )
 
 
 async def _subscriber(port: int, stream: str, n: int, opened: asyncio.Event) -> list[int]:
