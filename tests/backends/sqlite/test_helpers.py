@@ -1,5 +1,6 @@
 """The SQLite log's helpers: the checkpointer (the WAL is copied into the file off the
-writer thread) and the write lock the log and the run store share."""
+writer thread), the write lock the log and the run store share, and the switch to WAL
+mode of a file another process is opening at the same time."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runstream.backends.sqlite.helpers import Checkpointer, write_lock
+from runstream.backends.sqlite.helpers import Checkpointer, switch_to_wal, write_lock
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.backends.sqlite.runstore import SQLiteRunStore
 from runstream.core.model import NewEvent
@@ -75,17 +76,41 @@ async def test_the_writer_never_checkpoints_inside_a_commit(tmp_path: Path) -> N
 
 async def test_the_wal_starts_over_once_checkpointed_instead_of_growing(tmp_path: Path) -> None:
     db = tmp_path / "g.db"
-    async with SQLiteEventLog(db, checkpoint_interval=0.01) as log:
+    # The checkpoint is run by hand: with the thread running every few ms, one of its
+    # checkpoints may hold the WAL just when the writer could start it over (it then
+    # starts over a few appends later, and the file keeps their size on a slow machine).
+    async with SQLiteEventLog(db, checkpoint_interval=3600) as log:
+        assert log.checkpointer is not None
         for _ in range(40):  # ~2 MiB
             await log.append("s", NewEvent("x", LINE))
-        await checkpointed(log)
+        await asyncio.to_thread(log.checkpointer.run_once)
         first = wal_bytes(db)
         for _ in range(40):
             await log.append("s", NewEvent("x", LINE))
         # The second half overwrote the first half's frames rather than following them.
         assert wal_bytes(db) < first * 1.5
-        await checkpointed(log)
+        await asyncio.to_thread(log.checkpointer.run_once)
         assert events_in_file_alone(db, tmp_path) == 80
+
+
+async def test_a_checkpoint_a_reader_held_back_is_finished_without_new_commits(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "r.db"
+    async with SQLiteEventLog(db, checkpoint_interval=3600) as log:
+        assert log.checkpointer is not None
+        await log.append("s", NewEvent("x", 1))
+        reader = sqlite3.connect(db, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM events").fetchall()  # a snapshot of 1 event
+        await log.append("s", NewEvent("x", 2))
+        await asyncio.to_thread(log.checkpointer.run_once)
+        assert log.checkpointer.covered < log.commits, "the reader's snapshot held frames back"
+        reader.execute("COMMIT")
+        reader.close()
+        await asyncio.to_thread(log.checkpointer.run_once)  # nothing committed since
+        assert log.checkpointer.covered == log.commits
+        assert events_in_file_alone(db, tmp_path) == 2
 
 
 async def test_close_stops_the_checkpointer_thread(tmp_path: Path) -> None:
@@ -156,3 +181,47 @@ async def test_the_log_and_the_run_store_take_turns_on_the_write_lock(tmp_path: 
             assert (await store.get(record.id)).status == "queued"
         finally:
             await store.aclose()
+
+
+def locked_new_file(path: Path) -> sqlite3.Connection:
+    """A file not yet in WAL mode with a write transaction open on it, as another server
+    process leaves it while it creates its tables."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE other (x)")
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+@pytest.mark.parametrize("opener", [SQLiteEventLog, SQLiteRunStore])
+async def test_a_new_file_another_process_is_writing_is_waited_for_not_refused(
+    tmp_path: Path, opener: type[SQLiteEventLog] | type[SQLiteRunStore]
+) -> None:
+    # SQLite refuses the switch to WAL at once here, without its busy handler: one of two
+    # `serve --processes 2` children starting on a new file used to exit.
+    path = tmp_path / "new.db"
+    holder = locked_new_file(path)
+    opened = opener(path)
+    start = asyncio.ensure_future(opened.start())
+    await asyncio.sleep(0.2)  # long enough to meet the lock (it used to fail at once)
+    assert not start.done(), "start gave up while the other connection held the file"
+    holder.execute("ROLLBACK")
+    holder.close()
+    await start
+    try:
+        mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+        assert mode == "wal"
+    finally:
+        await opened.aclose()
+
+
+def test_the_switch_to_wal_gives_up_after_the_busy_timeout(tmp_path: Path) -> None:
+    holder = locked_new_file(tmp_path / "held.db")
+    conn = sqlite3.connect(tmp_path / "held.db", isolation_level=None, timeout=0)
+    started = time.monotonic()
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        switch_to_wal(conn, 0.1)
+    assert time.monotonic() - started >= 0.05
+    holder.execute("ROLLBACK")
+    assert switch_to_wal(conn, 0.1) == "wal"
+    conn.close()
+    holder.close()

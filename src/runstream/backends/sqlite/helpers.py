@@ -7,6 +7,8 @@ and the in-process write lock.
   busy handler (1 ms, then 2, then 5 ...) however soon the first commits: an append
   behind a run store transaction of 1.5 ms waited 3 ms or more. Across processes the
   busy handler still decides.
+* :func:`switch_to_wal` puts a file in WAL mode, waiting for the other connections
+  that hold it as the busy timeout says (SQLite itself refuses at once).
 * :class:`ReaderPool` hands read connections to pool threads, one thread at a time.
 * :class:`Checkpointer` copies the WAL into the database file on a thread of its own.
   SQLite's automatic checkpoint runs inside a commit, on the writer thread, after
@@ -29,11 +31,12 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-__all__ = ["Checkpointer", "ReaderPool", "write_lock"]
+__all__ = ["Checkpointer", "ReaderPool", "switch_to_wal", "write_lock"]
 
 T = TypeVar("T")
 
@@ -48,6 +51,31 @@ def write_lock(path: str | os.PathLike[str]) -> threading.Lock:
     key = os.path.realpath(path)
     with _write_locks_guard:
         return _write_locks.setdefault(key, threading.Lock())
+
+
+def switch_to_wal(conn: sqlite3.Connection, timeout: float) -> str:
+    """``PRAGMA journal_mode = WAL`` on ``conn``; the journal mode now in effect.
+
+    Switching a file that is not yet in WAL mode needs it to itself, and while another
+    connection holds a write lock on it SQLite answers ``database is locked`` at once,
+    without calling the busy handler: two server processes starting on one new file
+    (``serve --processes``) made one of them fail. Retried every few milliseconds
+    until ``timeout`` seconds have passed, then the error is raised.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            busy = (getattr(exc, "sqlite_errorcode", 0) & 0xFF) in (
+                sqlite3.SQLITE_BUSY,
+                sqlite3.SQLITE_LOCKED,
+            )
+            if not busy or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 @dataclass(slots=True)
@@ -85,9 +113,10 @@ class Checkpointer:
     """A thread running ``PRAGMA wal_checkpoint(PASSIVE)`` after commits; see the module doc.
 
     ``commits`` reads the writer's commit counter; a checkpoint runs only when it moved.
-    ``covered`` is the counter's value when the last finished checkpoint started: every
-    commit up to it is in the database file, unless a reader held frames back (then
-    the next checkpoint copies them). Errors are logged and retried next time.
+    ``covered`` is the counter's value when the last complete checkpoint started: every
+    commit up to it is in the database file. A checkpoint a reader held back (it could
+    not copy the frames the reader's snapshot predates) leaves it, so the next interval
+    tries again even if nothing was committed since. Errors are logged and retried.
     """
 
     def __init__(
@@ -124,7 +153,8 @@ class Checkpointer:
         if seen == self.covered:
             return
         try:
-            self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # (busy, frames in the WAL, frames copied); -1s when the file is not in WAL mode
+            _busy, frames, copied = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             self.failures += 1
             if not self._failing:  # once per spell of failures, not every interval
@@ -135,7 +165,8 @@ class Checkpointer:
             log.warning("sqlite checkpoint works again after %d failures", self.failures)
         self._failing = False
         self.checkpoints += 1
-        self.covered = seen
+        if copied >= frames:  # else a reader held frames back: try again next interval
+            self.covered = seen
 
     def _main(self) -> None:
         while not self._stop.wait(self.interval):

@@ -53,7 +53,12 @@ from typing import Any, Generic, Literal, TypeAlias, TypeVar
 
 from runstream.backends.base import EventLog, events_from_rows
 from runstream.backends.durable import KEY_PREFIX
-from runstream.backends.sqlite.helpers import Checkpointer, ReaderPool, write_lock
+from runstream.backends.sqlite.helpers import (
+    Checkpointer,
+    ReaderPool,
+    switch_to_wal,
+    write_lock,
+)
 from runstream.backends.sqlite.migrate import migrate
 from runstream.backends.sqlite.space import SpaceMixin
 from runstream.backends.sqlite.sql import (
@@ -259,7 +264,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         except sqlite3.Error as exc:
             raise self._error(exc) from exc
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = switch_to_wal(conn, self.busy_timeout)
             if str(mode).lower() != "wal":
                 raise BackendError(
                     f"sqlite database {self.path!r} could not switch to WAL mode (got {mode!r})"

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runstream.backends.sqlite.helpers import write_lock
+from runstream.backends.sqlite.helpers import switch_to_wal, write_lock
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.errors import (
     BackendError,
@@ -151,7 +151,7 @@ class SQLiteRunStore(RunStore):
             raise BackendUnavailable(f"cannot open sqlite database {self.path!r}: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = switch_to_wal(conn, self.busy_timeout)
             if str(mode).lower() != "wal":
                 raise BackendError(f"sqlite database {self.path!r} could not switch to WAL mode")
             conn.execute("PRAGMA synchronous = FULL")
