@@ -12,6 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,7 +29,7 @@ from runstream.runs.retention import (
     RunRetention,
     StreamRetention,
 )
-from runstream.runs.store import RunStore
+from runstream.runs.store import EndedRun, RunStore
 
 ENGINES = ["memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis)]
 HOUR = 3600.0
@@ -41,8 +42,11 @@ class Engine:
     log: EventLog
     lifecycle: Lifecycle
 
-    async def run(self, task: str = "t", *, end: str | None = "succeeded") -> RunRecord:
-        """A run through the lifecycle: queued, then running and ``end`` (None: running)."""
+    async def run(
+        self, task: str = "t", *, end: str | None = "succeeded", ago: float = 0.0
+    ) -> RunRecord:
+        """A run through the lifecycle: queued, then running and ``end`` (None: running),
+        finished ``ago`` seconds ago."""
         record = RunRecord(
             id=new_run_id(), task=task, params={}, status="queued", created_at=time.time()
         )
@@ -58,7 +62,7 @@ class Engine:
             record.id,
             "running",
             end,
-            finished_at=time.time(),
+            finished_at=time.time() - ago,
             exit_code=0,  # type: ignore[arg-type]
         )
 
@@ -190,6 +194,45 @@ async def test_a_task_override_replaces_the_global_rule_for_its_runs(engine: Eng
     assert [await engine.exists(r.id) for r in short] == [False, False, True]
 
 
+async def test_age_overrides_shorter_and_longer_than_the_global_rule(engine: Engine) -> None:
+    plain = await engine.run("plain")
+    short = await engine.run("short")
+    long = await engine.run("long")
+    policy = RetentionPolicy(
+        runs=RunRetention(max_age=HOUR),
+        tasks={"short": RunRetention(max_age=HOUR / 4), "long": RunRetention(max_age=10 * HOUR)},
+    )
+
+    assert (await engine.retention(policy, later=HOUR / 2).sweep()).runs == 1
+    assert [await engine.exists(r.id) for r in (plain, short, long)] == [True, False, True]
+    assert (await engine.retention(policy, later=2 * HOUR).sweep()).runs == 1
+    assert [await engine.exists(r.id) for r in (plain, long)] == [False, True]
+
+
+async def test_with_age_limits_only_a_pass_reads_just_the_runs_it_deletes(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # However many runs are kept, a pass's work follows what it deletes.
+    old = [await engine.run(ago=2 * HOUR) for _ in range(3)]
+    kept = [await engine.run() for _ in range(5)]
+    read: list[str] = []
+    ended = engine.store.ended
+
+    async def spy(**kw: Any) -> tuple[list[EndedRun], str | None]:
+        page, cursor = await ended(**kw)
+        read.extend(r.id for r in page)
+        return page, cursor
+
+    monkeypatch.setattr(engine.store, "ended", spy)
+    result = await engine.retention(
+        RetentionPolicy(runs=RunRetention(max_age=HOUR)), later=0
+    ).sweep()
+
+    assert result.runs == 3
+    assert sorted(read) == sorted(r.id for r in old)
+    assert [await engine.exists(r.id) for r in kept] == [True] * 5
+
+
 # -- streams -------------------------------------------------------------------------
 
 
@@ -246,3 +289,20 @@ async def test_a_closed_run_stream_without_its_run_is_removed_as_an_orphan(
 
     assert result.orphans == 1
     assert not await engine.stream_exists(record.id)
+
+
+async def test_orphans_are_found_on_every_page_of_streams(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "_STREAM_PAGE", 2)
+    runs = [await engine.run() for _ in range(6)]
+    running = await engine.run(end=None)
+    orphans = runs[::2]
+    for record in orphans:
+        await engine.store.delete(record.id)
+
+    result = await engine.retention(RetentionPolicy(), later=0).sweep()
+
+    assert result.orphans == len(orphans)
+    assert [await engine.stream_exists(r.id) for r in runs] == [False, True] * 3
+    assert await engine.exists(running.id)

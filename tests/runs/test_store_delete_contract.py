@@ -1,4 +1,5 @@
-"""The RunStore contract for deleting runs and noting why they wait, on every engine.
+"""The RunStore contract for deleting runs, reading what retention may delete (``ended``,
+``missing``) and noting why runs wait, on every engine.
 
 Kept apart from ``test_store_contract.py`` (which is at the module size limit);
 the same ``run_store`` fixture runs it on memory, SQLite and Redis.
@@ -7,12 +8,13 @@ the same ``run_store`` fixture runs it on memory, SQLite and Redis.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from runstream.errors import IllegalTransition, RunNotFound, ValidationError
 from runstream.runs.lifecycle import ALL_STATUSES, FINISHED, RunStatus
-from runstream.runs.store import RunStore
+from runstream.runs.store import EndedRun, RunStore
 from tests.runs.conftest import RunStores
 from tests.runs.test_store_contract import make, run_in
 
@@ -116,3 +118,86 @@ async def test_delete_many_removes_the_ended_runs_and_skips_the_rest(run_store: 
     assert sorted(r.id for r in removed) == sorted(r.id for r in ended)
     assert sorted(r.id for r in (await run_store.list())[0]) == sorted(r.id for r in live)
     assert await run_store.delete_many([ended[0].id]) == []
+
+
+# -- ended and missing (what a retention pass reads) ---------------------------------
+
+
+async def ended_at(store: RunStore, status: RunStatus, finished_at: float | None, **kw: Any) -> str:
+    """A run brought from ``running`` to ``status``, with ``finished_at`` if given."""
+    record = await run_in(store, "running", **kw)
+    fields = {} if finished_at is None else {"finished_at": finished_at}
+    return (await store.transition(record.id, status, **fields)).id
+
+
+async def all_ended(store: RunStore, limit: int, **filters: Any) -> list[EndedRun]:
+    seen: list[EndedRun] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = await store.ended(limit=limit, cursor=cursor, **filters)
+        assert len(page) <= limit
+        seen.extend(page)
+        if cursor is None:
+            return seen
+        assert len(page) == limit, "a page with a next cursor is full"
+        assert len(seen) < 10_000, "the cursors never end"
+
+
+async def test_ended_lists_only_runs_that_ended_newest_first_with_their_times(
+    run_store: RunStore,
+) -> None:
+    t = 1_700_000_000.0
+    ended = [
+        await ended_at(run_store, status, t + 100 + i, created_at=t + i)
+        for i, status in enumerate(sorted(FINISHED - {"lost"}))
+    ]
+    for i, status in enumerate(["queued", "running"]):
+        await run_in(run_store, status, created_at=t + 50 + i)
+
+    runs = await all_ended(run_store, 2)
+
+    assert [r.id for r in runs] == ended[::-1]
+    for r in runs:
+        record = await run_store.get(r.id)
+        assert r == EndedRun.of(record)
+        assert (r.task, r.status, r.finished_at) == ("t", record.status, record.finished_at)
+
+
+async def test_ended_filters_by_task_and_by_when_the_run_finished(run_store: RunStore) -> None:
+    t = 1_700_000_000.0
+    early = await ended_at(run_store, "succeeded", t + 10, created_at=t)
+    late = await ended_at(run_store, "failed", t + 1000, created_at=t + 1)
+    other = await ended_at(run_store, "succeeded", t + 10, created_at=t + 2, task="other")
+    no_end_time = await ended_at(run_store, "cancelled", None, created_at=t + 3)
+
+    assert [r.id for r in await all_ended(run_store, 10, task="t")] == [no_end_time, late, early]
+    # Without a finished_at, the run counts as finished when it was created.
+    before = await all_ended(run_store, 10, finished_before=t + 11)
+    assert [r.id for r in before] == [no_end_time, other, early]
+    assert [r.id for r in await all_ended(run_store, 1, task="t", finished_before=t + 11)] == [
+        no_end_time,
+        early,
+    ]
+    assert await all_ended(run_store, 10, finished_before=t) == []
+
+
+async def test_ended_refuses_bad_arguments(run_store: RunStore) -> None:
+    for bad in ({"limit": 0}, {"finished_before": float("nan")}, {"cursor": "nope"}):
+        with pytest.raises(ValidationError):
+            await run_store.ended(**bad)  # type: ignore[arg-type]
+
+
+async def test_missing_names_the_ids_without_a_run(run_store: RunStore) -> None:
+    kept = await run_in(run_store, "succeeded")
+    gone = await run_in(run_store, "failed")
+    await run_store.delete(gone.id)
+
+    assert await run_store.missing([kept.id, gone.id, "run-never", gone.id]) == {
+        gone.id,
+        "run-never",
+    }
+    assert await run_store.missing([]) == set()
+    many = [f"run-x{i}" for i in range(1200)]  # more than one engine query or round trip
+    assert await run_store.missing([*many, kept.id]) == set(many)
+    with pytest.raises(ValidationError):
+        await run_store.missing([kept.id, 7])  # type: ignore[list-item]

@@ -69,7 +69,18 @@ FeedKind: TypeAlias = Literal["created", "status", "ended"]
 _STATUS_RANK: dict[RunStatus, int] = {"queued": 1, "running": 2, "lost": 3}
 
 
-def is_final(record: RunRecord, now: float) -> bool:
+class _Ended(Protocol):
+    """What :func:`is_final` reads: a :class:`RunRecord` or a store's ``EndedRun``."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def finished_at(self) -> float | None: ...
+
+
+def is_final(record: _Ended, now: float) -> bool:
     """Whether nothing more will happen to ``record``, as far as its record tells.
 
     A ``lost`` run is final once it has stayed ``lost`` for :data:`LOST_SETTLED`

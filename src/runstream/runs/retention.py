@@ -43,15 +43,14 @@ from runstream.core.model import SYSTEM_PREFIX, StreamInfo
 from runstream.errors import (
     ConfigError,
     HistoryLost,
-    RunNotFound,
     RunstreamError,
     StreamNotFound,
     ValidationError,
 )
 from runstream.runs.feed import RUN_FEED, is_final
 from runstream.runs.lifecycle import FINISHED, Lifecycle
-from runstream.runs.model import RUN_ID_RE, RunRecord
-from runstream.runs.store import RunStore
+from runstream.runs.model import RUN_ID_RE
+from runstream.runs.store import EndedRun, RunStore
 
 __all__ = [
     "DELETE_BATCH",
@@ -220,10 +219,13 @@ def parse_time(value: str | float, *, field: str = "before") -> float:
     return number
 
 
-def expired_runs(records: list[RunRecord], policy: RetentionPolicy, now: float) -> list[RunRecord]:
-    """The runs of ``records`` (newest first) that ``policy`` removes at ``now``. Pure."""
+def expired_runs(records: list[EndedRun], policy: RetentionPolicy, now: float) -> list[EndedRun]:
+    """The runs of ``records`` (newest first) that ``policy`` removes at ``now``. Pure.
+
+    ``max_runs`` counts every ended run of a task that ``records`` holds: give it all of
+    them when a count rule applies (:meth:`Retention.candidates` does)."""
     kept: Counter[str] = Counter()
-    out: list[RunRecord] = []
+    out: list[EndedRun] = []
     for record in records:
         if record.status not in FINISHED or not is_final(record, now):
             continue
@@ -231,8 +233,7 @@ def expired_runs(records: list[RunRecord], policy: RetentionPolicy, now: float) 
         if rule.empty:
             continue
         kept[record.task] += 1
-        finished = record.finished_at if record.finished_at is not None else record.created_at
-        too_old = rule.max_age is not None and now - finished > rule.max_age
+        too_old = rule.max_age is not None and now - record.ended_at > rule.max_age
         too_many = rule.max_runs is not None and kept[record.task] > rule.max_runs
         if too_old or too_many:
             out.append(record)
@@ -278,9 +279,8 @@ class Retention:
             result = SweepResult()
             try:
                 now = self.clock()
-                records = await self._all_runs()
-                await self._runs(records, now, result)
-                await self._streams({r.id for r in records}, now, result)
+                await self._runs(await self.candidates(now), result)
+                await self._streams(now, result)
                 await self._feed(result)
                 if result.runs or result.streams or result.orphans or result.feed_events:
                     result.pages_reclaimed = await self.log.reclaim_space()
@@ -294,17 +294,36 @@ class Retention:
                 log.info("retention: %s", result.to_json())
             return result
 
-    async def _all_runs(self) -> list[RunRecord]:
-        records: list[RunRecord] = []
-        cursor: str | None = None
-        while True:
-            page, cursor = await self.store.list(limit=RUN_PAGE, cursor=cursor)
-            records.extend(page)
-            if cursor is None:
-                return records
+    async def candidates(self, now: float) -> list[EndedRun]:
+        """The runs the policy removes at ``now``, read with :meth:`RunStore.ended`.
 
-    async def _runs(self, records: list[RunRecord], now: float, result: SweepResult) -> None:
-        expired = [r.id for r in expired_runs(records, self.policy, now)]
+        With age limits only, each rule asks for its task's runs (every task's, for the
+        global rule) that ended before its cutoff: a pass reads about what it deletes,
+        however many runs are kept. A count limit needs every ended run of the task
+        counted, so then every ended run is read (a few fields each).
+        """
+        policy = self.policy
+        rules = [(None, policy.runs), *policy.tasks.items()]
+        queries: list[tuple[str | None, float | None]]
+        if any(rule.max_runs is not None for _, rule in rules):
+            queries = [(None, None)]
+        else:
+            queries = [(task, now - r.max_age) for task, r in rules if r.max_age is not None]
+        found: dict[str, EndedRun] = {}
+        for task, before in queries:
+            cursor: str | None = None
+            while True:
+                page, cursor = await self.store.ended(
+                    task=task, finished_before=before, limit=RUN_PAGE, cursor=cursor
+                )
+                found.update((run.id, run) for run in page)
+                if cursor is None:
+                    break
+        newest_first = sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)
+        return expired_runs(newest_first, policy, now)
+
+    async def _runs(self, runs: list[EndedRun], result: SweepResult) -> None:
+        expired = [r.id for r in runs]
         for start in range(0, len(expired), DELETE_BATCH):
             try:
                 removed, failed = await self.lifecycle.delete_many(
@@ -317,7 +336,7 @@ class Retention:
             result.runs += len(removed)
             result.errors += failed
 
-    async def _streams(self, known: set[str], now: float, result: SweepResult) -> None:
+    async def _streams(self, now: float, result: SweepResult) -> None:
         rule = self.policy.streams
         start_after = ""
         while True:
@@ -325,12 +344,21 @@ class Retention:
             if not page:
                 return
             start_after = page[-1].name
+            # A closed run stream whose record is gone is an orphan (a deletion that
+            # stopped halfway); asked of the store once per page.
+            closed_runs = [i.name for i in page if i.closed and RUN_ID_RE.fullmatch(i.name)]
+            try:
+                orphans = await self.store.missing(closed_runs) if closed_runs else set()
+            except RunstreamError as exc:
+                result.errors += 1
+                log.warning("retention: could not look for orphan run streams: %s", exc)
+                orphans = set()
             for info in page:
                 if info.name.startswith(SYSTEM_PREFIX):
                     continue
                 try:
                     if RUN_ID_RE.fullmatch(info.name):
-                        if info.name not in known and await self._orphan(info):
+                        if info.name in orphans:
                             await self.log.delete(info.name)
                             result.orphans += 1
                     elif not rule.empty and await self._stream_expired(info, rule, now):
@@ -341,17 +369,6 @@ class Retention:
                 except RunstreamError as exc:
                     result.errors += 1
                     log.warning("retention: could not delete stream %r: %s", info.name, exc)
-
-    async def _orphan(self, info: StreamInfo) -> bool:
-        """Whether a run stream not among the runs listed is an orphan: closed, and its
-        record really is gone (not a run created after the listing)."""
-        if not info.closed:
-            return False
-        try:
-            await self.store.get(info.name)
-        except RunNotFound:
-            return True
-        return False
 
     async def _stream_expired(self, info: StreamInfo, rule: StreamRetention, now: float) -> bool:
         closed_at = info.closed_at

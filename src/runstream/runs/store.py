@@ -131,6 +131,27 @@ def check_list_args(status: str | None, limit: int) -> None:
         raise ValidationError(f"limit must be 1-{MAX_LIST_LIMIT}", field="limit")
 
 
+def check_ended_args(task: str | None, finished_before: float | None, limit: int) -> None:
+    """Refuse (:class:`ValidationError`) what :meth:`RunStore.ended` cannot take."""
+    check_list_args(None, limit)
+    if task is not None and not isinstance(task, str):
+        raise ValidationError("task must be a string", field="task")
+    if finished_before is not None and (
+        isinstance(finished_before, bool)
+        or not isinstance(finished_before, int | float)
+        or not math.isfinite(finished_before)
+    ):
+        raise ValidationError("finished_before must be a finite number", field="finished_before")
+
+
+def check_ids(ids: Iterable[str]) -> list[str]:
+    """``ids`` without repeats, in order; :class:`ValidationError` if one is not a string."""
+    out = list(dict.fromkeys(ids))
+    if not all(isinstance(run_id, str) for run_id in out):
+        raise ValidationError("run ids must be strings", field="ids")
+    return out
+
+
 def encode_cursor(created_at: float, run_id: str) -> str:
     """The runs-list cursor after the run ``run_id`` created at ``created_at``."""
     return f"{created_at!r}|{run_id}"
@@ -175,6 +196,26 @@ JSON_FIELDS = frozenset({"params", "extra"})
 
 DELETABLE: frozenset[RunStatus] = FINISHED
 """Statuses in which a run may be deleted: it has ended (never ``queued`` or ``running``)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EndedRun:
+    """What a retention pass reads of a run that ended (:meth:`RunStore.ended`)."""
+
+    id: str
+    task: str
+    status: RunStatus
+    created_at: float
+    finished_at: float | None
+
+    @classmethod
+    def of(cls, record: RunRecord) -> EndedRun:
+        return cls(record.id, record.task, record.status, record.created_at, record.finished_at)
+
+    @property
+    def ended_at(self) -> float:
+        """When it finished; its creation time if that was not recorded."""
+        return self.finished_at if self.finished_at is not None else self.created_at
 
 
 def check_deletable(record: RunRecord, expect: frozenset[RunStatus]) -> None:
@@ -360,6 +401,35 @@ class RunStore(ABC):
         self, run_id: str, key: str, value: Any, expect: frozenset[RunStatus]
     ) -> RunRecord | None:
         """:meth:`set_extra` with its arguments checked, atomically."""
+
+    @abstractmethod
+    async def ended(
+        self,
+        *,
+        task: str | None = None,
+        finished_before: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[EndedRun], str | None]:
+        """Runs in an ended status (:data:`~runstream.runs.lifecycle.FINISHED`), newest
+        first and paged like :meth:`list`: only ``task``'s if given, and if
+        ``finished_before`` is given only those whose ``finished_at`` (``created_at``
+        when it is None) is earlier.
+
+        What a retention pass reads: the engine filters in the store and returns a few
+        fields, so a pass's work follows the runs it may delete, not every run kept.
+        Raises :class:`~runstream.errors.ValidationError` for a ``limit`` outside
+        1..:data:`MAX_LIST_LIMIT`, a non-finite ``finished_before`` or a bad cursor.
+        """
+
+    @abstractmethod
+    async def missing(self, ids: Iterable[str]) -> set[str]:
+        """The ids of ``ids`` that name no run (one store call per batch, not one per id).
+
+        A retention pass asks it of the closed run streams it finds: a stream whose
+        record is gone is an orphan. Raises :class:`~runstream.errors.ValidationError`
+        if an id is not a string.
+        """
 
     @abstractmethod
     async def list(

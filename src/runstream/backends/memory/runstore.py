@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from runstream.errors import RunNotFound, ValidationError
-from runstream.runs.lifecycle import RunStatus
+from runstream.runs.lifecycle import FINISHED, RunStatus
 from runstream.runs.model import RunRecord
 from runstream.runs.store import (
+    EndedRun,
     RunStore,
     apply_transition,
     check_deletable,
+    check_ended_args,
+    check_ids,
     check_list_args,
     check_new_record,
     decode_cursor,
@@ -92,6 +95,33 @@ class MemoryRunStore(RunStore):
             record = dataclasses.replace(record, cancel_requested=True)
             self._runs[run_id] = record
         return record
+
+    async def ended(
+        self,
+        *,
+        task: str | None = None,
+        finished_before: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[list[EndedRun], str | None]:
+        check_ended_args(task, finished_before, limit)
+        after = decode_cursor(cursor) if cursor is not None else None
+        page: list[EndedRun] = []
+        for record in sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True):
+            if after is not None and (record.created_at, record.id) >= after:
+                continue
+            if record.status not in FINISHED or (task is not None and record.task != task):
+                continue
+            run = EndedRun.of(record)
+            if finished_before is not None and run.ended_at >= finished_before:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(page[-1].created_at, page[-1].id)
+            page.append(run)
+        return page, None
+
+    async def missing(self, ids: Iterable[str]) -> set[str]:
+        return {run_id for run_id in check_ids(ids) if run_id not in self._runs}
 
     async def list(
         self,

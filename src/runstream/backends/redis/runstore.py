@@ -21,9 +21,10 @@ worker that runs it.
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -38,13 +39,22 @@ from runstream.errors import (
     RunNotFound,
     ValidationError,
 )
-from runstream.runs.lifecycle import TRANSITIONS, RunStatus, check_transition, is_status
+from runstream.runs.lifecycle import (
+    FINISHED,
+    TRANSITIONS,
+    RunStatus,
+    check_transition,
+    is_status,
+)
 from runstream.runs.model import RunRecord
 from runstream.runs.store import (
     NUMBER_FIELDS,
     RUN_FIELDS,
+    EndedRun,
     RunStore,
     check_deletable,
+    check_ended_args,
+    check_ids,
     check_list_args,
     check_new_record,
     decode_cursor,
@@ -200,6 +210,23 @@ def _decode(run_id: str, flat: Mapping[str, str] | Sequence[str]) -> RunRecord:
     try:
         return RunRecord(**values)
     except TypeError as exc:
+        raise BackendError(f"run {run_id}: stored record is incomplete: {exc}") from exc
+
+
+_ENDED_FIELDS = ("task", "status", "created_at", "finished_at")
+
+
+def _ended_run(run_id: str, values: Sequence[str | None]) -> EndedRun:
+    task, status, created_at, finished_at = values
+    try:
+        return EndedRun(
+            run_id,
+            json.loads(task or "null"),
+            cast(RunStatus, status),
+            float(json.loads(created_at or "null")),
+            None if finished_at is None else json.loads(finished_at),
+        )
+    except (TypeError, ValueError) as exc:
         raise BackendError(f"run {run_id}: stored record is incomplete: {exc}") from exc
 
 
@@ -394,11 +421,68 @@ class RedisRunStore(RunStore):
         page); the cursor is ``"<created_at>|<id>"`` of the last run returned.
         """
         check_list_args(status, limit)
+        page: list[RunRecord] = []
+        last: tuple[float, str] = (0.0, "")
+        async for rid, score, flat in self._scan(cursor, limit, None):
+            if not flat:
+                continue  # the record expired or was removed; the index lags behind
+            record = _decode(rid, flat)
+            if status is not None and record.status != status:
+                continue
+            if task is not None and record.task != task:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(*last)
+            page.append(record)
+            last = (score, rid)
+        return page, None
+
+    async def ended(
+        self,
+        *,
+        task: str | None = None,
+        finished_before: float | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> tuple[builtins.list[EndedRun], str | None]:
+        """See :meth:`RunStore.ended`: the index scanned as by :meth:`list`, reading the
+        four fields retention needs of each run (no index by end time: Redis retention
+        is mostly ``max_len``/``closed_ttl``, and the scan costs round trips, not GIL)."""
+        check_ended_args(task, finished_before, limit)
+        page: builtins.list[EndedRun] = []
+        async for rid, _score, values in self._scan(cursor, limit, _ENDED_FIELDS):
+            if values[1] not in FINISHED:  # also a record gone since (all None)
+                continue
+            run = _ended_run(rid, values)
+            if task is not None and run.task != task:
+                continue
+            if finished_before is not None and run.ended_at >= finished_before:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(page[-1].created_at, page[-1].id)
+            page.append(run)
+        return page, None
+
+    async def missing(self, ids: Iterable[str]) -> set[str]:
+        """See :meth:`RunStore.missing`: one pipelined ``EXISTS`` per id."""
+        wanted = check_ids(ids)
+        if not wanted:
+            return set()
+        with translated("check runs exist"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for run_id in wanted:
+                    pipe.exists(self.keys.run(run_id))
+                found: list[int] = await pipe.execute()
+        return {run_id for run_id, n in zip(wanted, found, strict=True) if not n}
+
+    async def _scan(
+        self, cursor: str | None, limit: int, fields: Sequence[str] | None
+    ) -> AsyncIterator[tuple[str, float, Any]]:
+        """Index entries after ``cursor``, newest first, with each run's hash (``HGETALL``;
+        empty if gone) or its ``fields`` (``HMGET``; all None if gone)."""
         after = decode_cursor(cursor) if cursor is not None else None
         max_score: str = "+inf" if after is None else repr(after[0])
         offset = 0
-        page: list[RunRecord] = []
-        last: tuple[float, str] = (0.0, "")
         batch = max(LIST_SCAN_BATCH, limit + 1)
         while True:
             with translated("list runs"):
@@ -409,7 +493,7 @@ class RedisRunStore(RunStore):
                     ),
                 )
                 if not entries:
-                    return page, None
+                    return
                 offset += len(entries)
                 if after is not None:
                     # Same score as the cursor: ZREVRANGE orders ties by id, descending.
@@ -418,20 +502,13 @@ class RedisRunStore(RunStore):
                     ]
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for rid, _ in entries:
-                        pipe.hgetall(self.keys.run(rid))
-                    flats: list[dict[str, str]] = await pipe.execute()
-            for (rid, score), flat in zip(entries, flats, strict=True):
-                if not flat:
-                    continue  # the record expired or was removed; the index lags behind
-                record = _decode(rid, flat)
-                if status is not None and record.status != status:
-                    continue
-                if task is not None and record.task != task:
-                    continue
-                if len(page) == limit:
-                    return page, encode_cursor(*last)
-                page.append(record)
-                last = (score, rid)
+                        if fields is None:
+                            pipe.hgetall(self.keys.run(rid))
+                        else:
+                            pipe.hmget(self.keys.run(rid), list(fields))
+                    replies: list[Any] = await pipe.execute()
+            for (rid, score), reply in zip(entries, replies, strict=True):
+                yield rid, score, reply
 
     async def fence_state(self, run_id: str) -> tuple[RunStatus | None, str | None, int, bool]:
         """``(status, worker, attempt, cancel_requested)`` in one round trip.
