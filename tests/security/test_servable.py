@@ -75,6 +75,20 @@ def test_lone_surrogate_in_data_or_a_key_is_refused(srv: Served) -> None:
     assert page["events"][0]["data"] == "\U0001f600"
 
 
+def test_infinity_or_nan_in_data_is_refused_and_nothing_is_stored(srv: Served) -> None:
+    # Python's JSON parser reads these JavaScript words; no JSON reader could take them back.
+    stream = srv.name("inf")
+    for body in (
+        b'{"type":"t","data":Infinity}',
+        b'[{"type":"t","data":1},{"type":"t","data":{"x":[-Infinity]}}]',
+        b'{"type":"t","data":NaN}',
+    ):
+        resp = srv.http.post(f"/v1/streams/{stream}/events", content=body, headers=srv.json)
+        assert resp.status_code == 400, body
+        assert error_of(resp)["code"] == "invalid"
+    assert srv.http.get(f"/v1/streams/{stream}/events").status_code == 404
+
+
 def test_close_with_an_unencodable_status_is_refused_and_listings_still_work(
     srv: Served,
 ) -> None:

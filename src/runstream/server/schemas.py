@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic import ValidationError as PydanticValidationError
 
-from runstream.core.model import MAX_TYPE_LENGTH, RESERVED_TYPES
+from runstream.core.model import MAX_TYPE_LENGTH, RESERVED_TYPES, encode_data
 from runstream.errors import ValidationError
 
 
@@ -54,6 +54,17 @@ class EventIn(BaseModel):
     def _not_reserved(cls, value: str) -> str:
         if value in RESERVED_TYPES:
             raise ValueError(f"event type {value!r} is reserved")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        # What the append hot path refuses too: NaN and infinities (a body's
+        # ``Infinity`` parses to one), and values JSON cannot hold.
+        try:
+            encode_data(value)
+        except ValidationError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
 
