@@ -21,7 +21,7 @@ What runs, all in this process through the real engine, run store and lifecycle:
 * **retention** — :class:`runstream.runs.retention.Retention` every ``--interval`` s
   (SQLite: deletes in bounded batches, then ``incremental_vacuum`` in small steps).
 * **samples** — every ``--sample-s`` s: the store's size (SQLite: database + WAL
-  files; Redis: ``used_memory``), its rows, and the runs kept.
+  files, and the WAL alone; Redis: ``used_memory``), its rows, and the runs kept.
 
 Prints one JSON object (settings, size over time and its last-third spread, append
 latency during vs outside passes, passes) and writes a plot (PNG with matplotlib,
@@ -102,6 +102,15 @@ def by_minute(probe: Probe) -> list[dict[str, Any]]:
 async def store_size(log: EventLog) -> tuple[float, dict[str, float]]:
     stats = await log.storage_stats()
     return stats.get("file_bytes", stats.get("used_memory", 0.0)), stats
+
+
+def wal_mib(log: EventLog) -> float:
+    """SQLite: the size of the WAL file alone (part of the store size); 0 elsewhere."""
+    path = getattr(log, "path", None)
+    try:
+        return round(os.stat(f"{path}-wal").st_size / 2**20, 3) if path else 0.0
+    except OSError:
+        return 0.0
 
 
 async def one_run(store: RunStore, log: EventLog, lifecycle: Lifecycle, args: Any) -> None:
@@ -203,6 +212,7 @@ async def soak(args: Any) -> dict[str, Any]:
                     "t": round(elapsed, 2),
                     "bytes": size,
                     "mib": round(size / 2**20, 3),
+                    "wal_mib": wal_mib(log),
                     "events": stats.get("events", stats.get("keys", 0.0)),
                     "runs_kept": run_stats.get("runs", 0.0),
                     "free_pages": stats.get("free_pages", 0.0),
@@ -234,6 +244,10 @@ async def soak(args: Any) -> dict[str, Any]:
             "at_max_age": round(
                 next((s["mib"] for s in samples if s["t"] >= args.max_age), samples[-1]["mib"]),
                 2,
+            ),
+            "wal_max": round(max(s["wal_mib"] for s in samples), 2),
+            "wal_last_third_max": round(
+                max(s["wal_mib"] for s in samples[len(samples) * 2 // 3 :]), 2
             ),
         },
         "append_latency": {
