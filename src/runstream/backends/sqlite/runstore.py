@@ -17,6 +17,7 @@ field must hold the given value or the move is refused with
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import sqlite3
@@ -56,6 +57,7 @@ from runstream.runs.store import (
 __all__ = ["SQLiteRunStore"]
 
 T = TypeVar("T")
+P = TypeVar("P", RunRecord, EndedRun)
 
 
 DEFAULT_BUSY_TIMEOUT = 5.0
@@ -111,6 +113,10 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> RunRecord:
     if not is_status(values["status"]):
         raise BackendError(f"run {values['id']}: stored status {values['status']!r} is unknown")
     return RunRecord(**values)
+
+
+def _ended_from_row(row: tuple[Any, ...]) -> EndedRun:
+    return EndedRun(*row)
 
 
 class SQLiteRunStore(RunStore):
@@ -378,24 +384,8 @@ class SQLiteRunStore(RunStore):
         if finished_before is not None:
             where.append("COALESCE(finished_at, created_at) < ?")
             args.append(finished_before)
-        if cursor is not None:
-            created_at, last_id = decode_cursor(cursor)
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args.extend((created_at, created_at, last_id))
-        sql = (
-            "SELECT id, task, status, created_at, finished_at FROM runs"
-            f" WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?"
-        )
-        args.append(limit + 1)
-
-        def query(conn: sqlite3.Connection) -> list[EndedRun]:
-            return [EndedRun(*row) for row in conn.execute(sql, args)]
-
-        rows = await self._run(query)
-        if len(rows) > limit:
-            page = rows[:limit]
-            return page, encode_cursor(page[-1].created_at, page[-1].id)
-        return rows, None
+        columns = "id, task, status, created_at, finished_at"
+        return await self._page(columns, where, args, limit, cursor, _ended_from_row)
 
     async def missing(self, ids: Iterable[str]) -> set[str]:
         """See :meth:`RunStore.missing`: only the missing ids come back from SQLite."""
@@ -435,21 +425,34 @@ class SQLiteRunStore(RunStore):
         if task is not None:
             where.append("task = ?")
             args.append(task)
+        return await self._page(_COLUMNS, where, args, limit, cursor, _from_row)
+
+    async def _page(
+        self,
+        columns: str,
+        where: builtins.list[str],
+        args: builtins.list[Any],
+        limit: int,
+        cursor: str | None,
+        build: Callable[[tuple[Any, ...]], P],
+    ) -> tuple[builtins.list[P], str | None]:
+        """Runs matching ``where``, newest first after ``cursor``: a page and the next
+        cursor (None when no further run matches: one more row is asked for)."""
         if cursor is not None:
             created_at, last_id = decode_cursor(cursor)
-            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
-            args.extend((created_at, created_at, last_id))
-        sql = f"SELECT {_COLUMNS} FROM runs"
+            where = [*where, "(created_at < ? OR (created_at = ? AND id < ?))"]
+            args = [*args, created_at, created_at, last_id]
+        sql = f"SELECT {columns} FROM runs"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        args.append(limit + 1)
+        args = [*args, limit + 1]
 
-        def query(conn: sqlite3.Connection) -> list[RunRecord]:
-            return [_from_row(row) for row in conn.execute(sql, args).fetchall()]
+        def query(conn: sqlite3.Connection) -> builtins.list[P]:
+            return [build(row) for row in conn.execute(sql, args)]
 
         rows = await self._run(query)
         if len(rows) > limit:
-            page = rows[:limit]
-            return page, encode_cursor(page[-1].created_at, page[-1].id)
+            last = rows[limit - 1]
+            return rows[:limit], encode_cursor(last.created_at, last.id)
         return rows, None
