@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 from runstream.errors import RunNotFound, ValidationError
 from runstream.runs.lifecycle import FINISHED, RunStatus
@@ -25,6 +26,8 @@ from runstream.runs.store import (
 )
 
 __all__ = ["MemoryRunStore"]
+
+P = TypeVar("P", RunRecord, EndedRun)
 
 
 class MemoryRunStore(RunStore):
@@ -105,20 +108,16 @@ class MemoryRunStore(RunStore):
         cursor: str | None = None,
     ) -> tuple[list[EndedRun], str | None]:
         check_ended_args(task, finished_before, limit)
-        after = decode_cursor(cursor) if cursor is not None else None
-        page: list[EndedRun] = []
-        for record in sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True):
-            if after is not None and (record.created_at, record.id) >= after:
-                continue
+
+        def select(record: RunRecord) -> EndedRun | None:
             if record.status not in FINISHED or (task is not None and record.task != task):
-                continue
+                return None
             run = EndedRun.of(record)
             if finished_before is not None and run.ended_at >= finished_before:
-                continue
-            if len(page) == limit:
-                return page, encode_cursor(page[-1].created_at, page[-1].id)
-            page.append(run)
-        return page, None
+                return None
+            return run
+
+        return self._page(cursor, limit, select)
 
     async def missing(self, ids: Iterable[str]) -> set[str]:
         return {run_id for run_id in check_ids(ids) if run_id not in self._runs}
@@ -132,17 +131,32 @@ class MemoryRunStore(RunStore):
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
         check_list_args(status, limit)
+
+        def select(record: RunRecord) -> RunRecord | None:
+            if (status is not None and record.status != status) or (
+                task is not None and record.task != task
+            ):
+                return None
+            return record
+
+        return self._page(cursor, limit, select)
+
+    def _page(
+        self, cursor: str | None, limit: int, select: Callable[[RunRecord], P | None]
+    ) -> tuple[builtins.list[P], str | None]:
+        """What ``select`` makes of the runs after ``cursor``, newest first (None: skip
+        the run): a page and the cursor after it, None when no further run matches."""
         after = decode_cursor(cursor) if cursor is not None else None
-        rows = sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True)
-        page: list[RunRecord] = []
-        for record in rows:
+        page: builtins.list[P] = []
+        last: RunRecord | None = None
+        for record in sorted(self._runs.values(), key=lambda r: (r.created_at, r.id), reverse=True):
             if after is not None and (record.created_at, record.id) >= after:
                 continue
-            if status is not None and record.status != status:
+            item = select(record)
+            if item is None:
                 continue
-            if task is not None and record.task != task:
-                continue
-            if len(page) == limit:
-                return page, encode_cursor(page[-1].created_at, page[-1].id)
-            page.append(record)
+            if last is not None and len(page) == limit:
+                return page, encode_cursor(last.created_at, last.id)
+            page.append(item)
+            last = record
         return page, None

@@ -24,8 +24,8 @@ from __future__ import annotations
 import builtins
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import Any, cast
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, cast
 
 import redis.asyncio as aioredis
 from redis.maint_notifications import MaintNotificationsConfig
@@ -62,6 +62,8 @@ from runstream.runs.store import (
 )
 
 __all__ = ["RedisRunKeys", "RedisRunStore"]
+
+P = TypeVar("P", RunRecord, EndedRun)
 
 NO_MAINT_NOTIFICATIONS = MaintNotificationsConfig(enabled=False)
 """redis-py 8 turns maintenance notifications on ("auto") for RESP3, and with them on
@@ -421,21 +423,18 @@ class RedisRunStore(RunStore):
         page); the cursor is ``"<created_at>|<id>"`` of the last run returned.
         """
         check_list_args(status, limit)
-        page: list[RunRecord] = []
-        last: tuple[float, str] = (0.0, "")
-        async for rid, score, flat in self._scan(cursor, limit, None):
+
+        def select(rid: str, flat: dict[str, str]) -> RunRecord | None:
             if not flat:
-                continue  # the record expired or was removed; the index lags behind
+                return None  # the record expired or was removed; the index lags behind
             record = _decode(rid, flat)
-            if status is not None and record.status != status:
-                continue
-            if task is not None and record.task != task:
-                continue
-            if len(page) == limit:
-                return page, encode_cursor(*last)
-            page.append(record)
-            last = (score, rid)
-        return page, None
+            if (status is not None and record.status != status) or (
+                task is not None and record.task != task
+            ):
+                return None
+            return record
+
+        return await self._page(cursor, limit, None, select)
 
     async def ended(
         self,
@@ -449,19 +448,18 @@ class RedisRunStore(RunStore):
         four fields retention needs of each run (no index by end time: Redis retention
         is mostly ``max_len``/``closed_ttl``, and the scan costs round trips, not GIL)."""
         check_ended_args(task, finished_before, limit)
-        page: builtins.list[EndedRun] = []
-        async for rid, _score, values in self._scan(cursor, limit, _ENDED_FIELDS):
+
+        def select(rid: str, values: builtins.list[str | None]) -> EndedRun | None:
             if values[1] not in FINISHED:  # also a record gone since (all None)
-                continue
+                return None
             run = _ended_run(rid, values)
-            if task is not None and run.task != task:
-                continue
-            if finished_before is not None and run.ended_at >= finished_before:
-                continue
-            if len(page) == limit:
-                return page, encode_cursor(page[-1].created_at, page[-1].id)
-            page.append(run)
-        return page, None
+            if (task is not None and run.task != task) or (
+                finished_before is not None and run.ended_at >= finished_before
+            ):
+                return None
+            return run
+
+        return await self._page(cursor, limit, _ENDED_FIELDS, select)
 
     async def missing(self, ids: Iterable[str]) -> set[str]:
         """See :meth:`RunStore.missing`: one pipelined ``EXISTS`` per id."""
@@ -474,6 +472,29 @@ class RedisRunStore(RunStore):
                     pipe.exists(self.keys.run(run_id))
                 found: list[int] = await pipe.execute()
         return {run_id for run_id, n in zip(wanted, found, strict=True) if not n}
+
+    async def _page(
+        self,
+        cursor: str | None,
+        limit: int,
+        fields: Sequence[str] | None,
+        select: Callable[[str, Any], P | None],
+    ) -> tuple[builtins.list[P], str | None]:
+        """What ``select`` makes of each run after ``cursor`` (newest first; None: skip
+        it), given its id and its hash or ``fields`` as :meth:`_scan` reads them: a page
+        and the cursor after it, None when no further run matches (a full page also
+        looks for one more match)."""
+        page: builtins.list[P] = []
+        last: tuple[float, str] = (0.0, "")
+        async for rid, score, reply in self._scan(cursor, limit, fields):
+            item = select(rid, reply)
+            if item is None:
+                continue
+            if len(page) == limit:
+                return page, encode_cursor(*last)
+            page.append(item)
+            last = (score, rid)
+        return page, None
 
     async def _scan(
         self, cursor: str | None, limit: int, fields: Sequence[str] | None
