@@ -16,12 +16,16 @@ What runs, all in this process through the real engine, run store and lifecycle:
 * **probe** — one event appended every ``--probe-ms`` ms to a plain stream (a new
   one every ``--probe-rotate`` s; the old one is closed and removed by the plain-stream
   rule ``stream_max_closed``), each append timed. An append is counted *during a
-  pass* when a retention pass ran at its start or its end; the others are the
-  baseline measured in the same run.
-* **retention** — :class:`runstream.runs.retention.Retention` every ``--interval`` s
-  (SQLite: deletes in bounded batches, then ``incremental_vacuum`` in small steps).
+  pass* when a retention pass ran at its start or its end; *while sampling* when the
+  bench was reading the store's size; the others are the baseline measured in the
+  same run. *Before passes* are the baseline appends made in the window of the same
+  length just before each pass: as many as during passes, under the same load.
+* **retention** — :meth:`runstream.runs.retention.Retention.sweep` every ``--interval``
+  s (SQLite: deletes in bounded batches, then ``incremental_vacuum`` in small steps).
 * **samples** — every ``--sample-s`` s: the store's size (SQLite: database + WAL
   files, and the WAL alone; Redis: ``used_memory``), its rows, and the runs kept.
+  Reading them is work of the bench's own (SQLite counts every row), so samples and
+  passes take turns, and the appends a sample overlapped are kept apart.
 
 Prints one JSON object (settings, size over time and its last-third spread, append
 latency during vs outside passes, passes) and writes a plot (PNG with matplotlib,
@@ -62,11 +66,23 @@ BATCH = 50
 
 @dataclass
 class Probe:
-    """Append latencies, split by whether a retention pass was running."""
+    """Append latencies, split by whether a retention pass (or a size sample) was running."""
 
     during: list[float] = field(default_factory=list)
     outside: list[float] = field(default_factory=list)
+    sampling: list[float] = field(default_factory=list)
     series: list[tuple[float, float, bool]] = field(default_factory=list)
+    """(end time, latency, during a pass) of the appends outside samples."""
+    sampling_now: bool = False
+
+
+def before_windows(probe: Probe, windows: list[tuple[float, float]]) -> list[float]:
+    """Baseline appends that ended in the window as long as each pass, just before it."""
+    out: list[float] = []
+    for start, end in windows:
+        since = start - (end - start)
+        out += [v for t, v, busy in probe.series if not busy and since <= t < start]
+    return out
 
 
 def percentiles(samples: list[float]) -> dict[str, Any]:
@@ -87,8 +103,9 @@ def percentiles(samples: list[float]) -> dict[str, Any]:
 
 
 def by_minute(probe: Probe) -> list[dict[str, Any]]:
-    """p50/p99/max of every append (passes or not) per minute of the soak: flat when
-    cleanup does not make appends slower as the store fills and is emptied."""
+    """p50/p99/max of the appends (passes or not; not those a size sample overlapped) per
+    minute of the soak: flat when cleanup does not make appends slower as the store fills
+    and is emptied."""
     minutes: dict[int, list[float]] = {}
     for t, elapsed, _busy in probe.series:
         minutes.setdefault(int(t // 60), []).append(elapsed)
@@ -157,15 +174,26 @@ async def probe_appends(
             index += 1
             stream = f"soak-probe-{index}"
             rotated = time.monotonic()
-        busy = retention.sweeping
+        busy, sampling = retention.sweeping, probe.sampling_now
         start = time.perf_counter()
         await log.append(stream, NewEvent("probe", {"i": i}))
         elapsed = time.perf_counter() - start
         busy = busy or retention.sweeping
-        (probe.during if busy else probe.outside).append(elapsed)
-        probe.series.append((time.monotonic() - t0, elapsed, busy))
+        if sampling or probe.sampling_now:
+            probe.sampling.append(elapsed)
+        else:
+            (probe.during if busy else probe.outside).append(elapsed)
+            probe.series.append((time.monotonic() - t0, elapsed, busy))
         i += 1
         await asyncio.sleep(args.probe_ms / 1000)
+
+
+async def passes_forever(retention: Retention, turns: asyncio.Lock, interval: float) -> None:
+    """:meth:`Retention.run_forever`, taking turns with the size samples."""
+    while True:
+        await asyncio.sleep(interval)
+        async with turns:
+            await retention.sweep()
 
 
 async def soak(args: Any) -> dict[str, Any]:
@@ -194,6 +222,7 @@ async def soak(args: Any) -> dict[str, Any]:
         passes.append({"t": round(end, 1), **result.to_json()})
 
     retention = Retention(policy, store, log, interval=args.interval, on_sweep=on_sweep)
+    turns = asyncio.Lock()
     stop = asyncio.Event()
     probe = Probe()
     counts = {"runs": 0}
@@ -201,12 +230,17 @@ async def soak(args: Any) -> dict[str, Any]:
     workers = [
         asyncio.create_task(make_runs(store, log, args, stop, counts)),
         asyncio.create_task(probe_appends(log, retention, args, stop, probe, t0)),
-        asyncio.create_task(retention.run_forever()),
+        asyncio.create_task(passes_forever(retention, turns, args.interval)),
     ]
     try:
         while (elapsed := time.monotonic() - t0) < args.duration:
-            size, stats = await store_size(log)
-            run_stats = await store.stats()
+            async with turns:
+                probe.sampling_now = True
+                try:
+                    size, stats = await store_size(log)
+                    run_stats = await store.stats()
+                finally:
+                    probe.sampling_now = False
             samples.append(
                 {
                     "t": round(elapsed, 2),
@@ -253,6 +287,8 @@ async def soak(args: Any) -> dict[str, Any]:
         "append_latency": {
             "during_passes": percentiles(probe.during),
             "outside_passes": percentiles(probe.outside),
+            "before_passes": percentiles(before_windows(probe, pass_windows)),
+            "while_sampling": percentiles(probe.sampling),
             "all_by_minute": by_minute(probe),
         },
         "passes": {

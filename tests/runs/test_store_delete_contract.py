@@ -120,6 +120,21 @@ async def test_delete_many_removes_the_ended_runs_and_skips_the_rest(run_store: 
     assert await run_store.delete_many([ended[0].id]) == []
 
 
+async def test_delete_many_returns_the_records_in_the_order_asked_across_long_lists(
+    run_store: RunStore,
+) -> None:
+    created = [await run_in(run_store, "succeeded") for _ in range(5)]
+    # Asked in neither creation nor id order (the orders an SQL query may come back in).
+    ended = [created[i] for i in (2, 0, 4, 1, 3)]
+    # More ids than one SQL statement takes; the runs that exist sit in different chunks.
+    ids = [f"run-missing-{i}" for i in range(1_100)]
+    ids[3], ids[501], ids[502], ids[503], ids[1_050] = (r.id for r in ended)
+    ids.append(ended[0].id)  # asked twice: removed once
+    removed = await run_store.delete_many(ids)
+    assert removed == ended
+    assert await run_store.list() == ([], None)
+
+
 # -- ended and missing (what a retention pass reads) ---------------------------------
 
 

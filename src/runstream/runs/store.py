@@ -367,7 +367,8 @@ class RunStore(ABC):
     async def delete_many(
         self, run_ids: Iterable[str], *, expect: Iterable[RunStatus] = DELETABLE
     ) -> list[RunRecord]:
-        """Remove each run whose status is in ``expect``; return the records removed.
+        """Remove each run whose status is in ``expect``; return the records removed, in
+        the order asked.
 
         Runs that do not exist or are in another status are skipped. Each run is
         decided atomically; engines that can do the whole batch in one write (SQLite)
