@@ -12,6 +12,7 @@ import pytest
 
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.backends.sqlite.migrate import STEPS, migrate
+from runstream.backends.sqlite.space import op_purge_step
 from runstream.backends.sqlite.sql import SCHEMA_VERSION
 from runstream.core.model import NewEvent
 from runstream.errors import StreamNotFound
@@ -92,6 +93,50 @@ async def test_deleting_a_stream_and_reclaiming_shrinks_the_file(tmp_path: Path)
             await log.info("big")
     # The WAL is checkpointed on close: the database file itself is smaller.
     assert path.stat().st_size < full / 4
+
+
+async def test_the_row_counts_match_the_events_table_through_trims_closes_and_purges(
+    tmp_path: Path,
+) -> None:
+    """``storage_stats`` counts events from the streams table; the events table is the truth."""
+    path = tmp_path / "counts.db"
+
+    def counted() -> tuple[int, int]:
+        conn = sqlite3.connect(path)
+        try:
+            streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
+            return int(streams), int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+        finally:
+            conn.close()
+
+    async with SQLiteEventLog(path) as log:
+
+        async def check() -> None:
+            stats = await log.storage_stats()
+            assert (stats["streams"], stats["events"]) == counted()
+
+        await check()  # empty
+        await log.append("a", [NewEvent("x", i) for i in range(50)])
+        await log.append("b", [NewEvent("x", i) for i in range(30)])
+        await check()
+        await log.trim("a", max_len=20)
+        await log.close("b")  # the end entry is an event too
+        await check()
+        await log.trim("b", max_len=1)  # a closed stream keeps its end entry
+        await log.append("c", [NewEvent("x", i) for i in range(500)])
+        await check()
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:  # one step of a purge, as another process's writer would run it
+            conn.execute("BEGIN IMMEDIATE")
+            assert op_purge_step(conn, "c", 100) is False
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+        await check()
+        await log.purge("c", batch=100)
+        await log.delete("a")
+        await check()
+        assert counted() == (1, 1)  # "b": its end entry
 
 
 async def test_a_purge_goes_in_batches_and_lets_other_appends_through(tmp_path: Path) -> None:

@@ -25,6 +25,11 @@ T = TypeVar("T")
 
 __all__ = ["SpaceMixin", "op_purge_step", "op_reclaim"]
 
+_COUNT_ROWS = (
+    "SELECT count(*), coalesce(sum(max(0, last_id - first_id + 1)), 0) FROM streams"
+)
+"""Streams and the events they hold (see :meth:`SpaceMixin.storage_stats`)."""
+
 _RECLAIM_STREAM = "runstream:space"
 """Name the writer's requests for page reclaiming are filed under (no stream is woken)."""
 
@@ -120,13 +125,19 @@ class SpaceMixin:
 
     async def storage_stats(self) -> dict[str, float]:
         """``file_bytes`` (database, WAL and shared-memory files), ``free_pages``,
-        ``page_size``, ``streams`` and ``events`` (rows)."""
+        ``page_size``, ``streams`` and ``events`` (rows).
+
+        Read from the ``streams`` table alone: a stream holds exactly the events
+        ``first_id..last_id`` (ids are contiguous; trims and purges move ``first_id``),
+        so counting costs one row per stream, not one per event. ``count(*)`` of the
+        events table read every page of it each time (36 ms warm for a million events,
+        the whole file from disk when cold), on the server's timer and the soak's.
+        """
 
         def read(conn: sqlite3.Connection) -> dict[str, float]:
             conn.execute("BEGIN")
             try:
-                streams = conn.execute("SELECT count(*) FROM streams").fetchone()[0]
-                events = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+                streams, events = conn.execute(_COUNT_ROWS).fetchone()
                 free = conn.execute("PRAGMA freelist_count").fetchone()[0]
                 page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             finally:
