@@ -38,6 +38,7 @@ from runstream.errors import (
     StreamNotFound,
     ValidationError,
 )
+from tests.backends.followers import watching
 
 WAIT = 10.0  # generous bound for "eventually"; a hung follower fails the test, not the suite
 
@@ -609,6 +610,30 @@ async def test_delete_ends_followers_with_stream_deleted(log: EventLog) -> None:
 async def test_delete_unknown_stream_raises_not_found(log: EventLog) -> None:
     with pytest.raises(StreamNotFound):
         await log.delete("nothing-here")
+
+
+async def test_delete_many_deletes_each_skips_absent_ones_and_ends_every_follower(
+    log: EventLog,
+) -> None:
+    names = [f"many-{i}" for i in range(5)]
+    for i, name in enumerate(names):
+        await log.append(name, [ev(j) for j in range(i * 3 + 1)])
+    await log.close(names[1])
+    await log.append("kept", ev(1))
+    # Each follower has read its stream's last event and waits for more.
+    followers = [log.follow(names[0]), log.follow(names[3], 9)]
+    assert ids(await take(followers[0], 1)) == [1]
+    assert ids(await take(followers[1], 1)) == [10]
+    parked = watching(log, {names[0], names[3]})
+    pending = [asyncio.create_task(take(it, 1)) for it in followers]
+    await asyncio.wait_for(parked.wait(), WAIT)  # both asked to be woken
+    assert await log.delete_many([*names, "never-made", names[2]]) == {}
+    for task in pending:  # the first stream's follower and one further on
+        with pytest.raises(StreamDeleted):
+            await task
+    assert [i.name for i in await log.list_streams(prefix="many-")] == []
+    assert (await log.info("kept")).last_id == 1
+    assert await log.delete_many([]) == {}
 
 
 async def test_recreated_stream_gets_new_epoch_and_old_position_resets(log: EventLog) -> None:

@@ -43,7 +43,13 @@ from runstream.core.model import (
     validate_event_type,
     validate_stream_name,
 )
-from runstream.errors import HistoryLost, StreamDeleted, StreamNotFound, ValidationError
+from runstream.errors import (
+    HistoryLost,
+    RunstreamError,
+    StreamDeleted,
+    StreamNotFound,
+    ValidationError,
+)
 from runstream.protocol.cursor import NOW, Position, check_position
 
 _log = logging.getLogger("runstream.backends")
@@ -374,6 +380,27 @@ class EventLog(ABC):
         Followers end with :class:`StreamDeleted`; a stream re-created later
         under the same name gets a new epoch.
         """
+
+    async def delete_many(self, streams: Iterable[str]) -> dict[str, RunstreamError]:
+        """Delete each of ``streams`` as :meth:`delete` does; return the ones that failed.
+
+        Streams that do not exist are skipped (not failures). Engines that can delete
+        several small streams in one write do (SQLite: a bounded number of events per
+        transaction, whatever the streams), so a batch of deletions costs a few commits
+        instead of one per stream. The default deletes them concurrently.
+        """
+        names = list(dict.fromkeys(streams))
+        outcomes = await asyncio.gather(
+            *(self.delete(name) for name in names), return_exceptions=True
+        )
+        failed: dict[str, RunstreamError] = {}
+        for name, outcome in zip(names, outcomes, strict=True):
+            if isinstance(outcome, StreamNotFound) or outcome is None:
+                continue
+            if not isinstance(outcome, RunstreamError):
+                raise outcome
+            failed[name] = outcome
+        return failed
 
     @abstractmethod
     async def list_streams(

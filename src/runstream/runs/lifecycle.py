@@ -37,7 +37,6 @@ happened. The announcement never fails a move, strict or not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import re
@@ -344,23 +343,15 @@ class Lifecycle:
         Returns the records removed and how many of their streams could not be
         deleted (orphans, removed by the next retention pass; logged). Runs that
         do not exist or have not ended are skipped. The records go in one store
-        call and the streams are deleted concurrently, so an engine with group
-        commit (SQLite) writes the whole batch in a few transactions: appends to
-        other streams wait for one of them at most.
+        call and the streams in one :meth:`EventLog.delete_many`, so SQLite writes the
+        whole batch in a few transactions: appends to other streams wait for one of
+        them at most.
         """
         records = await self.store.delete_many(run_ids, expect=FINISHED)
-        results = await asyncio.gather(
-            *(self.log.delete(r.id) for r in records), return_exceptions=True
-        )
-        failed = 0
-        for record, outcome in zip(records, results, strict=True):
-            if isinstance(outcome, StreamNotFound) or not isinstance(outcome, BaseException):
-                continue
-            if not isinstance(outcome, RunstreamError):
-                raise outcome
-            failed += 1
-            log.warning("run %s deleted, but deleting its stream failed: %s", record.id, outcome)
-        return records, failed
+        failures = await self.log.delete_many([r.id for r in records]) if records else {}
+        for run_id, error in failures.items():
+            log.warning("run %s deleted, but deleting its stream failed: %s", run_id, error)
+        return records, len(failures)
 
     async def _append(self, record: RunRecord, data: dict[str, Any]) -> None:
         await self.log.append(record.id, NewEvent("status", data))

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from runstream.backends.sqlite import space
 from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.backends.sqlite.migrate import STEPS, migrate
 from runstream.backends.sqlite.space import op_purge_step
 from runstream.backends.sqlite.sql import SCHEMA_VERSION
 from runstream.core.model import NewEvent
-from runstream.errors import StreamNotFound
+from runstream.errors import BackendError, StreamDeleted, StreamNotFound
+from tests.backends.followers import watching
 
 BIG = "x" * 2000
 
@@ -193,3 +195,57 @@ async def test_a_stream_re_created_after_a_purge_starts_fresh(tmp_path: Path) ->
         assert second.epoch != first.epoch
         page = await log.read("s")
         assert [(e.id, e.type) for e in page.events] == [(1, "y")]
+
+
+async def test_small_streams_are_deleted_together_in_few_transactions(tmp_path: Path) -> None:
+    async with SQLiteEventLog(tmp_path / "many.db") as log:
+        names = [f"run-{i}" for i in range(10)]
+        for name in names:
+            await log.append(name, [NewEvent("x", i) for i in range(20)])
+        await log.append("big", [NewEvent("x", i) for i in range(250)])
+        await log.append("kept", NewEvent("x", 1))
+        commits = log.commits
+        # 10 x 20 events, then 250: budgets of 100 events per transaction.
+        assert await log.purge_many([*names, "big"], batch=100) == {}
+        assert log.commits - commits == 5  # 200 small + 250 big = 450 events, 100 a step
+        assert [i.name for i in await log.list_streams()] == ["kept"]
+        stats = await log.storage_stats()
+        assert (stats["streams"], stats["events"]) == (1, 1)
+
+
+async def test_followers_of_every_stream_of_a_step_are_woken_by_it(tmp_path: Path) -> None:
+    # The poller (which would notice the deletion later) is made too slow to matter.
+    async with SQLiteEventLog(tmp_path / "wake.db", poll_interval=3600) as log:
+        for name in ("a", "b", "c"):
+            await log.append(name, NewEvent("x", 1))
+        parked = watching(log, {"c"})
+        pending = asyncio.ensure_future(anext(log.follow("c", 1)))
+        await asyncio.wait_for(parked.wait(), 5)
+        assert await log.delete_many(["a", "b", "c"]) == {}
+        with pytest.raises(StreamDeleted):
+            await asyncio.wait_for(pending, 5)
+
+
+async def test_a_failed_step_reports_the_streams_it_did_not_delete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with SQLiteEventLog(tmp_path / "fail.db") as log:
+        for name in ("a", "b", "c"):
+            await log.append(name, [NewEvent("x", i) for i in range(10)])
+        real = space.op_purge_many_step
+        calls = 0
+
+        def second_step_fails(conn: sqlite3.Connection, names: list[str], batch: int) -> int:
+            nonlocal calls
+            calls += 1
+            if calls == 2:
+                raise sqlite3.OperationalError("disk I/O error")
+            return real(conn, names, batch)
+
+        monkeypatch.setattr(space, "op_purge_many_step", second_step_fails)
+        failed = await log.purge_many(["a", "b", "c"], batch=10)
+        assert sorted(failed) == ["b", "c"]
+        assert all(isinstance(e, BackendError) for e in failed.values())
+        # The failed step changed nothing.
+        assert [i.name for i in await log.list_streams()] == ["b", "c"]
+        assert (await log.info("b")).last_id == 10

@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +126,8 @@ class _Request(Generic[T]):
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
     bulk: bool = False
+    also: tuple[str, ...] = ()
+    """Other streams the op changes (their followers are woken too)."""
 
 
 class _Wake:
@@ -385,13 +387,19 @@ class SQLiteEventLog(SpaceMixin, EventLog):
     # -- writer thread -------------------------------------------------------
 
     async def _write(
-        self, stream: str, op: Callable[[sqlite3.Connection], T], *, bulk: bool = False
+        self,
+        stream: str,
+        op: Callable[[sqlite3.Connection], T],
+        *,
+        bulk: bool = False,
+        also: tuple[str, ...] = (),
     ) -> T:
         """Queue ``op`` for the writer; return its result once its transaction committed.
 
         A ``bulk`` op (a step of a large deletion) gets a transaction of its own, after
-        the writes queued with it. If the caller is cancelled while waiting, the write
-        may still be committed.
+        the writes queued with it. Followers of ``stream`` and of ``also`` are woken
+        after the commit. If the caller is cancelled while waiting, the write may
+        still be committed.
         """
         await self._ensure_running()
         loop = asyncio.get_running_loop()
@@ -399,7 +407,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         with self._queue_lock:
             if self._state != "running":
                 raise BackendError(f"sqlite backend {self.path!r} is closed")
-            self._queue.put(_Request(op, stream, loop, fut, bulk))
+            self._queue.put(_Request(op, stream, loop, fut, bulk, also))
         return await fut
 
     def _writer_main(
@@ -565,6 +573,7 @@ class SQLiteEventLog(SpaceMixin, EventLog):
             fut = outcome.request.future
             if outcome.error is None:
                 touched.add(outcome.request.stream)
+                touched.update(outcome.request.also)
             if fut.done():
                 continue
             if outcome.error is not None:
@@ -604,6 +613,10 @@ class SQLiteEventLog(SpaceMixin, EventLog):
     async def delete(self, stream: str) -> None:
         """Delete ``stream`` in bounded steps (see :meth:`SpaceMixin.purge`)."""
         await self.purge(stream)
+
+    async def delete_many(self, streams: Iterable[str]) -> dict[str, RunstreamError]:
+        """Delete ``streams`` together in bounded steps (see :meth:`SpaceMixin.purge_many`)."""
+        return await self.purge_many(streams)
 
     async def trim(
         self, stream: str, *, max_len: int | None = None, max_age: float | None = None

@@ -25,9 +25,13 @@ SCHEMA_VERSION = 3
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 """Bytes the WAL file is truncated to after a checkpoint (``PRAGMA journal_size_limit``)."""
 
-PURGE_BATCH = 5000
-"""Events removed per write transaction when a stream is deleted: appends to other
-streams wait for one batch at most, not for the whole stream."""
+PURGE_BATCH = 1000
+"""Events removed per write transaction when streams are deleted (a big stream in
+several steps, small ones together): appends to other streams wait for one step at
+most, not for the whole deletion. A step of 1,000 events takes about 0.85 ms here
+(commit included), one of 5,000 1.6 ms; deleting ten streams of 200 events in steps
+of 2,000 or 5,000 left the appends meanwhile with a longer tail (p99 2.0-3.0 ms
+against 1.0-1.5 ms)."""
 
 RECLAIM_STEP = 64
 """Free pages returned to the file system per write transaction (``incremental_vacuum``).
