@@ -74,7 +74,8 @@ Small: an engine builds the records on a thread holding the GIL, and the event l
 (appends, deliveries) waits meanwhile (soak bench: a page of 1,000 held the loop
 2.4-4.8 ms at ~600 runs)."""
 DELETE_BATCH = 10
-"""Runs deleted together: one store call for their records, their streams concurrently.
+"""Runs deleted together: one store call for their records, one ``EventLog.delete_many``
+for their streams.
 
 Small on purpose: an append made during a pass waits behind the batch's writes
 (soak bench, 180 s A/B before SQLite's deletion steps became bulk writes: with 50,

@@ -138,9 +138,9 @@ class SpaceMixin:
 
         Small streams (a retention batch's runs) share a step: ten runs of 200 events
         are one commit, not ten. Measured on 2 CPUs, 40 batches, an append every 0.3 ms
-        meanwhile: one step per stream took 5.9-6.4 ms a batch with those appends at
-        p50 0.64-0.74 / p99 1.0-1.2 ms; steps of 1,000 events 2.3-2.4 ms, appends at
-        0.38 / 0.55-0.60 ms, as with no deletion.
+        meanwhile: a step per stream took 7.0-8.8 ms a batch with those appends at p50
+        0.75-0.92 ms; steps of 1,000 events 3.8-4.8 ms, appends at p50 0.43-0.58 ms (p99
+        about the same, 1.0-2.7 against 1.3-1.4 ms: a longer step is waited for longer).
         """
         left = list(dict.fromkeys(streams))
         while left:
