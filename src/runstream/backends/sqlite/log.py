@@ -45,7 +45,7 @@ import sqlite3
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +91,6 @@ from runstream.backends.sqlite.writes import (
     op_append,
     op_append_encoded,
     op_close,
-    op_trim,
 )
 from runstream.core.jsonbody import is_utf8
 from runstream.core.model import (
@@ -609,23 +608,6 @@ class SQLiteEventLog(SpaceMixin, EventLog):
 
     async def _close(self, stream: str, status: str | None, reason: str | None) -> StreamInfo:
         return await self._write(stream, lambda conn: op_close(conn, stream, status, reason))
-
-    async def delete(self, stream: str) -> None:
-        """Delete ``stream`` in bounded steps (see :meth:`SpaceMixin.purge`)."""
-        await self.purge(stream)
-
-    async def delete_many(self, streams: Iterable[str]) -> dict[str, RunstreamError]:
-        """Delete ``streams`` together in bounded steps (see :meth:`SpaceMixin.purge_many`)."""
-        return await self.purge_many(streams)
-
-    async def trim(
-        self, stream: str, *, max_len: int | None = None, max_age: float | None = None
-    ) -> int:
-        if max_len is not None and (isinstance(max_len, bool) or max_len < 0):
-            raise ValidationError("max_len must be a non-negative integer", field="max_len")
-        if max_age is not None and max_age < 0:
-            raise ValidationError("max_age must be >= 0 seconds", field="max_age")
-        return await self._write(stream, lambda conn: op_trim(conn, stream, max_len, max_age))
 
     # -- reads ---------------------------------------------------------------
 

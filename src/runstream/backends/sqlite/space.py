@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from runstream.backends.sqlite.sql import PURGE_BATCH, RECLAIM_STEP
 from runstream.backends.sqlite.writes import _row, op_delete, op_trim
-from runstream.errors import RunstreamError, StreamNotFound
+from runstream.errors import RunstreamError, StreamNotFound, ValidationError
 
 T = TypeVar("T")
 
@@ -93,7 +93,7 @@ def _file_bytes(path: str) -> int:
 
 
 class SpaceMixin:
-    """Deleting, reclaiming and measuring; see the module docstring."""
+    """Deleting, trimming, reclaiming and measuring; see the module docstring."""
 
     if TYPE_CHECKING:  # provided by SQLiteEventLog
         path: str
@@ -108,6 +108,23 @@ class SpaceMixin:
         ) -> T: ...
 
         async def _reader(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+    async def delete(self, stream: str) -> None:
+        """Delete ``stream`` in bounded steps (see :meth:`purge`)."""
+        await self.purge(stream)
+
+    async def delete_many(self, streams: Iterable[str]) -> dict[str, RunstreamError]:
+        """Delete ``streams`` together in bounded steps (see :meth:`purge_many`)."""
+        return await self.purge_many(streams)
+
+    async def trim(
+        self, stream: str, *, max_len: int | None = None, max_age: float | None = None
+    ) -> int:
+        if max_len is not None and (isinstance(max_len, bool) or max_len < 0):
+            raise ValidationError("max_len must be a non-negative integer", field="max_len")
+        if max_age is not None and max_age < 0:
+            raise ValidationError("max_age must be >= 0 seconds", field="max_age")
+        return await self._write(stream, lambda conn: op_trim(conn, stream, max_len, max_age))
 
     async def purge(self, stream: str, *, batch: int = PURGE_BATCH) -> None:
         """Delete ``stream`` and its history, ``batch`` events per write transaction.
