@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import csv
 import json
 import os
@@ -78,10 +79,12 @@ class Probe:
 
 def before_windows(probe: Probe, windows: list[tuple[float, float]]) -> list[float]:
     """Baseline appends that ended in the window as long as each pass, just before it."""
+    ends = [t for t, _, _ in probe.series]  # in time order
     out: list[float] = []
     for start, end in windows:
-        since = start - (end - start)
-        out += [v for t, v, busy in probe.series if not busy and since <= t < start]
+        first = bisect.bisect_left(ends, start - (end - start))
+        last = bisect.bisect_left(ends, start)
+        out += [v for _, v, busy in probe.series[first:last] if not busy]
     return out
 
 

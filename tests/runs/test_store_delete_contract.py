@@ -126,7 +126,7 @@ async def test_delete_many_returns_the_records_in_the_order_asked_across_long_li
     created = [await run_in(run_store, "succeeded") for _ in range(5)]
     # Asked in neither creation nor id order (the orders an SQL query may come back in).
     ended = [created[i] for i in (2, 0, 4, 1, 3)]
-    # More ids than one SQL statement takes; the runs that exist sit in different chunks.
+    # A long list, with the runs that exist spread through it.
     ids = [f"run-missing-{i}" for i in range(1_100)]
     ids[3], ids[501], ids[502], ids[503], ids[1_050] = (r.id for r in ended)
     ids.append(ended[0].id)  # asked twice: removed once

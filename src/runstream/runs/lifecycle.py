@@ -348,7 +348,7 @@ class Lifecycle:
         them at most.
         """
         records = await self.store.delete_many(run_ids, expect=FINISHED)
-        failures = await self.log.delete_many([r.id for r in records]) if records else {}
+        failures = await self.log.delete_many(r.id for r in records)
         for run_id, error in failures.items():
             log.warning("run %s deleted, but deleting its stream failed: %s", run_id, error)
         return records, len(failures)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from runstream.backends.sqlite.sql import PURGE_BATCH, RECLAIM_STEP
 from runstream.backends.sqlite.writes import _row, op_delete, op_trim
+from runstream.core.model import StreamInfo
 from runstream.errors import RunstreamError, StreamNotFound, ValidationError
 
 T = TypeVar("T")
@@ -35,19 +36,29 @@ _RECLAIM_STREAM = "runstream:space"
 """Name the writer's requests for page reclaiming are filed under (no stream is woken)."""
 
 
+def _retained(info: StreamInfo) -> int:
+    """Events ``info``'s stream holds (ids ``first_id..last_id`` are contiguous)."""
+    return max(0, info.last_id - info.first_id + 1)
+
+
+def _remove_oldest(conn: sqlite3.Connection, stream: str, info: StreamInfo, budget: int) -> bool:
+    """Delete ``stream`` if it holds at most ``budget`` events, else its oldest ``budget``;
+    True once it is gone."""
+    retained = _retained(info)
+    if retained <= budget:
+        op_delete(conn, stream)
+        return True
+    op_trim(conn, stream, retained - budget, None)
+    return False
+
+
 def op_purge_step(conn: sqlite3.Connection, stream: str, batch: int) -> bool:
     """Remove up to ``batch`` of the oldest events of ``stream``, or the whole stream if
     that is all that is left; True once it is gone. Raises :class:`StreamNotFound`."""
     found = _row(conn, stream)
     if found is None:
         raise StreamNotFound(stream)
-    info = found[1]
-    retained = max(0, info.last_id - info.first_id + 1)
-    if retained <= batch:
-        op_delete(conn, stream)
-        return True
-    op_trim(conn, stream, retained - batch, None)
-    return False
+    return _remove_oldest(conn, stream, found[1], batch)
 
 
 def op_purge_many_step(conn: sqlite3.Connection, streams: list[str], batch: int) -> int:
@@ -63,12 +74,10 @@ def op_purge_many_step(conn: sqlite3.Connection, streams: list[str], batch: int)
         if found is None:
             continue
         info = found[1]
-        retained = max(0, info.last_id - info.first_id + 1)
-        if retained > left:
-            op_trim(conn, stream, retained - left, None)
+        cost = max(1, _retained(info))
+        if not _remove_oldest(conn, stream, info, left):
             return done
-        op_delete(conn, stream)
-        left -= max(1, retained)
+        left -= cost
     return len(streams)
 
 
