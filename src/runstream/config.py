@@ -250,6 +250,9 @@ class RetentionSettings(_Section):
     """Runs-feed items kept (the newest)."""
     interval: Seconds = 300.0
     """Seconds between two retention passes of a server."""
+    scan_interval: Seconds = 3600.0
+    """Seconds between two passes that list every stream (orphans, plain streams named
+    like runs); the others read only what they may delete."""
 
 
 class StorageSettings(_Section):

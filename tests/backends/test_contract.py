@@ -16,6 +16,7 @@ import textwrap
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -749,6 +750,22 @@ async def test_list_streams_is_ordered_filtered_and_paginated(log: EventLog) -> 
     assert [i.name for i in page1 + page2] == ["b-1", "b-2", "b-3"]
     await log.delete("b-2")
     assert [i.name for i in await log.list_streams(prefix="b")] == ["b-1", "b-3"]
+
+
+async def test_list_streams_stops_before_end_before(log: EventLog) -> None:
+    for name in ["b-2", "a-1", "b-1", "c-1", "b-3", "b-30"]:
+        await log.append(name, ev(1))
+
+    async def names(**kwargs: Any) -> list[str]:
+        return [i.name for i in await log.list_streams(**kwargs)]
+
+    assert await names(end_before="b-3") == ["a-1", "b-1", "b-2"]
+    assert await names(start_after="a-1", end_before="b-2") == ["b-1"]
+    assert await names(prefix="b-", end_before="b-30") == ["b-1", "b-2", "b-3"]
+    assert await names(prefix="b-", end_before="c") == ["b-1", "b-2", "b-3", "b-30"]
+    assert await names(prefix="b-", end_before="zz") == ["b-1", "b-2", "b-3", "b-30"]
+    assert await names(start_after="b-1", end_before="b-1") == []
+    assert await names(end_before="b-3", limit=2) == ["a-1", "b-1"]
 
 
 # -- durability --------------------------------------------------------------------

@@ -50,6 +50,7 @@ async def test_gc_and_status_on_the_local_store_read_the_config(tmp_path: Path) 
     swept = await cli("gc", "--json", cwd=tmp_path, env=env)
     assert swept.code == 0, swept.err
     assert json.loads(swept.out)["runs_deleted"] == 2
+    assert json.loads(swept.out)["full_scan"] is True
     listing = json.loads((await cli("ls", "--json", cwd=tmp_path, env=env)).out)["runs"]
     assert [r["id"] for r in listing] == [ids[-1]]
     shown = await cli("status", cwd=tmp_path, env=env)

@@ -18,11 +18,11 @@ import pytest
 
 from runstream.backends import EventLog, open_backend, open_run_store
 from runstream.core.model import NewEvent
-from runstream.errors import IllegalTransition, RunNotFound, StreamNotFound
+from runstream.errors import BackendUnavailable, IllegalTransition, RunNotFound, StreamNotFound
 from runstream.runs import retention
 from runstream.runs.feed import RUN_FEED
 from runstream.runs.lifecycle import Lifecycle
-from runstream.runs.model import RunRecord, new_run_id
+from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
 from runstream.runs.retention import (
     Retention,
     RetentionPolicy,
@@ -306,3 +306,119 @@ async def test_orphans_are_found_on_every_page_of_streams(
     assert result.orphans == len(orphans)
     assert [await engine.stream_exists(r.id) for r in runs] == [False, True] * 3
     assert await engine.exists(running.id)
+
+
+# -- full scans ----------------------------------------------------------------------
+
+
+async def test_orphans_are_looked_for_by_full_scans_only(engine: Engine) -> None:
+    clock = [time.time()]
+    scans = Retention(
+        RetentionPolicy(), engine.store, engine.log, scan_interval=HOUR, clock=lambda: clock[0]
+    )
+    first = await scans.sweep()
+    assert first.full_scan, "a process's first pass lists every stream"
+
+    record = await engine.run()
+    await engine.store.delete(record.id)  # an orphan appears after the first pass
+    clock[0] += HOUR / 2
+    quick = await scans.sweep()
+    assert (quick.full_scan, quick.orphans) == (False, 0)
+    assert await engine.stream_exists(record.id)
+
+    clock[0] += HOUR / 2
+    due = await scans.sweep()
+    assert (due.full_scan, due.orphans) == (True, 1)
+    assert not await engine.stream_exists(record.id)
+
+    other = await engine.run()
+    await engine.store.delete(other.id)
+    asked = await scans.sweep(full=True)  # POST /v1/gc, runstream gc
+    assert (asked.full_scan, asked.orphans) == (True, 1)
+    assert asked.to_json()["full_scan"] is True
+    assert not (await scans.sweep()).full_scan, "an asked-for scan restarts the interval"
+
+
+async def test_passes_between_scans_apply_stream_rules_around_the_run_range(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retention, "_STREAM_PAGE", 2)
+    runs = [await engine.run() for _ in range(5)]
+    names = ["alpha", "run-", "run-zz", "zeta"]  # before and after the run-id range
+    for name in names:
+        await engine.log.append(name, NewEvent("x", 1))
+        await engine.log.close(name)
+    listed: list[str] = []
+    listing = engine.log.list_streams
+
+    async def list_streams(**kwargs: Any) -> Any:
+        page = await listing(**kwargs)
+        listed.extend(i.name for i in page)
+        return page
+
+    monkeypatch.setattr(engine.log, "list_streams", list_streams)
+    policy = RetentionPolicy(streams=StreamRetention(max_closed=HOUR))
+    scans = engine.retention(policy, later=2 * HOUR)
+    scans._scanned_at = time.time() + 2 * HOUR  # a full scan was just made
+
+    result = await scans.sweep()
+
+    assert (result.full_scan, result.streams) == (False, len(names))
+    assert [await engine.stream_exists(n) for n in names] == [False] * len(names)
+    assert [await engine.exists(r.id) for r in runs] == [True] * len(runs)
+    assert [n for n in listed if RUN_ID_RE.fullmatch(n)] == [], "run streams were listed"
+    assert set(names) <= set(listed)
+
+
+async def test_a_plain_stream_named_inside_the_run_range_waits_for_a_full_scan(
+    engine: Engine,
+) -> None:
+    await engine.log.append("run-5", NewEvent("x", 1))
+    await engine.log.close("run-5")
+    policy = RetentionPolicy(streams=StreamRetention(max_closed=HOUR))
+    scans = engine.retention(policy, later=2 * HOUR)
+    scans._scanned_at = time.time() + 2 * HOUR
+
+    assert (await scans.sweep()).streams == 0
+    assert (await scans.sweep(full=True)).streams == 1
+    assert not await engine.stream_exists("run-5")
+
+
+async def test_a_pass_with_errors_makes_the_next_one_a_full_scan(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    record = await engine.run(ago=2 * HOUR)
+    policy = RetentionPolicy(runs=RunRetention(max_age=HOUR))
+    scans = engine.retention(policy, later=0)
+    scans._scanned_at = time.time()
+    deleting = engine.log.delete_many
+
+    async def failing(streams: Any) -> dict[str, Any]:
+        names = list(streams)
+        return {name: StreamNotFound(name) for name in names}
+
+    monkeypatch.setattr(engine.log, "delete_many", failing)
+    failed = await scans.sweep()
+    assert (failed.full_scan, failed.runs, failed.errors) == (False, 1, 1)
+    assert await engine.stream_exists(record.id), "the run's stream was left behind"
+
+    monkeypatch.setattr(engine.log, "delete_many", deleting)
+    healed = await scans.sweep()
+    assert (healed.full_scan, healed.orphans) == (True, 1)
+    assert not await engine.stream_exists(record.id)
+
+
+async def test_a_pass_that_stopped_early_makes_the_next_one_a_full_scan(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scans = engine.retention(RetentionPolicy(runs=RunRetention(max_age=HOUR)), later=0)
+    scans._scanned_at = time.time()
+
+    async def unreachable(**kwargs: Any) -> Any:
+        raise BackendUnavailable("the store went away")
+
+    monkeypatch.setattr(engine.store, "ended", unreachable)
+    with pytest.raises(BackendUnavailable):
+        await scans.sweep()
+    monkeypatch.undo()
+    assert (await scans.sweep()).full_scan

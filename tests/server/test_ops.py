@@ -210,7 +210,9 @@ async def test_gc_applies_max_runs_and_reports_what_it_removed(
         assert r.json()["runs_deleted"] == 2
         listed = (await ops.client.get("/v1/runs")).json()["runs"]
         assert [x["id"] for x in listed] == [runs[-1]["id"]]
-        assert (await ops.client.post("/v1/gc")).json()["runs_deleted"] == 0
+        again = (await ops.client.post("/v1/gc")).json()
+        assert again["runs_deleted"] == 0
+        assert r.json()["full_scan"] is again["full_scan"] is True, "an asked-for pass lists all"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

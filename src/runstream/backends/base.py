@@ -404,9 +404,10 @@ class EventLog(ABC):
 
     @abstractmethod
     async def list_streams(
-        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100, end_before: str = ""
     ) -> list[StreamInfo]:
-        """Streams ordered by name, names > ``start_after`` starting with ``prefix``."""
+        """Streams ordered by name, names > ``start_after`` starting with ``prefix``, and
+        names < ``end_before`` unless it is empty."""
 
     @abstractmethod
     async def trim(

@@ -217,7 +217,7 @@ def gc(
             policy = RetentionPolicy.from_settings(settings.retention, tasks)
             url = resolve_backend(backend or settings.server.backend)
             async with local_runs(url, create=False) as (store, log):
-                result = (await Retention(policy, store, log).sweep()).to_json()
+                result = (await Retention(policy, store, log).sweep(full=True)).to_json()
         if as_json:
             _print_json(result)
             return 0

@@ -17,6 +17,13 @@ overrides the run part for its runs):
 * **orphans** — a closed run stream whose run record is gone (a deletion that
   failed halfway) is deleted.
 
+Most passes read only what they may delete: the ended runs past a cutoff, and the
+plain streams outside the range run ids sort in (``run-0…`` to ``run-Z…``), so their
+cost follows the deletions, not the data kept. Orphans, and plain streams whose names
+fall inside that range, need every stream listed: that *full scan* is made by the
+first pass, by any pass ``scan_interval`` seconds after the last one, by the pass
+after a stream's deletion failed, and when asked (``POST /v1/gc``, ``runstream gc``).
+
 :class:`Retention` runs a pass (:meth:`Retention.sweep`) on the same
 :class:`~runstream.runs.store.RunStore` and :class:`EventLog` contracts on
 every engine, so the semantics are the same on memory, SQLite and Redis; a
@@ -55,6 +62,7 @@ from runstream.runs.store import EndedRun, RunStore
 __all__ = [
     "DELETE_BATCH",
     "RUN_PAGE",
+    "SCAN_INTERVAL",
     "Retention",
     "RetentionPolicy",
     "RunRetention",
@@ -67,6 +75,11 @@ __all__ = [
 log = logging.getLogger("runstream.runs")
 
 _STREAM_PAGE = 500
+RUN_ID_FIRST = "run-" + "0" * 26
+RUN_ID_LAST = "run-" + "Z" * 26
+"""Every run id sorts between these two names (``run-`` + 26 Crockford base32 digits)."""
+SCAN_INTERVAL = 3600.0
+"""Default seconds between two full scans (every stream listed; see the module doc)."""
 RUN_PAGE = 100
 """Run records listed per store call (retention passes, bulk deletion).
 
@@ -182,6 +195,9 @@ class SweepResult:
     pages_reclaimed: int = 0
     errors: int = 0
     duration: float = 0.0
+    full_scan: bool = False
+    """Every stream was listed (orphans looked for); else only plain streams outside
+    the run-id range."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -191,6 +207,7 @@ class SweepResult:
             "feed_events_trimmed": self.feed_events,
             "pages_reclaimed": self.pages_reclaimed,
             "errors": self.errors,
+            "full_scan": self.full_scan,
             "duration": round(self.duration, 6),
         }
 
@@ -246,7 +263,9 @@ class Retention:
 
     ``sweep()`` runs one pass; ``run_forever()`` one every ``interval`` seconds
     (a server's background task). One pass at a time: a sweep asked for while
-    one runs waits for it and then runs its own.
+    one runs waits for it and then runs its own. A pass is a full scan (see the
+    module doc) when asked, or when none was made in the last ``scan_interval``
+    seconds of ``clock``, or when the previous pass had errors.
     """
 
     def __init__(
@@ -256,6 +275,7 @@ class Retention:
         log: EventLog,
         *,
         interval: float = 300.0,
+        scan_interval: float = SCAN_INTERVAL,
         clock: Callable[[], float] = time.time,
         on_sweep: Callable[[SweepResult], None] | None = None,
     ) -> None:
@@ -264,28 +284,46 @@ class Retention:
         self.log = log
         self.lifecycle = Lifecycle(store, log)
         self.interval = interval
+        self.scan_interval = scan_interval
         self.clock = clock
+        self._scanned_at: float | None = None
+        """``clock`` time the last full scan started; ``None``: the next pass makes one."""
         self.on_sweep = on_sweep
         self.sweeping = False
         """True while a pass runs (the soak bench splits append latency by it)."""
         self.passes = 0
         self._lock = asyncio.Lock()
 
-    async def sweep(self) -> SweepResult:
+    async def sweep(self, *, full: bool | None = None) -> SweepResult:
         """Apply the policy once; return what was removed. Errors are counted, not raised
-        (each item is independent), except an unreachable backend while listing."""
+        (each item is independent), except an unreachable backend while listing.
+
+        ``full``: list every stream (orphans, plain streams named like runs) or not;
+        ``None`` makes a full scan when one is due (see the class doc).
+        """
         async with self._lock:
             self.sweeping = True
             started = time.perf_counter()
             result = SweepResult()
             try:
                 now = self.clock()
+                if full is None:
+                    last = self._scanned_at
+                    full = last is None or not 0 <= now - last < self.scan_interval
+                if full:
+                    self._scanned_at = now
+                result.full_scan = full
                 await self._runs(await self.candidates(now), result)
-                await self._streams(now, result)
+                await self._streams(now, result, full=full)
                 await self._feed(result)
                 if result.runs or result.streams or result.orphans or result.feed_events:
                     result.pages_reclaimed = await self.log.reclaim_space()
+            except BaseException:
+                self._scanned_at = None  # a pass that stopped early may have left orphans
+                raise
             finally:
+                if result.errors:
+                    self._scanned_at = None  # look for what the failures left behind
                 self.sweeping = False
                 result.duration = time.perf_counter() - started
                 self.passes += 1
@@ -337,11 +375,25 @@ class Retention:
             result.runs += len(removed)
             result.errors += failed
 
-    async def _streams(self, now: float, result: SweepResult) -> None:
+    async def _streams(self, now: float, result: SweepResult, *, full: bool) -> None:
+        """Plain-stream rules and (``full``) orphans; not ``full``: only the names before
+        and after the run-id range are listed."""
         rule = self.policy.streams
-        start_after = ""
+        if full:
+            await self._stream_range(now, result, "", "")
+        elif not rule.empty:
+            await self._stream_range(now, result, "", RUN_ID_FIRST)
+            await self._stream_range(now, result, RUN_ID_LAST, "")
+
+    async def _stream_range(
+        self, now: float, result: SweepResult, start_after: str, end_before: str
+    ) -> None:
+        """:meth:`_streams` for the names after ``start_after`` and before ``end_before``."""
+        rule = self.policy.streams
         while True:
-            page = await self.log.list_streams(start_after=start_after, limit=_STREAM_PAGE)
+            page = await self.log.list_streams(
+                start_after=start_after, end_before=end_before, limit=_STREAM_PAGE
+            )
             if not page:
                 return
             start_after = page[-1].name

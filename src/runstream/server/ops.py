@@ -147,7 +147,12 @@ class OpsAPI:
         policy = RetentionPolicy.from_settings(settings.retention, tasks)
         interval = self.retention_interval or settings.retention.interval
         self.retention = Retention(
-            policy, service.store, runtime.backend, interval=interval, on_sweep=self._swept
+            policy,
+            service.store,
+            runtime.backend,
+            interval=interval,
+            scan_interval=settings.retention.scan_interval,
+            on_sweep=self._swept,
         )
         loop = asyncio.get_running_loop()
         background = [loop.create_task(self._stats_forever(), name="runstream-store-stats")]
@@ -252,7 +257,7 @@ class OpsAPI:
             retention = api.retention
             if retention is None:
                 raise BackendError("the ops API is not started")
-            result = await retention.sweep()
+            result = await retention.sweep(full=True)
             with contextlib.suppress(RunstreamError):
                 await api.stats()
             return JSONResponse(result.to_json())

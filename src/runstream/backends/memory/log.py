@@ -122,9 +122,13 @@ class MemoryEventLog(EventLog):
         }
 
     async def list_streams(
-        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100, end_before: str = ""
     ) -> list[StreamInfo]:
-        names = sorted(n for n in self._streams if n.startswith(prefix) and n > start_after)
+        names = sorted(
+            n
+            for n in self._streams
+            if n.startswith(prefix) and n > start_after and (not end_before or n < end_before)
+        )
         return [self._streams[n].info for n in names[:limit]]
 
     async def trim(

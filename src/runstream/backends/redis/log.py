@@ -595,7 +595,7 @@ class RedisEventLog(EventLog):
             raise StreamNotFound(stream)
 
     async def list_streams(
-        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100, end_before: str = ""
     ) -> list[StreamInfo]:
         self._check_open()
         if limit < 1:
@@ -605,6 +605,8 @@ class RedisEventLog(EventLog):
             low = "-"
         # Names are ASCII, so U+00FF (two bytes, both > 0x7F) sorts after any name with the prefix.
         high = f"[{prefix}\u00ff" if prefix else "+"
+        if end_before and (not prefix or end_before <= f"{prefix}\u00ff"):
+            high = f"({end_before}"
         found: list[StreamInfo] = []
         while len(found) < limit:
             async with self._op("list"):

@@ -684,11 +684,12 @@ class SQLiteEventLog(SpaceMixin, EventLog):
         return await self._reader(read)
 
     async def list_streams(
-        self, *, prefix: str = "", start_after: str = "", limit: int = 100
+        self, *, prefix: str = "", start_after: str = "", limit: int = 100, end_before: str = ""
     ) -> list[StreamInfo]:
         if limit <= 0:
             return []
-        for label, value in (("prefix", prefix), ("start_after", start_after)):
+        checked = (("prefix", prefix), ("start_after", start_after), ("end_before", end_before))
+        for label, value in checked:
             if not isinstance(value, str) or "\0" in value or not is_utf8(value):
                 raise ValidationError(f"{label} must be a text string", field=label)
         # Names compare as UTF-8 bytes in SQLite, which is code point order, like Python.
@@ -701,6 +702,9 @@ class SQLiteEventLog(SpaceMixin, EventLog):
                 # Lets the index scan stop right after the last match.
                 sql += " AND name < ?"
                 params.append(prefix[:-1] + chr(ord(prefix[-1]) + 1))
+        if end_before:
+            sql += " AND name < ?"
+            params.append(end_before)
         sql += " ORDER BY name LIMIT ?"
         params.append(limit)
 
