@@ -22,7 +22,7 @@ from runstream.errors import BackendUnavailable, IllegalTransition, RunNotFound,
 from runstream.runs import retention
 from runstream.runs.feed import RUN_FEED
 from runstream.runs.lifecycle import Lifecycle
-from runstream.runs.model import RUN_ID_RE, RunRecord, new_run_id
+from runstream.runs.model import RUN_ID_FIRST, RUN_ID_LAST, RUN_ID_RE, RunRecord, new_run_id
 from runstream.runs.retention import (
     Retention,
     RetentionPolicy,
@@ -344,7 +344,7 @@ async def test_passes_between_scans_apply_stream_rules_around_the_run_range(
 ) -> None:
     monkeypatch.setattr(retention, "_STREAM_PAGE", 2)
     runs = [await engine.run() for _ in range(5)]
-    names = ["alpha", "run-", "run-zz", "zeta"]  # before and after the run-id range
+    names = ["alpha", "run-", "runner", "zeta"]  # before and after the run-id range
     for name in names:
         await engine.log.append(name, NewEvent("x", 1))
         await engine.log.close(name)
@@ -373,15 +373,17 @@ async def test_passes_between_scans_apply_stream_rules_around_the_run_range(
 async def test_a_plain_stream_named_inside_the_run_range_waits_for_a_full_scan(
     engine: Engine,
 ) -> None:
-    await engine.log.append("run-5", NewEvent("x", 1))
-    await engine.log.close("run-5")
+    inside = ["run-5", "run-zz"]  # run ids are lowercase Crockford base32
+    for name in inside:
+        await engine.log.append(name, NewEvent("x", 1))
+        await engine.log.close(name)
     policy = RetentionPolicy(streams=StreamRetention(max_closed=HOUR))
     scans = engine.retention(policy, later=2 * HOUR)
     scans._scanned_at = time.time() + 2 * HOUR
 
     assert (await scans.sweep()).streams == 0
-    assert (await scans.sweep(full=True)).streams == 1
-    assert not await engine.stream_exists("run-5")
+    assert (await scans.sweep(full=True)).streams == len(inside)
+    assert [await engine.stream_exists(n) for n in inside] == [False] * len(inside)
 
 
 async def test_a_pass_with_errors_makes_the_next_one_a_full_scan(
@@ -422,3 +424,8 @@ async def test_a_pass_that_stopped_early_makes_the_next_one_a_full_scan(
         await scans.sweep()
     monkeypatch.undo()
     assert (await scans.sweep()).full_scan
+
+
+def test_every_run_id_sorts_inside_the_range_passes_skip() -> None:
+    assert RUN_ID_RE.fullmatch(RUN_ID_FIRST) and RUN_ID_RE.fullmatch(RUN_ID_LAST)
+    assert all(RUN_ID_FIRST <= new_run_id() <= RUN_ID_LAST for _ in range(200))

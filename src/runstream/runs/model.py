@@ -18,6 +18,9 @@ RunStatus: TypeAlias = Literal[
 _CROCKFORD = "0123456789abcdefghjkmnpqrstvwxyz"
 RUN_ID_RE = re.compile(f"^run-[{_CROCKFORD}]{{26}}$")
 """What :func:`new_run_id` returns (and nothing a run id is not)."""
+RUN_ID_FIRST = "run-" + _CROCKFORD[0] * 26
+RUN_ID_LAST = "run-" + _CROCKFORD[-1] * 26
+"""Every run id sorts between these two names (inclusive)."""
 
 
 def new_run_id() -> str:

@@ -18,7 +18,7 @@ overrides the run part for its runs):
   failed halfway) is deleted.
 
 Most passes read only what they may delete: the ended runs past a cutoff, and the
-plain streams outside the range run ids sort in (``run-0…`` to ``run-Z…``), so their
+plain streams outside the range run ids sort in (``run-000…`` to ``run-zzz…``), so their
 cost follows the deletions, not the data kept. Orphans, and plain streams whose names
 fall inside that range, need every stream listed: that *full scan* is made by the
 first pass, by any pass ``scan_interval`` seconds after the last one, by the pass
@@ -56,7 +56,7 @@ from runstream.errors import (
 )
 from runstream.runs.feed import RUN_FEED, is_final
 from runstream.runs.lifecycle import FINISHED, Lifecycle
-from runstream.runs.model import RUN_ID_RE
+from runstream.runs.model import RUN_ID_FIRST, RUN_ID_LAST, RUN_ID_RE
 from runstream.runs.store import EndedRun, RunStore
 
 __all__ = [
@@ -75,9 +75,6 @@ __all__ = [
 log = logging.getLogger("runstream.runs")
 
 _STREAM_PAGE = 500
-RUN_ID_FIRST = "run-" + "0" * 26
-RUN_ID_LAST = "run-" + "Z" * 26
-"""Every run id sorts between these two names (``run-`` + 26 Crockford base32 digits)."""
 SCAN_INTERVAL = 3600.0
 """Default seconds between two full scans (every stream listed; see the module doc)."""
 RUN_PAGE = 100
