@@ -20,8 +20,8 @@ turn, then with nothing again (the baseline at the end, to see drift):
   time through the same log (``EventLog.delete_many``, as a retention pass does); the
   probe runs while they are deleted.
 
-Prints one JSON object: per load, p50 / p90 / p99 of the appends and the ratio of each to
-the baseline measured first.
+Prints one JSON object: per load, the appends' p50 / p99 / max / mean (``soak.percentiles``)
+and the ratio of p50 and p99 to the baseline measured first.
 """
 
 from __future__ import annotations
@@ -41,19 +41,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from soak import percentiles
+
 from runstream.backends import EventLog, open_backend
 from runstream.core.model import NewEvent
 
 LOADS = ("none", "python-bursts", "python-rare", "sqlite-query", "fsync", "deletion", "none")
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-
-    def at(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
-
-    return {"n": len(ordered), "p50_ms": at(0.5), "p90_ms": at(0.9), "p99_ms": at(0.99)}
 
 
 async def probe(
