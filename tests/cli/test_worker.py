@@ -53,8 +53,10 @@ ONCE = (
     "import os, sys, time\n"
     "first = not os.path.exists(sys.argv[1])\n"
     "open(sys.argv[1], 'a').close()\n"
-    "print('pid', os.getpid(), flush=True)\n"
+    # 'first' goes out before the pid line: the test kills the worker once it
+    # has seen the pid, and lines are stored in order, so 'first' is kept.
     "print('first' if first else 'again', flush=True)\n"
+    "print('pid', os.getpid(), flush=True)\n"
     "time.sleep(60 if first else 0)\n"
 )
 COUNT = "import sys\nopen(sys.argv[1], 'a').write('ran\\n')\nprint('counted', flush=True)\n"
@@ -190,7 +192,7 @@ class Cluster:
         return next(w for w in self.workers if w.name == name)
 
     async def child_pid(self, run_id: str) -> int:
-        """The pid (= process group) of the run's command, from its first output line."""
+        """The pid (= process group) of the run's command, from its `pid N` output line."""
         async with asyncio.timeout(30):
             async for item in self.log.follow(run_id):
                 assert isinstance(item, Event)
