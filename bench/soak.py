@@ -21,7 +21,9 @@ What runs, all in this process through the real engine, run store and lifecycle:
   same run. *Before passes* are the baseline appends made in the window of the same
   length just before each pass: as many as during passes, under the same load.
 * **retention** — :meth:`runstream.runs.retention.Retention.sweep` every ``--interval``
-  s (SQLite: deletes in bounded batches, then ``incremental_vacuum`` in small steps).
+  s, paced as a server's are (working ``--duty-cycle`` of the time, pausing between
+  steps; ``--duty-cycle 1`` for back-to-back steps). SQLite: deletes in bounded
+  batches, then ``incremental_vacuum`` in small steps.
 * **samples** — every ``--sample-s`` s: the store's size (SQLite: database + WAL
   files, and the WAL alone; Redis: ``used_memory``), its rows, and the runs kept.
   Reading them is work of the bench's own (SQLite counts every row), so samples and
@@ -55,13 +57,19 @@ from runstream.backends import EventLog, engine_for, open_backend, open_run_stor
 from runstream.core.model import EncodedEvents, NewEvent, encode_data
 from runstream.runs.lifecycle import Lifecycle
 from runstream.runs.model import RunRecord, new_run_id
-from runstream.runs.retention import Retention, RetentionPolicy, RunRetention, StreamRetention
+from runstream.runs.retention import (
+    DUTY_CYCLE,
+    Retention,
+    RetentionPolicy,
+    RunRetention,
+    StreamRetention,
+)
 from runstream.runs.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = (
     "duration", "runs_per_s", "lines", "line_bytes", "max_age", "interval", "probe_ms",
-    "probe_rotate",
+    "probe_rotate", "duty_cycle",
 )  # fmt: skip
 BATCH = 50
 """Output lines per append, as the executor batches a command's output."""
@@ -216,11 +224,11 @@ async def probe_appends(
 
 
 async def passes_forever(retention: Retention, turns: asyncio.Lock, interval: float) -> None:
-    """:meth:`Retention.run_forever`, taking turns with the size samples."""
+    """:meth:`Retention.run_forever` (paced passes), taking turns with the size samples."""
     while True:
         await asyncio.sleep(interval)
         async with turns:
-            await retention.sweep()
+            await retention.sweep(paced=True)
 
 
 async def soak(args: Any) -> dict[str, Any]:
@@ -248,7 +256,14 @@ async def soak(args: Any) -> dict[str, Any]:
         pass_windows.append((end - result.duration, end))
         passes.append({"t": round(end, 1), **result.to_json()})
 
-    retention = Retention(policy, store, log, interval=args.interval, on_sweep=on_sweep)
+    retention = Retention(
+        policy,
+        store,
+        log,
+        interval=args.interval,
+        duty_cycle=args.duty_cycle,
+        on_sweep=on_sweep,
+    )
     turns = asyncio.Lock()
     stop = asyncio.Event()
     probe = Probe()
@@ -322,6 +337,9 @@ async def soak(args: Any) -> dict[str, Any]:
             "count": len(passes),
             "mean_s": round(statistics.fmean(p["duration"] for p in passes), 3) if passes else 0,
             "max_s": round(max((p["duration"] for p in passes), default=0.0), 3),
+            "mean_paused_s": (
+                round(statistics.fmean(p["paused"] for p in passes), 3) if passes else 0
+            ),
             "runs_deleted": sum(p["runs_deleted"] for p in passes),
             "streams_deleted": sum(p["streams_deleted"] for p in passes),
             "pages_reclaimed": sum(p["pages_reclaimed"] for p in passes),
@@ -410,6 +428,13 @@ def main() -> None:
     # 2 ms: passes take ~1 % of the time, and the tail during them needs ~1,000 samples.
     parser.add_argument("--probe-ms", type=float, default=2.0)
     parser.add_argument("--probe-rotate", type=float, default=30.0)
+    parser.add_argument(
+        "--duty-cycle",
+        type=float,
+        default=DUTY_CYCLE,
+        help=f"share of the time a pass works, [retention] duty_cycle (default {DUTY_CYCLE}; "
+        "1: no pauses)",
+    )
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--out", default=None, help="output path without suffix")
     parser.add_argument("--quick", action="store_true", help="short settings for a smoke run")

@@ -198,8 +198,21 @@ def test_retention_storage_and_gates_from_file_and_section_named_environment(
     assert Settings().storage.min_free_disk == 256 * 2**20
 
 
+def test_the_retention_duty_cycle_defaults_to_a_hundredth_and_is_set_like_the_others() -> None:
+    assert Settings().retention.duty_cycle == 0.01
+    env = {"RUNSTREAM_RETENTION_DUTY_CYCLE": "1"}
+    assert load_settings(env=env).retention.duty_cycle == 1.0
+
+
 @pytest.mark.parametrize(
-    "text", ["[retention]\nmax_age = -1\n", "[retention]\nkeep = 1\n", "[gates]\nmax_load = 0\n"]
+    "text",
+    [
+        "[retention]\nmax_age = -1\n",
+        "[retention]\nkeep = 1\n",
+        "[retention]\nduty_cycle = 0\n",
+        "[retention]\nduty_cycle = 1.5\n",
+        "[gates]\nmax_load = 0\n",
+    ],
 )
 def test_invalid_retention_and_gates_name_the_key(tmp_path: Path, text: str) -> None:
     config = tmp_path / "runstream.toml"

@@ -253,6 +253,9 @@ class RetentionSettings(_Section):
     scan_interval: Seconds = 3600.0
     """Seconds between two passes that list every stream (orphans, plain streams named
     like runs); the others read only what they may delete."""
+    duty_cycle: Annotated[float, Field(gt=0, le=1)] = 0.01
+    """Share of the time a pass on the timer works, pausing between its steps for the
+    rest, so appends rarely wait behind it (1: no pauses; ``gc`` never pauses)."""
 
 
 class StorageSettings(_Section):

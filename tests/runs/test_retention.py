@@ -7,6 +7,7 @@ policy says goes is gone (record and stream), everything else is untouched.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,13 @@ import pytest
 
 from runstream.backends import EventLog, open_backend, open_run_store
 from runstream.core.model import NewEvent
-from runstream.errors import BackendUnavailable, IllegalTransition, RunNotFound, StreamNotFound
+from runstream.errors import (
+    BackendUnavailable,
+    ConfigError,
+    IllegalTransition,
+    RunNotFound,
+    StreamNotFound,
+)
 from runstream.runs import retention
 from runstream.runs.feed import RUN_FEED
 from runstream.runs.lifecycle import Lifecycle
@@ -429,3 +436,54 @@ async def test_a_pass_that_stopped_early_makes_the_next_one_a_full_scan(
 def test_every_run_id_sorts_inside_the_range_passes_skip() -> None:
     assert RUN_ID_RE.fullmatch(RUN_ID_FIRST) and RUN_ID_RE.fullmatch(RUN_ID_LAST)
     assert all(RUN_ID_FIRST <= new_run_id() <= RUN_ID_LAST for _ in range(200))
+
+
+# -- pacing --------------------------------------------------------------------------
+
+
+async def test_a_paced_pass_deletes_what_a_full_speed_one_does_and_pauses_between_steps(
+    engine: Engine,
+) -> None:
+    policy = RetentionPolicy(runs=RunRetention(max_age=HOUR))
+    old = [await engine.run(ago=2 * HOUR) for _ in range(retention.DELETE_BATCH + 2)]
+    kept = await engine.run()
+    paced = Retention(policy, engine.store, engine.log, duty_cycle=0.5)
+    result = await paced.sweep(paced=True)
+    assert result.runs == len(old) and result.errors == 0
+    assert [await engine.exists(r.id) for r in old] == [False] * len(old)
+    assert await engine.exists(kept.id)
+    # Busy half the time: about as long paused as working, up to the last step.
+    assert 0 < result.paused < result.duration
+    assert result.to_json()["paused"] == round(result.paused, 6)
+
+
+async def test_a_pass_asked_for_runs_at_full_speed(engine: Engine) -> None:
+    policy = RetentionPolicy(runs=RunRetention(max_age=HOUR))
+    old = [await engine.run(ago=2 * HOUR) for _ in range(3)]
+    result = await Retention(policy, engine.store, engine.log, duty_cycle=0.01).sweep()
+    assert (result.runs, result.paused) == (len(old), 0.0)
+
+
+async def test_the_passes_on_the_timer_are_paced(engine: Engine) -> None:
+    await engine.run(ago=2 * HOUR)
+    swept: asyncio.Queue[retention.SweepResult] = asyncio.Queue()
+    timer = Retention(
+        RetentionPolicy(runs=RunRetention(max_age=HOUR)),
+        engine.store,
+        engine.log,
+        interval=0.5,  # pauses stop a quarter second into a pass
+        duty_cycle=0.5,
+        on_sweep=swept.put_nowait,
+    )
+    task = asyncio.create_task(timer.run_forever())
+    try:
+        first = await asyncio.wait_for(swept.get(), 10)
+    finally:
+        task.cancel()
+    assert first.runs == 1 and first.paused > 0
+
+
+@pytest.mark.parametrize("duty", [0.0, 1.5])
+def test_a_duty_cycle_outside_zero_to_one_is_refused(duty: float) -> None:
+    with pytest.raises(ConfigError, match="duty_cycle"):
+        Retention(RetentionPolicy(), None, None, duty_cycle=duty)  # type: ignore[arg-type]

@@ -208,6 +208,7 @@ async def test_gc_applies_max_runs_and_reports_what_it_removed(
         r = await ops.client.post("/v1/gc")
         assert r.status_code == 200
         assert r.json()["runs_deleted"] == 2
+        assert r.json()["paused"] == 0, "an asked-for pass runs at full speed"
         listed = (await ops.client.get("/v1/runs")).json()["runs"]
         assert [x["id"] for x in listed] == [runs[-1]["id"]]
         again = (await ops.client.post("/v1/gc")).json()
@@ -257,8 +258,12 @@ async def test_the_server_applies_retention_on_its_own(tmp_path: Path) -> None:
         status = (await ops.client.get("/v1/status")).json()
         assert status["retention"]["passes"] >= 1
         assert status["retention"]["max_runs"] == 0
+        assert status["retention"]["duty_cycle"] == 0.01
+        assert status["retention"]["last_pass"]["paused"] >= 0
         metrics = (await ops.client.get("/metrics")).text
         assert 'runstream_retention_deleted_total{kind="runs"} 1.0' in metrics
+        assert "runstream_retention_pass_busy_seconds_count" in metrics
+        assert 'runstream_retention_pass_seconds_bucket{le="900.0"}' in metrics
 
 
 # -- status and metrics ------------------------------------------------------------

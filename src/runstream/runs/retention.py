@@ -30,6 +30,12 @@ every engine, so the semantics are the same on memory, SQLite and Redis; a
 server runs one every ``interval`` seconds and ``POST /v1/gc`` runs one now.
 After deletions the engine is asked to return the space
 (:meth:`EventLog.reclaim_space`: SQLite's incremental vacuum, in small steps).
+
+The passes on the server's timer are *paced* (:mod:`runstream.core.pacing`): they
+work at most ``duty_cycle`` of the time and pause between steps for the rest, so
+appends made meanwhile rarely wait behind one; a pass still running half an
+``interval`` after it started stops pausing. A pass an operator asks for runs at full
+speed.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from typing import Any
 
 from runstream.backends.base import EventLog
 from runstream.core.model import SYSTEM_PREFIX, StreamInfo
+from runstream.core.pacing import Pacer, pacing, pause
 from runstream.errors import (
     ConfigError,
     HistoryLost,
@@ -61,6 +68,7 @@ from runstream.runs.store import EndedRun, RunStore
 
 __all__ = [
     "DELETE_BATCH",
+    "DUTY_CYCLE",
     "RUN_PAGE",
     "SCAN_INTERVAL",
     "Retention",
@@ -91,6 +99,8 @@ Small on purpose: an append made during a pass waits behind the batch's writes
 (soak bench, 180 s A/B before SQLite's deletion steps became bulk writes: with 50,
 appends during passes p50 2.8 ms / max 10.8 ms against 1.4 / 80 outside; with 10,
 1.5 / 4.1 against 1.5 / 5.2)."""
+DUTY_CYCLE = 0.01
+"""Default share of its time a paced pass works (see :mod:`runstream.core.pacing`)."""
 _RUN_KEYS = ("max_age", "max_runs")
 
 
@@ -195,6 +205,8 @@ class SweepResult:
     full_scan: bool = False
     """Every stream was listed (orphans looked for); else only plain streams outside
     the run-id range."""
+    paused: float = 0.0
+    """Seconds of ``duration`` the pass spent pausing (paced passes)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -206,6 +218,7 @@ class SweepResult:
             "errors": self.errors,
             "full_scan": self.full_scan,
             "duration": round(self.duration, 6),
+            "paused": round(self.paused, 6),
         }
 
 
@@ -273,6 +286,7 @@ class Retention:
         *,
         interval: float = 300.0,
         scan_interval: float = SCAN_INTERVAL,
+        duty_cycle: float = DUTY_CYCLE,
         clock: Callable[[], float] = time.time,
         on_sweep: Callable[[SweepResult], None] | None = None,
     ) -> None:
@@ -282,6 +296,9 @@ class Retention:
         self.lifecycle = Lifecycle(store, log)
         self.interval = interval
         self.scan_interval = scan_interval
+        if not 0 < duty_cycle <= 1:
+            raise ConfigError("retention duty_cycle must be in (0, 1]")
+        self.duty_cycle = duty_cycle
         self.clock = clock
         self._scanned_at: float | None = None
         """``clock`` time the last full scan started; ``None``: the next pass makes one."""
@@ -291,14 +308,19 @@ class Retention:
         self.passes = 0
         self._lock = asyncio.Lock()
 
-    async def sweep(self, *, full: bool | None = None) -> SweepResult:
+    async def sweep(self, *, full: bool | None = None, paced: bool = False) -> SweepResult:
         """Apply the policy once; return what was removed. Errors are counted, not raised
         (each item is independent), except an unreachable backend while listing.
 
         ``full``: list every stream (orphans, plain streams named like runs) or not;
-        ``None`` makes a full scan when one is due (see the class doc).
+        ``None`` makes a full scan when one is due (see the class doc). ``paced``:
+        work at most ``duty_cycle`` of the time until half an ``interval`` has gone by
+        (the passes of :meth:`run_forever`); else at full speed.
         """
         async with self._lock:
+            pacer = None
+            if paced and self.duty_cycle < 1:
+                pacer = Pacer(self.duty_cycle, budget=self.interval / 2)
             self.sweeping = True
             started = time.perf_counter()
             result = SweepResult()
@@ -310,11 +332,8 @@ class Retention:
                 if full:
                     self._scanned_at = now
                 result.full_scan = full
-                await self._runs(await self.candidates(now), result)
-                await self._streams(now, result, full=full)
-                await self._feed(result)
-                if result.runs or result.streams or result.orphans or result.feed_events:
-                    result.pages_reclaimed = await self.log.reclaim_space()
+                with pacing(pacer):
+                    await self._pass(now, full, result)
             except BaseException:
                 self._scanned_at = None  # a pass that stopped early may have left orphans
                 raise
@@ -323,12 +342,21 @@ class Retention:
                     self._scanned_at = None  # look for what the failures left behind
                 self.sweeping = False
                 result.duration = time.perf_counter() - started
+                result.paused = 0.0 if pacer is None else pacer.paused
                 self.passes += 1
             if self.on_sweep is not None:
                 self.on_sweep(result)
             if result.runs or result.streams or result.orphans:
                 log.info("retention: %s", result.to_json())
             return result
+
+    async def _pass(self, now: float, full: bool, result: SweepResult) -> None:
+        await self._runs(await self.candidates(now), result)
+        await self._streams(now, result, full=full)
+        await self._feed(result)
+        if result.runs or result.streams or result.orphans or result.feed_events:
+            await pause()
+            result.pages_reclaimed = await self.log.reclaim_space()
 
     async def candidates(self, now: float) -> list[EndedRun]:
         """The runs the policy removes at ``now``, read with :meth:`RunStore.ended`.
@@ -355,6 +383,7 @@ class Retention:
                 found.update((run.id, run) for run in page)
                 if cursor is None:
                     break
+                await pause()
         newest_first = sorted(found.values(), key=lambda r: (r.created_at, r.id), reverse=True)
         return expired_runs(newest_first, policy, now)
 
@@ -371,6 +400,7 @@ class Retention:
                 continue
             result.runs += len(removed)
             result.errors += failed
+            await pause()
 
     async def _streams(self, now: float, result: SweepResult, *, full: bool) -> None:
         """Plain-stream rules and (``full``) orphans; not ``full``: only the names before
@@ -419,6 +449,7 @@ class Retention:
                 except RunstreamError as exc:
                     result.errors += 1
                     log.warning("retention: could not delete stream %r: %s", info.name, exc)
+            await pause()
 
     async def _stream_expired(self, info: StreamInfo, rule: StreamRetention, now: float) -> bool:
         closed_at = info.closed_at
@@ -461,6 +492,6 @@ class Retention:
         while True:
             await asyncio.sleep(self.interval)
             try:
-                await self.sweep()
+                await self.sweep(paced=True)
             except RunstreamError as exc:
                 log.warning("retention pass failed: %s", exc)

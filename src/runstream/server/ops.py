@@ -49,6 +49,8 @@ _FORCE = "Cancel a queued or running run, wait for its end, then delete it."
 
 _STORE_KEYS = ("file_bytes", "used_memory", "free_pages")
 """Store statistics exported as bytes/pages gauges; every other one is a row count."""
+_PASS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 150.0, 300.0, 900.0)
+"""Seconds: a paced pass lasts up to half an ``interval`` (default 300 s) and more."""
 
 
 class OpsMetrics:
@@ -74,7 +76,16 @@ class OpsMetrics:
             registry=r,
         )
         self.passes = Histogram(
-            "runstream_retention_pass_seconds", "Duration of retention passes.", registry=r
+            "runstream_retention_pass_seconds",
+            "Duration of retention passes, pauses included.",
+            buckets=_PASS_BUCKETS,
+            registry=r,
+        )
+        self.pass_work = Histogram(
+            "runstream_retention_pass_busy_seconds",
+            "Time retention passes spent working (their duration without the pauses).",
+            buckets=_PASS_BUCKETS,
+            registry=r,
         )
         self.refusals = Gauge(
             "runstream_storage_refusals",
@@ -90,6 +101,7 @@ class OpsMetrics:
         self.deleted.labels("streams").inc(result.streams + result.orphans)
         self.deleted.labels("feed_events").inc(result.feed_events)
         self.passes.observe(result.duration)
+        self.pass_work.observe(max(0.0, result.duration - result.paused))
 
     def observe_stats(self, store: dict[str, float], runs: dict[str, float]) -> None:
         size = store.get("file_bytes", store.get("used_memory"))
@@ -152,6 +164,7 @@ class OpsAPI:
             runtime.backend,
             interval=interval,
             scan_interval=settings.retention.scan_interval,
+            duty_cycle=settings.retention.duty_cycle,
             on_sweep=self._swept,
         )
         loop = asyncio.get_running_loop()

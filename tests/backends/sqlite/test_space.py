@@ -15,7 +15,9 @@ from runstream.backends.sqlite.log import SQLiteEventLog
 from runstream.backends.sqlite.migrate import STEPS, migrate
 from runstream.backends.sqlite.space import op_purge_step
 from runstream.backends.sqlite.sql import SCHEMA_VERSION
+from runstream.core import pacing
 from runstream.core.model import NewEvent
+from runstream.core.pacing import Pacer
 from runstream.errors import BackendError, StreamDeleted, StreamNotFound
 from tests.backends.followers import watching
 
@@ -155,6 +157,60 @@ async def test_a_purge_goes_in_batches_and_lets_other_appends_through(tmp_path: 
             await log.info("big")
         with pytest.raises(StreamNotFound):
             await log.purge("big")
+
+
+class CountingPacer(Pacer):
+    """Never pauses; counts the ends of steps it is told about."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0)
+        self.steps_ended = 0
+
+    def pause_for(self, now: float) -> float:
+        self.steps_ended += 1
+        return 0.0
+
+
+async def test_paced_deletions_pause_between_their_steps_and_not_after_the_last(
+    tmp_path: Path,
+) -> None:
+    async with SQLiteEventLog(tmp_path / "paced.db") as log:
+        names = [f"run-{i}" for i in range(10)]
+        for name in names:
+            await log.append(name, [NewEvent("x", BIG) for _ in range(20)])
+        await log.append("big", [NewEvent("x", BIG) for _ in range(250)])
+        one, many, reclaim = CountingPacer(), CountingPacer(), CountingPacer()
+        with pacing.pacing(many):
+            assert await log.purge_many(names, batch=100) == {}  # 200 events: 2 steps
+        with pacing.pacing(one):
+            await log.purge("big", batch=100)  # 3 steps
+        assert (many.steps_ended, one.steps_ended) == (1, 2)
+        free = (await log.storage_stats())["free_pages"]
+        assert free > 64
+        with pacing.pacing(reclaim):
+            assert await log.reclaim_space(step=32) == free
+        assert reclaim.steps_ended == -(-free // 32) - 1
+
+
+async def test_appends_go_through_while_a_paced_deletion_pauses(tmp_path: Path) -> None:
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def held(delay: float) -> None:
+        paused.set()
+        await resume.wait()
+
+    async with SQLiteEventLog(tmp_path / "gaps.db") as log:
+        await log.append("big", [NewEvent("x", i) for i in range(300)])
+        with pacing.pacing(Pacer(0.01, sleep=held)):
+            purge = asyncio.ensure_future(log.purge("big", batch=100))
+        await asyncio.wait_for(paused.wait(), 5)
+        result = await asyncio.wait_for(log.append("other", NewEvent("x", 1)), 5)
+        assert result.last_id == 1 and not purge.done()
+        assert (await log.info("big")).first_id == 101  # one step done, then the pause
+        resume.set()
+        await asyncio.wait_for(purge, 5)
+        with pytest.raises(StreamNotFound):
+            await log.info("big")
 
 
 async def test_bulk_requests_commit_one_by_one_after_the_writes_queued_with_them(

@@ -6,7 +6,9 @@ writer thread like an append, and each is small: streams are deleted
 :data:`~.sql.PURGE_BATCH` events per transaction (a big stream in several steps,
 several small ones in one), free pages are returned :data:`~.sql.RECLAIM_STEP` at a
 time, and each step is a *bulk* request (a transaction of its own after the appends
-queued with it), so an append waits for one step at most.
+queued with it), so an append waits for one step at most. Between steps they call
+:func:`~runstream.core.pacing.pause`: a retention pass on the server's timer is
+paced that way; work with no pacer (an operator's ``gc`` or ``rm``) goes on at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, TypeVar
 from runstream.backends.sqlite.sql import PURGE_BATCH, RECLAIM_STEP
 from runstream.backends.sqlite.writes import _row, op_delete, op_trim
 from runstream.core.model import StreamInfo
+from runstream.core.pacing import pause
 from runstream.errors import RunstreamError, StreamNotFound, ValidationError
 
 T = TypeVar("T")
@@ -155,6 +158,7 @@ class SpaceMixin:
             first = False
             if done:
                 return
+            await pause()
 
     async def purge_many(
         self, streams: Iterable[str], *, batch: int = PURGE_BATCH
@@ -180,6 +184,8 @@ class SpaceMixin:
             except RunstreamError as exc:  # the step rolled back: none of these went
                 return dict.fromkeys(left, exc)
             left = left[done:]
+            if left:
+                await pause()
         return {}
 
     async def reclaim_space(self, *, step: int = RECLAIM_STEP, max_steps: int | None = None) -> int:
@@ -201,6 +207,8 @@ class SpaceMixin:
             if left >= before:
                 break  # auto_vacuum is off for this file (e.g. another tool rebuilt it)
             freed += before - left
+            if left > 0:
+                await pause()
         return freed
 
     async def storage_stats(self) -> dict[str, float]:
