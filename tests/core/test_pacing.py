@@ -107,14 +107,61 @@ async def test_pause_sleeps_as_the_installed_pacer_says_and_only_inside_the_bloc
     assert current() is None
 
 
-async def test_tasks_started_inside_the_block_are_paced_and_others_are_not() -> None:
-    pacer = Pacer(0.5)
+async def test_only_the_task_that_installed_the_pacer_pauses() -> None:
+    clock = Clock()
+    slept: list[float] = []
 
-    async def seen() -> Pacer | None:
+    async def sleep(delay: float) -> None:
+        slept.append(delay)
+        clock.now += delay
+
+    async def step() -> Pacer | None:
+        clock.now += 0.1
+        await pause()
         return current()
 
-    outside = asyncio.create_task(seen())
+    pacer = Pacer(0.5, clock=clock, sleep=sleep)
     with pacing.pacing(pacer):
-        inside = asyncio.create_task(seen())
-    assert await inside is pacer
-    assert await outside is None
+        started = asyncio.create_task(step())  # e.g. a poller a backend starts meanwhile
+        assert await started is pacer  # it sees the variable...
+        assert slept == []  # ...but does not pause
+        await step()
+    assert slept == pytest.approx([0.2])
+
+
+async def test_a_pause_counts_the_time_it_really_took() -> None:
+    clock = Clock()
+
+    async def oversleep(delay: float) -> None:
+        clock.now += delay + 0.05  # a loaded machine wakes late
+
+    pacer = Pacer(0.5, clock=clock, sleep=oversleep)
+    with pacing.pacing(pacer):
+        clock.now += 0.1
+        await pause()
+    assert pacer.paused == pytest.approx(0.15)
+
+
+async def test_hurry_ends_the_pause_under_way_and_every_later_one() -> None:
+    pacer = Pacer(0.0001)  # the real sleep: each pause would be MAX_PAUSE
+    pausing = asyncio.Event()
+    real_sleep = pacer.sleep
+
+    async def sleep(delay: float) -> None:
+        pausing.set()
+        await real_sleep(delay)
+
+    pacer.sleep = sleep
+
+    async def work() -> None:
+        with pacing.pacing(pacer):
+            for _ in range(5):
+                await asyncio.sleep(0.001)  # a step
+                await pause()
+
+    task = asyncio.create_task(work())
+    await asyncio.wait_for(pausing.wait(), 5)
+    pacer.hurry()
+    await asyncio.wait_for(task, 5)
+    assert pacer.paused < MAX_PAUSE / 2, "the pause under way went on"
+    assert pacer.pause_for(pacer.clock() + 10) == 0.0

@@ -8,6 +8,7 @@ policy says goes is gone (record and stream), everything else is untouched.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ import pytest
 
 from runstream.backends import EventLog, open_backend, open_run_store
 from runstream.core.model import NewEvent
+from runstream.core.pacing import MAX_PAUSE, Pacer
 from runstream.errors import (
     BackendUnavailable,
     ConfigError,
@@ -464,23 +466,50 @@ async def test_a_pass_asked_for_runs_at_full_speed(engine: Engine) -> None:
     assert (result.runs, result.paused) == (len(old), 0.0)
 
 
-async def test_the_passes_on_the_timer_are_paced(engine: Engine) -> None:
-    await engine.run(ago=2 * HOUR)
-    swept: asyncio.Queue[retention.SweepResult] = asyncio.Queue()
-    timer = Retention(
-        RetentionPolicy(runs=RunRetention(max_age=HOUR)),
-        engine.store,
-        engine.log,
-        interval=0.5,  # pauses stop a quarter second into a pass
-        duty_cycle=0.5,
-        on_sweep=swept.put_nowait,
-    )
+async def test_the_passes_on_the_timer_are_paced(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timer = Retention(RetentionPolicy(), engine.store, engine.log, interval=0.01)
+    asked: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def sweep(**kwargs: Any) -> retention.SweepResult:
+        asked.put_nowait(kwargs)
+        return retention.SweepResult()
+
+    monkeypatch.setattr(timer, "sweep", sweep)
     task = asyncio.create_task(timer.run_forever())
     try:
-        first = await asyncio.wait_for(swept.get(), 10)
+        assert await asyncio.wait_for(asked.get(), 10) == {"paced": True}
     finally:
         task.cancel()
-    assert first.runs == 1 and first.paused > 0
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def test_a_pass_asked_for_meanwhile_makes_the_paced_one_finish_at_full_speed(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pauses: list[float] = []
+    pausing = asyncio.Event()
+
+    class Watched(Pacer):
+        async def _sleep(self, delay: float) -> None:
+            pauses.append(delay)
+            pausing.set()
+            await super()._sleep(delay)
+
+    monkeypatch.setattr(retention, "Pacer", Watched)
+    old = [await engine.run(ago=2 * HOUR) for _ in range(2 * retention.DELETE_BATCH + 1)]
+    policy = RetentionPolicy(runs=RunRetention(max_age=HOUR))
+    # Each pause would be MAX_PAUSE (1 s), the budget an hour.
+    ret = Retention(policy, engine.store, engine.log, interval=2 * HOUR, duty_cycle=0.0001)
+    timer = asyncio.create_task(ret.sweep(paced=True))
+    await asyncio.wait_for(pausing.wait(), 10)
+    asked = await asyncio.wait_for(ret.sweep(), 10)
+    paced = await asyncio.wait_for(timer, 10)
+    assert paced.runs + asked.runs == len(old) and asked.paused == 0
+    assert len(pauses) == 1, "the paced pass paused again after the asked-for one came"
+    assert paced.paused < MAX_PAUSE / 2, "the pause under way was not cut short"
 
 
 @pytest.mark.parametrize("duty", [0.0, 1.5])

@@ -259,7 +259,7 @@ async def test_the_server_applies_retention_on_its_own(tmp_path: Path) -> None:
         assert status["retention"]["passes"] >= 1
         assert status["retention"]["max_runs"] == 0
         assert status["retention"]["duty_cycle"] == 0.01
-        assert status["retention"]["last_pass"]["paused"] >= 0
+        assert "paused" in status["retention"]["last_pass"]
         metrics = (await ops.client.get("/metrics")).text
         assert 'runstream_retention_deleted_total{kind="runs"} 1.0' in metrics
         assert "runstream_retention_pass_busy_seconds_count" in metrics

@@ -35,7 +35,7 @@ The passes on the server's timer are *paced* (:mod:`runstream.core.pacing`): the
 work at most ``duty_cycle`` of the time and pause between steps for the rest, so
 appends made meanwhile rarely wait behind one; a pass still running half an
 ``interval`` after it started stops pausing. A pass an operator asks for runs at full
-speed.
+speed, and a paced pass it has to wait for stops pausing at once.
 """
 
 from __future__ import annotations
@@ -307,6 +307,8 @@ class Retention:
         """True while a pass runs (the soak bench splits append latency by it)."""
         self.passes = 0
         self._lock = asyncio.Lock()
+        self._pacer: Pacer | None = None
+        """The pacer of the paced pass running now, if any."""
 
     async def sweep(self, *, full: bool | None = None, paced: bool = False) -> SweepResult:
         """Apply the policy once; return what was removed. Errors are counted, not raised
@@ -315,12 +317,15 @@ class Retention:
         ``full``: list every stream (orphans, plain streams named like runs) or not;
         ``None`` makes a full scan when one is due (see the class doc). ``paced``:
         work at most ``duty_cycle`` of the time until half an ``interval`` has gone by
-        (the passes of :meth:`run_forever`); else at full speed.
+        (the passes of :meth:`run_forever`); else at full speed, and a paced pass
+        running now, which this one waits for, stops pausing.
         """
+        if not paced and self._pacer is not None:
+            self._pacer.hurry()
         async with self._lock:
             pacer = None
             if paced and self.duty_cycle < 1:
-                pacer = Pacer(self.duty_cycle, budget=self.interval / 2)
+                pacer = self._pacer = Pacer(self.duty_cycle, budget=self.interval / 2)
             self.sweeping = True
             started = time.perf_counter()
             result = SweepResult()
@@ -343,6 +348,7 @@ class Retention:
                 self.sweeping = False
                 result.duration = time.perf_counter() - started
                 result.paused = 0.0 if pacer is None else pacer.paused
+                self._pacer = None
                 self.passes += 1
             if self.on_sweep is not None:
                 self.on_sweep(result)
@@ -433,6 +439,7 @@ class Retention:
                 result.errors += 1
                 log.warning("retention: could not look for orphan run streams: %s", exc)
                 orphans = set()
+            deleted = result.streams + result.orphans
             for info in page:
                 if info.name.startswith(SYSTEM_PREFIX):
                     continue
@@ -449,7 +456,8 @@ class Retention:
                 except RunstreamError as exc:
                     result.errors += 1
                     log.warning("retention: could not delete stream %r: %s", info.name, exc)
-            await pause()
+            if result.streams + result.orphans > deleted:
+                await pause()  # listing alone does not hold the writer
 
     async def _stream_expired(self, info: StreamInfo, rule: StreamRetention, now: float) -> bool:
         closed_at = info.closed_at

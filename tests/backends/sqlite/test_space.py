@@ -201,8 +201,12 @@ async def test_appends_go_through_while_a_paced_deletion_pauses(tmp_path: Path) 
 
     async with SQLiteEventLog(tmp_path / "gaps.db") as log:
         await log.append("big", [NewEvent("x", i) for i in range(300)])
-        with pacing.pacing(Pacer(0.01, sleep=held)):
-            purge = asyncio.ensure_future(log.purge("big", batch=100))
+
+        async def paced_purge() -> None:
+            with pacing.pacing(Pacer(0.01, sleep=held)):
+                await log.purge("big", batch=100)
+
+        purge = asyncio.ensure_future(paced_purge())
         await asyncio.wait_for(paused.wait(), 5)
         result = await asyncio.wait_for(log.append("other", NewEvent("x", 1)), 5)
         assert result.last_id == 1 and not purge.done()
