@@ -71,8 +71,8 @@ class Pacer:
         """End of the last pause (or the start): the current step began here."""
         self.paused = 0.0
         """Seconds spent pausing so far."""
-        self.hurried = False
-        self._woken: asyncio.Event | None = None
+        self._hurry = asyncio.Event()
+        """Set by :meth:`hurry`: no more pauses, and the one under way ends."""
 
     def pause_for(self, now: float) -> float:
         """Seconds to pause at ``now``, the end of a step.
@@ -81,7 +81,7 @@ class Pacer:
         ``busy * (1 - duty) / duty``, capped by :data:`MAX_PAUSE` and by what is
         left of the budget; 0 once hurried.
         """
-        if self.hurried:
+        if self._hurry.is_set():
             return 0.0
         busy = max(0.0, now - self._mark)
         delay = min(MAX_PAUSE, busy * (1 - self.duty) / self.duty)
@@ -96,15 +96,11 @@ class Pacer:
 
     def hurry(self) -> None:
         """No more pauses: end the current one and go on at full speed."""
-        self.hurried = True
-        if self._woken is not None:
-            self._woken.set()
+        self._hurry.set()
 
     async def _sleep(self, delay: float) -> None:
-        self._woken = self._woken or asyncio.Event()
-        if not self.hurried:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._woken.wait(), delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._hurry.wait(), delay)
 
 
 _current: ContextVar[Pacer | None] = ContextVar("runstream_pacer", default=None)
